@@ -1,0 +1,960 @@
+"""evaluate.py: the benchmarks, their verifiable rewards, and `python evaluate.py --bench medqa`.
+
+Training rewards and evaluation share the one definition of "correct" in this file (SPEC section 7).
+
+1. Benchmarks: where each one's rows come from (hub id, config, split), how a row becomes chat
+   messages (the papers' instructions), where its gold answer is, and which scorer applies. Two
+   offline synthetic tasks, "add" and "chain", serve the demo, the study and the tests.
+2. Loading rows: from the hub, from a local file (`--data PATH`: json, jsonl or parquet in the
+   benchmark's own schema), or generated (synthetic tasks, seeded, train/test disjoint by hashing).
+3. Scorers, `score(bench, completion, example) -> 1.0 | 0.0`:
+   - math: the answer after Qwen3's `</think>` (an unclosed `<think>` has no answer); the last
+     `\\boxed{}`/`\\fbox{}`, else the last "answer is X" / "answer: X", else the last number;
+     then math-verify equivalence, gold first: `verify(parse(gold), parse(pred))`.
+   - choice (medqa, medmcqa, mmlu-medical): a letter in `<answer>...</answer>`, "the answer is (C)",
+     "Answer: C", `\\boxed{C}`, "**C**", "(C) text", or an option's own text (stdlib difflib).
+   - integer (add, chain): the integer after the last "=" of the completion.
+   A completion is data and is never executed. math-verify runs in a persistent child process
+   (subprocess, its own SIGALRM timeouts off) so scoring works in any thread or worker process; the
+   parent bounds every call by wall clock (VERIFY_TIMEOUT_S) and kills and restarts the child on a
+   timeout. Obviously hostile answers (absurd length, deep nesting, exponent towers) score 0
+   without reaching sympy. Timeouts are counted (score_batch's counters, the summary), not logged.
+4. Metrics: accuracy (greedy when temperature is 0); with n samples mean@n, unbiased pass@k
+   (Chen et al. 2021) for k = 1, 2, 4, ..., n, and maj@n over extracted answers.
+5. `evaluate(model, tokenizer, bench, examples)`: generation through rollout.sample in batches;
+   under torch.distributed the examples are split over ranks and all ranks get the summary.
+6. The command. `python evaluate.py --bench medqa --model Qwen/Qwen3-1.7B` writes
+   `OUT/medqa.json` (summary) and `OUT/medqa.jsonl` (one row per example). Offline:
+   `HF_HUB_OFFLINE=1 python evaluate.py --bench math --data math_test.parquet --model ./ckpt`, or
+   `python evaluate.py --bench add --model tiny --limit 20`.
+
+Departures from the papers and the authors' code (github.com/fatebreaker/tempo):
+- MedQA prompt: the authors append the options to the question as "A: x, B: y" and use an R1-style
+  system prompt; here the options go one per line ("A. x") under the question and the system prompt
+  (our wording) asks for the letter inside <answer> tags. The same prompt serves MedMCQA and MMLU.
+- The authors' MedQA reward fuzzy-matches only what is inside <answer> tags; ours also accepts the
+  common untagged forms above (used for the untagged outputs of other prompts and models).
+- Math: the fallbacks after \\boxed{} ("answer is X", last number) make the reward slightly more
+  lenient than "the last \\boxed{} answer" (not every model boxes GSM-HARD's plain numbers).
+- Thinking mode is off by default (--thinking turns it on): the papers' response budget is 2,048
+  tokens, which Qwen3's thinking mode routinely exceeds (a truncated think block scores 0), and the
+  MedQA format asks for its own <think>...</think><answer>...</answer> in the visible response.
+- maj@n groups extracted answers by their text after light normalisation (spaces, \\left/\\right,
+  \\dfrac), so equivalent answers written differently are separate votes.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import atexit
+import dataclasses
+import difflib
+import hashlib
+import inspect
+import json
+import logging
+import math
+import os
+import random
+import re
+import select
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import typing
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+# ----------------------------------------------------------------------------------------------
+# 1. Benchmarks
+
+MATH_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
+CHOICE_SYSTEM = (
+    "You answer a multiple-choice question. Reason step by step inside <think> </think> tags, then "
+    "give the letter of the single correct option inside <answer> </answer> tags, for example "
+    "<think> reasoning here </think><answer> C </answer>."
+)
+MEDICAL_SUBJECTS = ("anatomy", "clinical_knowledge", "college_biology", "college_medicine",
+                    "medical_genetics", "professional_medicine")
+
+
+@dataclass(frozen=True)
+class Bench:
+    """One benchmark: where its rows come from, how a row is asked, where its answer is."""
+
+    source: str                           # hub dataset id, or "synthetic" (generated offline)
+    configs: tuple                        # hub configs loaded and concatenated (None: the default)
+    splits: dict                          # our split name ("train"/"test") -> the hub's split name
+    question: Callable[[dict], str]       # row -> user message, the papers' instruction included
+    gold: Callable[[dict], str]           # row -> reference answer (LaTeX, a letter, an integer)
+    scorer: str                           # "math" | "choice" | "integer"
+    system: str | None = None             # system message, if any
+    options: Callable[[dict], dict] | None = None  # choice benches: row -> {letter: option text}
+    shuffle: bool = False                 # seeded random draw before --limit (the paper's MATH split)
+    chat: bool = True                     # False: the prompt is the raw question (tiny char model)
+
+
+def _field(row: dict, *names: str):
+    """The first of `names` present in a row; hub mirrors rename columns, so accept the usual ones."""
+    for name in names:
+        if name in row and row[name] is not None:
+            return row[name]
+    raise ValueError(f"example has none of the fields {names}; its fields are {sorted(row)}")
+
+
+def _number_text(x) -> str:
+    """A gold number as text: 27.0 -> "27" (AMC23, GSM-HARD store floats), other values unchanged."""
+    if isinstance(x, float) and x.is_integer():
+        return str(int(x))
+    return str(x).strip()
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last complete \\boxed{...} or \\fbox{...} (nested braces; `\\boxed 5` too)."""
+    for m in reversed(list(re.finditer(r"\\(?:boxed|fbox)\b\s*", text))):
+        i = m.end()
+        if i < len(text) and text[i] == "{":
+            depth, j = 0, i
+            while j < len(text):
+                c = text[j]
+                if c == "\\":          # an escaped character (\{ \} \\) never opens or closes
+                    j += 2
+                    continue
+                depth += (c == "{") - (c == "}")
+                if depth == 0:
+                    return text[i + 1:j].strip()
+                j += 1
+        elif m.group(0).endswith(" "):   # \boxed 5: the next token
+            tok = re.match(r"[^\s$]+", text[i:])
+            if tok:
+                return tok.group(0)
+    return None
+
+
+def _math_gold(row: dict) -> str:
+    """MATH-lighteval has no answer column: the gold is the last \\boxed{} of the solution."""
+    if row.get("answer") not in (None, ""):
+        return _number_text(row["answer"])
+    boxed = last_boxed(_field(row, "solution"))
+    if boxed is None:
+        raise ValueError("math example: its solution has no \\boxed{} answer")
+    return boxed
+
+
+def _medqa_options(row: dict) -> dict:
+    """Neelectric/MedQA-USMLE: options {letter: text}; some mirrors store [{key, value}, ...]."""
+    opts = _field(row, "options")
+    if isinstance(opts, list):
+        opts = {o["key"]: o["value"] for o in opts}
+    return {k: v for k, v in sorted(opts.items()) if v is not None}  # parquet structs pad with None
+
+
+def _letter(value, n_options: int, field: str) -> str:
+    """A gold option as a letter: an int index 0..n-1 (cais/mmlu, medmcqa's cop) or a letter."""
+    if isinstance(value, str) and len(value.strip()) == 1 and value.strip().isalpha():
+        return value.strip().upper()
+    if isinstance(value, int) and 0 <= value < n_options:
+        return "ABCDEFGHIJ"[value]
+    raise ValueError(f"example field {field!r}: {value!r} is not an option index 0..{n_options - 1} or a letter")
+
+
+def _lettered(texts: list) -> dict:
+    return {"ABCDEFGHIJ"[i]: str(t) for i, t in enumerate(texts)}
+
+
+def _choice_question(row: dict, options: dict) -> str:
+    return _field(row, "question").strip() + "\n" + "\n".join(f"{k}. {v}" for k, v in options.items())
+
+
+def _math_question(*names: str) -> Callable[[dict], str]:
+    """The papers' MATH prompt (verl's): the problem, a space, the instruction."""
+    return lambda row: str(_field(row, *names)).strip() + " " + MATH_INSTRUCTION
+
+
+def _medmcqa_options(row: dict) -> dict:
+    return _lettered([row["opa"], row["opb"], row["opc"], row["opd"]])
+
+
+def _mmlu_options(row: dict) -> dict:
+    return _lettered(list(_field(row, "choices")))
+
+
+BENCHES: dict[str, Bench] = {
+    # Hendrycks MATH (lighteval mirror): problem, level, type, solution; gold = last \boxed of solution.
+    # The paper draws 1,000 train / 100 test at random: shuffle=True, then --limit.
+    "math": Bench("DigitalLearningGmbH/MATH-lighteval", (None,), {"train": "train", "test": "test"},
+                  _math_question("problem"), _math_gold, "math", shuffle=True),
+    # MATH-500: problem, solution, answer, subject, level, unique_id; test split only.
+    "math500": Bench("HuggingFaceH4/MATH-500", (None,), {"test": "test"},
+                     _math_question("problem"), _math_gold, "math"),
+    # GSM-HARD: input, code, target (a float computed by the program); one split, called "train".
+    "gsm-hard": Bench("reasoning-machines/gsm-hard", (None,), {"test": "train"},
+                      _math_question("input", "question"),
+                      lambda row: _number_text(_field(row, "target", "answer")), "math"),
+    # AMC23 (40 problems). Assumed schema (not checked against the hub from here): question and a
+    # float answer, id, url; some mirrors name the question "problem", so both are accepted.
+    "amc23": Bench("math-ai/amc23", (None,), {"test": "test"},
+                   _math_question("question", "problem"),
+                   lambda row: _number_text(_field(row, "answer")), "math"),
+    # MedQA (USMLE): question, options {letter: text} (4 or 5 options; any letters are read from the
+    # row), answer_idx (a letter), answer (its text), meta_info. The paper takes the first 1,000
+    # train / 100 test rows. Mirrors storing options as [{key, value}] are accepted.
+    "medqa": Bench("Neelectric/MedQA-USMLE", (None,), {"train": "train", "test": "test"},
+                   lambda row: _choice_question(row, _medqa_options(row)),
+                   lambda row: _letter(_field(row, "answer_idx"), len(_medqa_options(row)), "answer_idx"),
+                   "choice", system=CHOICE_SYSTEM, options=_medqa_options),
+    # MedMCQA: question, opa..opd, cop (believed 0-3 in this mirror; a letter is accepted too; a
+    # 1-4 coding would be misread, so check one row before trusting numbers), exp, subject_name.
+    # Its test split has no answers (cop = -1), so "test" is the validation split, as usual.
+    "medmcqa": Bench("openlifescienceai/medmcqa", (None,), {"train": "train", "test": "validation"},
+                     lambda row: _choice_question(row, _medmcqa_options(row)),
+                     lambda row: _letter(_field(row, "cop"), 4, "cop"),
+                     "choice", system=CHOICE_SYSTEM, options=_medmcqa_options),
+    # MMLU medical subjects: question, subject, choices [4 texts], answer (int 0-3); one config each.
+    "mmlu-medical": Bench("cais/mmlu", MEDICAL_SUBJECTS, {"train": "validation", "test": "test"},
+                          lambda row: _choice_question(row, _mmlu_options(row)),
+                          lambda row: _letter(_field(row, "answer"), len(_mmlu_options(row)), "answer"),
+                          "choice", system=CHOICE_SYSTEM, options=_mmlu_options),
+    # Synthetic, offline: "12+34=" -> "46".
+    "add": Bench("synthetic", (None,), {"train": "train", "test": "test"},
+                 lambda row: row["question"], lambda row: str(row["answer"]), "integer", chat=False),
+    # Synthetic, offline: "12+34+56+7=" -> "12+34=46;46+56=102;102+7=109" (every running sum a step).
+    "chain": Bench("synthetic", (None,), {"train": "train", "test": "test"},
+                   lambda row: row["question"], lambda row: str(row["answer"]), "integer", chat=False),
+}
+
+
+def _bench(name: str) -> Bench:
+    if name not in BENCHES:
+        raise ValueError(f"bench {name!r}: unknown; choose from {', '.join(BENCHES)}")
+    return BENCHES[name]
+
+
+def messages(bench: str, example: dict) -> list[dict]:
+    """The chat messages a row is asked as: an optional system prompt, then the user question."""
+    b = _bench(bench)
+    msgs = [{"role": "system", "content": b.system}] if b.system else []
+    return msgs + [{"role": "user", "content": b.question(example)}]
+
+
+def prompt_ids(bench: str, example: dict, tokenizer, thinking: bool = False) -> list[int]:
+    """Token ids of the prompt: the chat template with the generation prompt (real benches), or the
+    raw question text (synthetic ones, so the tiny character model sees few tokens).
+
+    `thinking` is Qwen3's enable_thinking switch; templates without it ignore the variable.
+    """
+    b = _bench(bench)
+    if not b.chat:
+        return tokenizer.encode(b.question(example), add_special_tokens=False)
+    return list(tokenizer.apply_chat_template(messages(bench, example), add_generation_prompt=True,
+                                              tokenize=True, return_dict=False, enable_thinking=thinking))
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Loading rows: synthetic, local file, hub
+
+SYNTHETIC_ROWS = {"train": 5000, "test": 500}   # rows generated when no --limit is given
+
+
+def _synthetic_split(question: str) -> str:
+    """Every question belongs to one split for good, whatever the seed: 1 in 10 by hash is "test"."""
+    return "test" if int(hashlib.sha256(question.encode()).hexdigest()[:8], 16) % 10 == 0 else "train"
+
+
+def _chain_solution(terms: list[int]) -> str:
+    """"12+34=46;46+56=102;102+7=109": each step adds the next term to the running sum."""
+    steps, total = [], terms[0]
+    for t in terms[1:]:
+        steps.append(f"{total}+{t}={total + t}")
+        total += t
+    return ";".join(steps)
+
+
+def synthetic_examples(bench: str, split: str, count: int, seed: int = 0) -> list[dict]:
+    """Rows {question, answer, solution} of "add" (two 2-digit terms) or "chain" (3-4 terms of 1-99).
+
+    Deterministic in (bench, split, count, seed); distinct questions; train and test never share a
+    question (split by a hash of the question). `solution` is the target completion (without EOS)
+    for a supervised warm start.
+    """
+    if bench == "add":   # 8,100 questions in all: enumerate them, keep the split's, draw in seeded order
+        pool = [f"{a}+{b}=" for a in range(10, 100) for b in range(10, 100)]
+        pool = [q for q in pool if _synthetic_split(q) == split]
+        random.Random(seed).shuffle(pool)
+        if count > len(pool):
+            raise ValueError(f"limit {count}: the add task has only {len(pool)} {split} questions")
+        rows = []
+        for q in pool[:count]:
+            a, b = map(int, q[:-1].split("+"))
+            rows.append({"question": q, "answer": str(a + b), "solution": str(a + b)})
+        return rows
+    rng, seen, rows = random.Random(f"chain-{seed}"), set(), []
+    while len(rows) < count:
+        terms = [rng.randint(1, 99) for _ in range(rng.randint(3, 4))]
+        q = "+".join(map(str, terms)) + "="
+        if q in seen or _synthetic_split(q) != split:
+            continue
+        seen.add(q)
+        rows.append({"question": q, "answer": str(sum(terms)), "solution": _chain_solution(terms)})
+    return rows
+
+
+def read_rows(path: str) -> list[dict]:
+    """Rows of a local .json (a list, or an object holding one list), .jsonl or .parquet file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--data {path!r}: no such file")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".parquet":
+        import pyarrow.parquet as pq
+        return pq.read_table(path).to_pylist()
+    if ext not in (".json", ".jsonl"):
+        raise ValueError(f"--data {path!r}: expected a .json, .jsonl or .parquet file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    if isinstance(obj, dict):
+        lists = [v for v in obj.values() if isinstance(v, list)]
+        obj = lists[0] if len(lists) == 1 else [obj]
+    if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
+        raise ValueError(f"--data {path!r}: expected a list of objects (rows)")
+    return obj
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connect to the hub instead of datasets' retry loop (skipped behind a proxy)."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    host = re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "https://huggingface.co")).split("/")[0]
+    name, _, port = host.partition(":")
+    try:
+        socket.create_connection((name, int(port or 443)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_rows(bench: str, b: Bench, split: str, first: int | None) -> list[dict]:
+    """All rows of the split (the first `first` of each config, when only those will be kept)."""
+    hint = (f"Pass --data PATH (a local json/jsonl/parquet file in the {b.source} schema), or "
+            "download it where the hub is reachable; with HF_HUB_OFFLINE=1 a cached copy is used.")
+    if not _offline() and not _hub_reachable():
+        raise SystemExit(f"bench {bench}: the Hugging Face hub is unreachable. {hint}")
+    import datasets
+    rows = []
+    try:
+        for config in b.configs:
+            ds = datasets.load_dataset(b.source, config, split=b.splits[split])
+            rows += (ds.select(range(min(first, len(ds)))) if first else ds).to_list()
+    except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, ...)
+        raise SystemExit(f"bench {bench}: could not load {b.source} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). {hint}") from None
+    return rows
+
+
+def load_examples(bench: str, split: str = "test", data: str | None = None, limit: int | None = None,
+                  seed: int = 0) -> list[dict]:
+    """Rows in the dataset's own schema: generated (synthetic), read from `data`, or from the hub.
+
+    `limit` keeps the first N rows, after a seeded shuffle for benches drawn at random (MATH).
+    MMLU rows of non-medical subjects are dropped (a whole-MMLU file can be passed as --data).
+    """
+    b = _bench(bench)
+    if split not in b.splits:
+        raise ValueError(f"split {split!r}: bench {bench} has {', '.join(b.splits)}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit {limit}: must be at least 1")
+    if b.source == "synthetic" and data is None:
+        return synthetic_examples(bench, split, limit or SYNTHETIC_ROWS[split], seed)
+    rows = read_rows(data) if data is not None else _hub_rows(bench, b, split, None if b.shuffle else limit)
+    if bench == "mmlu-medical":
+        rows = [r for r in rows if r.get("subject", MEDICAL_SUBJECTS[0]) in MEDICAL_SUBJECTS]
+    if b.shuffle:
+        random.Random(seed).shuffle(rows)
+    rows = rows[:limit] if limit else rows
+    if not rows:
+        raise ValueError(f"bench {bench}: no rows loaded from {data or b.source}")
+    for r in rows[:1]:   # fail on a wrong schema now, not after generating
+        b.gold(r), b.question(r)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Scorers
+
+def strip_think(text: str) -> str | None:
+    """The part of a completion after its reasoning: what follows the last </think>.
+
+    An opened and never closed <think> is a reasoning chain cut off before any answer: None.
+    """
+    if "</think>" in text:
+        return text.rsplit("</think>", 1)[1]
+    if "<think>" in text:
+        return None
+    return text
+
+
+_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:/\d+)?")
+_ANSWER_IS = re.compile(r"(?i:final answer|the answer|answer)\s*(?:is|:)\s*:?\s*(.+)")
+
+
+def extract_math_answer(text: str) -> str | None:
+    """The final answer of a math completion (think block already removed): the last \\boxed{};
+    else the last "answer is X" / "answer: X" (to the end of its line); else the last number."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed or None
+    phrases = list(_ANSWER_IS.finditer(text))
+    if phrases:
+        ans = phrases[-1].group(1).strip().rstrip(".").strip().strip("$*").strip()
+        if ans:
+            return ans
+    numbers = _NUMBER.findall(text)
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+MAX_ANSWER_CHARS = 400    # MATH answers are a few dozen characters; a 20k-term sum is not an answer
+MAX_NESTING = 30          # bracket depth; sympy's parser recurses on it
+MAX_EXPONENT_DIGITS = 6   # 2^{9999999999} is a 1.2 GB integer to sympy
+
+
+def hostile_reason(ans: str) -> str | None:
+    """Why an extracted answer must not reach sympy (cheap checks), or None if it may.
+
+    The wall-clock bound on math-verify catches everything else; these only save the wait.
+    """
+    if len(ans) > MAX_ANSWER_CHARS:
+        return "length"
+    if "__" in ans:  # Python dunder access: no LaTeX answer has it; sympy's parse_expr uses eval
+        return "dunder"
+    depth = peak = 0
+    for c in ans:
+        depth += (c in "([{") - (c in ")]}")
+        peak = max(peak, depth)
+    if peak > MAX_NESTING:
+        return "nesting"
+    for m in re.finditer(r"\^|\*\*", ans):
+        rest = ans[m.end():].lstrip()
+        if rest.startswith("{"):
+            expo, d = "", 0
+            for c in rest:   # the braced exponent
+                d += (c == "{") - (c == "}")
+                expo += c
+                if d == 0:
+                    break
+        else:
+            expo = re.match(r"[^\s+\-*/=,)\]}]*", rest).group(0)
+        if ("^" in expo or "**" in expo) and not re.search(r"[a-zA-Z]", re.sub(r"\\[a-zA-Z]+", "", expo)):
+            return "exponent tower"   # numeric only: 2^{2^{100}}; e^{x^2} stays symbolic and is fine
+        if any(len(n) > MAX_EXPONENT_DIGITS for n in re.findall(r"\d+", expo)):
+            return "huge exponent"
+    if re.search(r"\d{5,}\s*!", ans):
+        return "huge factorial"
+    return None
+
+
+VERIFY_TIMEOUT_S = 5.0    # wall clock per math-verify call (its own default timeout is 5 s too)
+VERIFY_START_S = 120.0    # the child's imports (sympy) on a busy machine
+
+
+def _verify_worker() -> None:
+    """Body of the math-verify child process: one JSON request per stdin line {"gold", "pred"},
+    one reply per stdout line {"ok": bool}. Runs math-verify with its SIGALRM timeouts off (the
+    parent bounds the time) and its logging silenced (it prints whole strings on a timeout)."""
+    out = os.fdopen(os.dup(1), "w")          # the reply channel; anything else printing goes nowhere
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    logging.disable(logging.CRITICAL)
+    try:   # a blow-up becomes a MemoryError here rather than swapping the machine
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+    except (ImportError, ValueError, OSError):
+        pass
+    parent = os.getppid()
+
+    def orphan_watch():   # a parent that died mid-call never reads the reply: stop burning CPU
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=orphan_watch, daemon=True).start()
+    from math_verify import parse, verify
+    out.write('{"ready": true}\n')
+    out.flush()
+    for line in sys.stdin:
+        req = json.loads(line)
+        try:
+            ok = verify(parse(req["gold"], parsing_timeout=None), parse(req["pred"], parsing_timeout=None),
+                        timeout_seconds=None)
+        except BaseException:   # MemoryError, RecursionError, anything sympy throws: not equivalent
+            ok = False
+        out.write(json.dumps({"ok": bool(ok)}) + "\n")
+        out.flush()
+
+
+class _Verifier:
+    """The parent's handle on one math-verify child, shared by all threads of this process.
+
+    A lock serialises requests; a process that inherited the handle through fork starts its own.
+    """
+
+    def __init__(self):
+        self.lock, self.proc, self.pid = threading.Lock(), None, os.getpid()
+        atexit.register(self.close)
+
+    def _start(self) -> None:
+        # Load this file by path under its own name (no clash with any installed `evaluate` package).
+        code = ("import importlib.util as u, sys; s = u.spec_from_file_location('evaluate_verify_worker', sys.argv[1]); "
+                "m = sys.modules[s.name] = u.module_from_spec(s); s.loader.exec_module(m); m._verify_worker()")
+        self.proc = subprocess.Popen([sys.executable, "-c", code, os.path.abspath(__file__)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True, close_fds=True)
+        if self._read(VERIFY_START_S) is None:
+            self.close()
+            raise RuntimeError("the math-verify worker process did not start (is math-verify installed?)")
+
+    def _read(self, timeout: float) -> dict | None:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        return json.loads(line) if line else None
+
+    def close(self) -> None:
+        if self.proc is not None and self.pid == os.getpid():
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def verify(self, gold: str, pred: str, timeout: float) -> bool | None:
+        """math-verify's verdict, or None when it ran past `timeout` seconds (the child is killed)."""
+        if self.pid != os.getpid():   # forked: the parent's child and lock are not ours
+            self.lock, self.proc, self.pid = threading.Lock(), None, os.getpid()
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self._start()
+            try:
+                self.proc.stdin.write(json.dumps({"gold": gold, "pred": pred}) + "\n")
+                self.proc.stdin.flush()
+                reply = self._read(timeout)
+            except (OSError, ValueError):
+                reply = None
+            if reply is None:
+                self.close()   # a fresh child starts on the next call
+                return None
+            return reply["ok"]
+
+
+_VERIFIER = _Verifier()
+
+
+def _normalize_math(ans: str) -> str:
+    """Light normalisation for exact-match shortcuts and majority votes (not for correctness)."""
+    ans = re.sub(r"\\left|\\right|\\!|\\,|\\;|\s+", "", ans)
+    return ans.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").rstrip(".")
+
+
+def _score_math(completion: str, gold: str) -> tuple[float, str | None, str]:
+    body = strip_think(completion)
+    ans = extract_math_answer(body) if body is not None else None
+    if ans is None:
+        return 0.0, None, "no_answer"
+    if hostile_reason(ans):
+        return 0.0, ans[:80], "filtered"
+    if _normalize_math(ans) == _normalize_math(gold):
+        return 1.0, ans, "ok"
+    ok = _VERIFIER.verify("\\boxed{" + gold + "}", "\\boxed{" + ans + "}", VERIFY_TIMEOUT_S)
+    if ok is None:
+        return 0.0, ans, "timeout"
+    return float(ok), ans, "ok"
+
+
+# Multiple choice. An answer mark is a letter standing alone: "C", "(C)", "[C]", "C." or "C)";
+# lower case only in brackets ("(c)") or ending a line ("the answer is c"), so that ordinary words
+# ("a", "A patient") never count.
+_MARK = (r"[*_`$\s]*(?:\\(?:boxed|text|textbf|mathrm)\{)?\s*(?:[(\[]([A-Za-z])[)\]]|([A-Z])(?![A-Za-z0-9'\-])"
+         r"|([a-z])(?=[.)]?[ \t]*(?:\n|$)))")
+_EXPLICIT = [re.compile(p) for p in (
+    # "The answer is (C)", "Answer: C", "final answer: **C.**", "the answer would be option C"
+    r"(?i:answer)\s*(?i:is|would be|should be|must be|:|=|-)?\s*:?\s*(?i:option|choice|letter)?\s*:?" + _MARK,
+    # "the correct option is C", "best choice: (C)"
+    r"(?i:correct|right|best|final)\s+(?i:option|choice)\s*(?i:is|would be|:|=)?\s*:?" + _MARK,
+    # "option C is correct", "(C) is the correct answer"
+    r"(?:(?i:option|choice)\s*[(\[]?([A-Z])[)\]]?|[(\[]([A-Za-z])[)\]])\s+(?i:is)\s+(?i:the\s+)?(?i:correct|right|best)",
+    r"\\boxed\{\s*(?:\\text\{)?\s*\(?([A-Z])\)?",   # \boxed{C}
+)]
+_BOLD = re.compile(r"\*\*\s*[(\[]?([A-Z])[)\]]?(?:[.:)]|\*\*)")        # **C**, **C.** text, **(C) text**
+_LEADING_MARK = re.compile(r"^[-*_`>\s]*(?:[(\[]([A-Za-z])[)\]]|([A-Z])(?:[.:)]|\s*$))")  # "C", "(C) x", "- C. x"
+
+
+def _norm_text(s: str) -> str:
+    return " ".join(re.sub(r"[^a-z0-9]+", " ", s.lower()).split())
+
+
+def _option_by_text(candidate: str, options: dict) -> str | None:
+    """The option whose text the candidate states: equal after normalisation, else a close
+    difflib match (ratio >= 0.8, 0.1 ahead of the next), else the longest option text it contains."""
+    cand = _norm_text(candidate)
+    if not cand:
+        return None
+    texts = {k: _norm_text(v) for k, v in options.items()}
+    for k, t in texts.items():
+        if t and t == cand:
+            return k
+    ratios = sorted(((difflib.SequenceMatcher(None, cand, t).ratio(), k) for k, t in texts.items() if t), reverse=True)
+    if ratios and ratios[0][0] >= 0.8 and (len(ratios) == 1 or ratios[0][0] - ratios[1][0] >= 0.1):
+        return ratios[0][1]
+    contained = [k for k, t in texts.items() if len(t) >= 3 and re.search(rf"\b{re.escape(t)}\b", cand)]
+    if contained:
+        best = max(contained, key=lambda k: len(texts[k]))
+        if all(texts[k] in texts[best] for k in contained):
+            return best
+    return None
+
+
+def extract_choice(text: str, options: dict) -> str | None:
+    """The option letter a completion picks, or None.
+
+    Only the last <answer>...</answer> is read when there is one (or what follows an unclosed
+    <answer>). Then, in order: the last explicit statement ("the answer is (C)", "Answer: C",
+    "option C is correct", \\boxed{C}); bold **C**, a reply or last line that starts with a mark
+    ("C", "(C) Metformin", "C. Metformin"); the option's own text. A reply that walks through the
+    options ("A. ... B. ...", "**A**: ... **B**: ...") names several letters, so only explicit
+    statements and "the answer is <text>" count there.
+    """
+    body = strip_think(text)
+    if body is None:
+        return None
+    tagged = re.findall(r"<answer>(.*?)</answer>", body, flags=re.S)
+    if tagged:
+        body = tagged[-1]
+    elif "<answer>" in body:   # generation stopped before the closing tag
+        tagged, body = True, body.rsplit("<answer>", 1)[1]
+    body = body.strip()
+    if not body:
+        return None
+
+    def valid(m) -> str | None:
+        g = next((g for g in m.groups() if g), None) if m else None
+        return g.upper() if g and g.upper() in options else None
+
+    explicit = [(m.start(), valid(m)) for p in _EXPLICIT for m in p.finditer(body) if valid(m)]
+    if explicit:
+        return max(explicit)[1]
+    lines = [ln for ln in body.splitlines() if ln.strip()]
+    marked = [valid(_LEADING_MARK.match(ln)) for ln in lines]
+    bold = [valid(m) for m in _BOLD.finditer(body)]
+    if len(set(filter(None, marked + bold))) > 1:   # a walk through the options, not an answer
+        said = list(re.finditer(r"(?i:answer)\s*(?i:is|:)\s*(.+)", body))
+        return _option_by_text(said[-1].group(1), options) if said else None
+    if bold and bold[-1]:
+        return bold[-1]
+    for candidate in (body, lines[-1]):
+        if letter := valid(_LEADING_MARK.match(candidate)):
+            return letter
+    said = list(re.finditer(r"(?i:answer)\s*(?i:is|:)\s*(.+)", body))
+    candidate = said[-1].group(1) if said else (body if tagged or len(body) <= 200 else lines[-1])
+    return _option_by_text(candidate, options)
+
+
+def _score_integer(completion: str, gold: str) -> tuple[float, str | None, str]:
+    """The integer right after the last "=" (the whole completion if it has none)."""
+    m = re.match(r"\s*(-?\d{1,100})(?!\d)", completion.rsplit("=", 1)[-1])
+    if m is None:
+        return 0.0, None, "no_answer"
+    return float(int(m.group(1)) == int(gold)), m.group(1), "ok"
+
+
+def score_one(bench: str, completion: str, example: dict) -> tuple[float, str | None, str]:
+    """(reward, extracted answer or None, status) with status in ok | no_answer | filtered | timeout."""
+    b = _bench(bench)
+    if not isinstance(completion, str):
+        raise ValueError(f"completion: expected str, got {type(completion).__name__}")
+    gold = b.gold(example)
+    if b.scorer == "math":
+        return _score_math(completion, gold)
+    if b.scorer == "choice":
+        letter = extract_choice(completion, b.options(example))
+        return float(letter == gold), letter, "ok" if letter else "no_answer"
+    return _score_integer(completion, gold)
+
+
+def score(bench: str, completion: str, example: dict) -> float:
+    """1.0 if the completion's final answer is correct for the example, else 0.0 (bounded time)."""
+    return score_one(bench, completion, example)[0]
+
+
+def score_batch(bench: str, completions: list[str], examples: list[dict]) -> tuple[list[float], dict]:
+    """Rewards for parallel lists, and counters {"timeouts", "filtered", "no_answer"} for logging."""
+    if len(completions) != len(examples):
+        raise ValueError(f"completions ({len(completions)}) and examples ({len(examples)}) differ in length")
+    results = [score_one(bench, c, e) for c, e in zip(completions, examples)]
+    status = Counter(s for _, _, s in results)
+    counters = {"timeouts": status["timeout"], "filtered": status["filtered"], "no_answer": status["no_answer"]}
+    return [r for r, _, _ in results], counters
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Metrics
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021):
+    pass@k = 1 - C(n-c, k) / C(n, k), the chance that k of the n drawn without replacement hold one correct."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: need 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_correct(extracted: list, correct: list) -> float:
+    """maj@n: correctness of the most frequent extracted answer (ties: the first seen); 0 if none."""
+    keys = [_normalize_math(a) if a is not None else None for a in extracted]
+    votes = Counter(k for k in keys if k is not None)
+    if not votes:
+        return 0.0
+    top = max(votes, key=lambda k: (votes[k], -keys.index(k)))
+    return float(correct[keys.index(top)])
+
+
+def summarize(rows: list[dict], n: int) -> dict:
+    """Accuracy (mean over all samples), and for n > 1 mean@n, pass@k (k = 1, 2, 4, ..., n), maj@n."""
+    if not rows:
+        raise ValueError("summarize: no rows")
+    m = {"examples": len(rows), "n": n,
+         "accuracy": sum(sum(r["correct"]) / n for r in rows) / len(rows)}
+    if n > 1:
+        m[f"mean@{n}"] = m["accuracy"]
+        for k in sorted({2 ** i for i in range(n.bit_length()) if 2 ** i <= n} | {n}):
+            m[f"pass@{k}"] = sum(pass_at_k(n, sum(r["correct"]), k) for r in rows) / len(rows)
+        m[f"maj@{n}"] = sum(majority_correct(r["extracted"], r["correct"]) for r in rows) / len(rows)
+    status = Counter(s for r in rows for s in r["status"])
+    m.update(timeouts=status["timeout"], filtered=status["filtered"], no_answer=status["no_answer"])
+    m["truncated_frac"] = sum(sum(r["truncated"]) for r in rows) / (n * len(rows))
+    m["mean_response_tokens"] = sum(sum(r["response_tokens"]) for r in rows) / (n * len(rows))
+    return m
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Evaluation: generate through rollout.sample, score, gather over ranks
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS, the model's generation EOS (Qwen3: <|im_end|> and <|endoftext|>)."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen) if isinstance(gen, (list, tuple)) else {gen}
+    return sorted(i for i in ids if i is not None)
+
+
+def evaluate(model, tokenizer, bench: str, examples: list[dict], *, n: int = 1, temperature: float = 0.0,
+             max_new_tokens: int = 512, batch_size: int = 32, thinking: bool = False, seed: int = 0,
+             progress: bool = True) -> tuple[dict, list[dict]]:
+    """Generate n completions per example (greedy at temperature 0) and score them.
+
+    Returns (summary, rows); rows are one per example, in the order of `examples`: index, prompt,
+    gold, and per sample lists completions, extracted, correct, status, response_tokens, truncated.
+    Under torch.distributed each rank takes examples rank::world and all ranks get the summary;
+    rank 0 gets all rows, the others an empty list. The model's train/eval mode is restored.
+    """
+    import torch
+    import rollout
+
+    b = _bench(bench)
+    if n < 1:
+        raise ValueError(f"n {n}: must be at least 1")
+    if temperature < 0:
+        raise ValueError(f"temperature {temperature}: must be >= 0")
+    if temperature == 0 and n > 1:
+        raise ValueError(f"n {n}: greedy decoding (temperature 0) gives n identical samples; set temperature > 0")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size {batch_size} and max_new_tokens {max_new_tokens}: must be at least 1")
+    if not examples:
+        raise ValueError("examples: empty")
+    for ex in examples[:1]:
+        b.gold(ex)
+    dist = torch.distributed
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    mine = list(range(rank, len(examples), world))
+    cfg = rollout.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, top_k=0)
+    eos, pad = _eos_ids(model, tokenizer), tokenizer.pad_token_id
+    from tqdm.auto import tqdm
+
+    was_training, t0, rows = model.training, time.time(), []
+    model.eval()
+    bar = tqdm(total=len(examples), desc=f"eval {bench}", disable=not progress or rank != 0, dynamic_ncols=True)
+    try:
+        for step, start in enumerate(range(0, len(mine), batch_size)):
+            idx = mine[start:start + batch_size]
+            prompts = [prompt_ids(bench, examples[i], tokenizer, thinking) for i in idx]
+            ro = rollout.sample(model, prompts, n, cfg, eos_token_ids=eos, pad_token_id=pad,
+                                seed=seed + 1_000_003 * rank + step)
+            lengths = ro.response_mask.sum(1).tolist()               # [B], B = len(idx) * n
+            responses = ro.response_ids.tolist()                     # [B, T]
+            finished = ro.finished.tolist()                          # [B]
+            for p, i in enumerate(idx):
+                row = {"index": i, "prompt": tokenizer.decode(prompts[p]), "gold": b.gold(examples[i]),
+                       "completions": [], "extracted": [], "correct": [], "status": [],
+                       "response_tokens": [], "truncated": []}
+                for r in range(p * n, p * n + n):
+                    text = tokenizer.decode(responses[r][:lengths[r]], skip_special_tokens=True)
+                    reward, extracted, status = score_one(bench, text, examples[i])
+                    row["completions"].append(text)
+                    row["extracted"].append(extracted)
+                    row["correct"].append(reward == 1.0)
+                    row["status"].append(status)
+                    row["response_tokens"].append(int(lengths[r]))
+                    row["truncated"].append(not finished[r])
+                rows.append(row)
+            bar.update(len(idx) * world)
+    finally:
+        bar.close()
+        model.train(was_training)
+    if distributed and world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, rows)
+        rows = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
+    summary = {"bench": bench, **summarize(rows, n), "temperature": temperature,
+               "max_new_tokens": max_new_tokens, "thinking": thinking, "seconds": round(time.time() - t0, 2)}
+    return summary, (rows if rank == 0 else [])
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The command
+
+@dataclass
+class Args:
+    bench: str = "medqa"
+    """benchmark, or several comma-separated: math, math500, gsm-hard, amc23, medqa, medmcqa, mmlu-medical, add, chain"""
+    model: str = "Qwen/Qwen3-1.7B"
+    """hub id, local directory (a train.py checkpoint included), or `tiny` (random offline Qwen3)"""
+    data: str | None = None
+    """local .json/.jsonl/.parquet file in the benchmark's own schema, instead of the hub"""
+    split: str = "test"
+    """train or test"""
+    limit: int | None = None
+    """evaluate the first N examples only (MATH: N drawn at random with --seed, as the paper did)"""
+    n: int = 1
+    """samples per example; n > 1 reports mean@n, pass@k and maj@n (needs --temperature > 0)"""
+    temperature: float = 0.0
+    """0 = greedy (the papers' validation setting)"""
+    max_new_tokens: int = 2048
+    """response budget in tokens (the papers': 2,048)"""
+    batch_size: int = 32
+    """prompts per generation batch (each with n samples)"""
+    thinking: bool = False
+    """Qwen3 thinking mode (off: the 2,048-token budget truncates most thinking, and MedQA has its own <think> format)"""
+    out: str = "runs/eval"
+    """output directory for BENCH.json (summary) and BENCH.jsonl (one row per example)"""
+    device: str = "auto"
+    """cuda, cpu, ... (auto: this rank's GPU if there is one)"""
+    dtype: str = "auto"
+    """float32, bfloat16 or float16 (auto: bfloat16 on GPU, float32 on CPU)"""
+    seed: int = 0
+    """seed of the sampler and of random draws"""
+    progress: bool = True
+    """show a progress bar"""
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass (read from its source)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {a.target.id: b.value.value.strip() for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One option per Args field: its type, default and docstring."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    hints, docs = typing.get_type_hints(Args), _field_docs(Args)
+    for f in dataclasses.fields(Args):
+        flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=docs[f.name])
+        else:
+            kind = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # X | None -> X
+            parser.add_argument(flag, type=kind, default=f.default, help=f"{docs[f.name]} (default: {f.default})")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """Parse and check the arguments (ValueError naming the argument) before loading anything."""
+    args = Args(**vars(build_parser().parse_args(argv)))
+    benches = args.bench.split(",")
+    for name in benches:
+        if args.split not in _bench(name).splits:
+            raise ValueError(f"--split {args.split}: bench {name} has {', '.join(_bench(name).splits)}")
+    if args.data is not None:
+        if len(benches) > 1:
+            raise ValueError("--data: one file serves one bench; give a single --bench")
+        if not os.path.isfile(args.data):
+            raise ValueError(f"--data {args.data!r}: no such file")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit {args.limit}: must be at least 1")
+    if args.n < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+        raise ValueError("--n, --batch-size and --max-new-tokens must be at least 1")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature {args.temperature}: must be >= 0")
+    if args.temperature == 0 and args.n > 1:
+        raise ValueError(f"--n {args.n}: greedy decoding gives identical samples; set --temperature > 0")
+    if args.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype {args.dtype}: choose auto, float32, bfloat16 or float16")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the command; returns {bench: summary} (on every rank)."""
+    args = parse_args(argv)
+    examples = {name: load_examples(name, args.split, args.data, args.limit, args.seed)
+                for name in args.bench.split(",")}   # data problems surface before torch is imported
+    import torch
+    import rollout
+
+    dist = torch.distributed
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():   # under torchrun
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    device = args.device
+    if device == "auto":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        args.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    model, tokenizer = rollout.load_model_and_tokenizer(args.model, device=device, dtype=dtype, seed=args.seed)
+    results = {}
+    for name, rows_in in examples.items():
+        summary, rows = evaluate(model, tokenizer, name, rows_in, n=args.n, temperature=args.temperature,
+                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                 thinking=args.thinking, seed=args.seed, progress=args.progress)
+        summary.update(model=args.model, split=args.split, data=args.data)
+        results[name] = summary
+        if rank == 0:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+            with open(os.path.join(args.out, f"{name}.jsonl"), "w") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+            print(json.dumps(summary))
+    if dist.is_initialized():
+        dist.barrier()   # tear down together: a rank leaving early can abort its peer in gloo
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        sys.exit(f"evaluate.py: error: {e}")

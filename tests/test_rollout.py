@@ -1,0 +1,409 @@
+"""rollout.sample: the sampling distribution, counter-based randomness, the decode loop and the tree.
+
+Layers: hand-computed cases for the small pure functions (top-k/top-p, inverse CDF, the hash against
+a plain-Python splitmix64); equivalence of recorded log-probs/entropy with a fresh forward pass;
+properties of tree sampling over random small configurations (hypothesis); tiny-model end to end
+(determinism, batch independence, EOS, max_new_tokens, greedy, bad input).
+
+A random tiny model is near-uniform (entropy ~ln 100 = 4.6 nats everywhere); tests that need peaked
+distributions or likely/impossible EOS add a hook on lm_head that scales or biases the logits.
+"""
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st, HealthCheck
+
+import rollout
+from rollout import SamplingConfig, sample
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _ids(tok, *texts):
+    return [tok(t).input_ids for t in texts]
+
+
+def _run(model, tok, prompts, G, seed=0, **cfg):
+    return sample(model, prompts, G, SamplingConfig(**cfg), eos_token_ids=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id, seed=seed)
+
+
+def _logits_hook(model, scale=1.0, bias=None):
+    """A copy of the model whose logits are scale * logits + bias (peaked, or EOS made likely/impossible)."""
+    m = copy.deepcopy(model)
+    m.lm_head.register_forward_hook(lambda mod, inp, out: out * scale + (0 if bias is None else bias))
+    return m
+
+
+def _rows(r, prompts, G):
+    """Per row: (prompt ids, response ids) without padding."""
+    out = []
+    for b in range(r.response_ids.shape[0]):
+        n = int(r.response_mask[b].sum())
+        out.append((prompts[b // G], r.response_ids[b, :n].tolist()))
+    return out
+
+
+def _fresh_logits(model, prompt, response):
+    """Logits predicting each response token, from one forward pass over prompt + response (no cache)."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0]  # [Tp + n, V]
+    return logits[len(prompt) - 1: len(prompt) + len(response) - 1]  # [n, V]
+
+
+def _check_leaf_invariants(r, prompts, G, cfg):
+    """Exactly G leaves per prompt, full sequences, shared prefixes token for token, counters exact."""
+    B = len(prompts) * G
+    assert r.response_ids.shape[0] == B and r.logprobs.shape == r.response_ids.shape == r.entropy.shape
+    assert torch.equal(r.group_index, torch.arange(B) // G)
+    lengths = r.response_mask.sum(1)
+    assert bool((lengths >= 1).all()) and bool((lengths <= cfg.max_new_tokens).all())
+    # prefix mask; padding is pad with zero log-prob and entropy
+    T = r.response_mask.shape[1]
+    assert torch.equal(r.response_mask, torch.arange(T) < lengths[:, None])
+    assert bool((r.logprobs[~r.response_mask] == 0).all()) and bool((r.entropy[~r.response_mask] == 0).all())
+    # finished <=> the last token is EOS; no EOS before it; unfinished rows ran to max_new_tokens
+    eos = r.response_ids[torch.arange(B), lengths - 1] == EOS_ID
+    assert torch.equal(r.finished, eos)
+    assert bool((lengths[~r.finished] == cfg.max_new_tokens).all())
+    for b in range(B):
+        assert EOS_ID not in r.response_ids[b, : int(lengths[b]) - 1].tolist()
+    # branches repeat their parent's tokens, log-probs and entropies before the fork point
+    decoded_expected = 0
+    for b in range(B):
+        p, t = int(r.parent[b]), int(r.branch_pos[b])
+        if p < 0:
+            assert t == 0
+            decoded_expected += int(lengths[b]) - 1
+        else:
+            assert p // G == b // G and p < b  # same prompt, made before it
+            assert int(lengths[p]) > t
+            assert torch.equal(r.response_ids[b, :t], r.response_ids[p, :t])
+            assert torch.equal(r.logprobs[b, :t], r.logprobs[p, :t])
+            assert torch.equal(r.entropy[b, : t + 1], r.entropy[p, : t + 1])  # same distribution at t
+            assert r.entropy[p, t] > cfg.tau
+            decoded_expected += int(lengths[b]) - 1 - t
+    # each shared position is decoded once; each prompt is prefilled once
+    assert r.decoded_tokens == decoded_expected
+    assert r.prefilled_tokens == sum(len(q) for q in prompts)
+    assert torch.equal(r.prompt_mask.sum(1), torch.tensor([len(q) for q in prompts]).repeat_interleave(G))
+    # fork limits: children per fork point, forks per prompt
+    points = {}
+    for b in range(B):
+        if int(r.parent[b]) >= 0:
+            points.setdefault((int(r.parent[b]), int(r.branch_pos[b])), []).append(b)
+    assert all(len(v) <= cfg.max_children - 1 for v in points.values())
+    for g in range(len(prompts)):
+        n_forks = sum(1 for (p, _) in points if p // G == g)
+        assert n_forks == int(r.tree_forks[g])
+        if cfg.max_forks:
+            assert n_forks <= cfg.max_forks
+
+
+EOS_ID = 2  # the tiny tokenizer's <|im_end|>; checked in test_eos_id_matches
+
+
+def test_eos_id_matches(tiny_tokenizer):
+    assert tiny_tokenizer.eos_token_id == EOS_ID
+
+
+# ----------------------------------------------------------------------------------------------
+# Hand-computed: the sampling distribution, inverse CDF, the counter-based hash
+
+
+def test_sampling_logprobs_top_k_top_p_by_hand():
+    logits = torch.log(torch.tensor([[0.1, 0.4, 0.2, 0.3]]))
+    lp = rollout.sampling_logprobs(logits, temperature=1.0)
+    assert torch.allclose(lp.exp(), torch.tensor([[0.1, 0.4, 0.2, 0.3]]))
+    # top_k = 2 keeps 0.4 and 0.3, renormalised to 4/7 and 3/7
+    lp = rollout.sampling_logprobs(logits, 1.0, top_k=2)
+    assert torch.allclose(lp.exp(), torch.tensor([[0, 4 / 7, 0, 3 / 7]]))
+    # top_p = 0.7: 0.4 (mass before 0) and 0.3 (mass before 0.4 < 0.7) kept; 0.2 has 0.7 before it
+    lp = rollout.sampling_logprobs(logits, 1.0, top_p=0.7)
+    assert torch.allclose(lp.exp(), torch.tensor([[0, 4 / 7, 0, 3 / 7]]))
+    # top_p = 0.71 also keeps 0.2
+    assert torch.allclose(rollout.sampling_logprobs(logits, 1.0, top_p=0.71).exp(), torch.tensor([[0, 4 / 9, 2 / 9, 3 / 9]]))
+    # temperature 0.5 squares the probabilities before renormalising
+    q = torch.tensor([0.01, 0.16, 0.04, 0.09])
+    assert torch.allclose(rollout.sampling_logprobs(logits, 0.5).exp(), (q / q.sum())[None])
+    # greedy: the T = 1 distribution, untouched by top_k/top_p
+    assert torch.allclose(rollout.sampling_logprobs(logits, 0.0, top_p=0.1, top_k=1), torch.log_softmax(logits, -1))
+    # entropy over the kept set: two tokens 4/7, 3/7
+    h = rollout.entropy_of(rollout.sampling_logprobs(logits, 1.0, top_k=2))
+    assert torch.allclose(h, torch.tensor([-(4 / 7) * math.log(4 / 7) - (3 / 7) * math.log(3 / 7)]))
+
+
+def test_inverse_cdf_by_hand_and_exact_on_a_grid():
+    p = torch.tensor([[0.2, 0.0, 0.5, 0.3]])
+    u = torch.tensor([[0.0, 0.1999, 0.2001, 0.6999, 0.7001, 0.9999999]], dtype=torch.float64)
+    assert rollout.inverse_cdf(p, u).tolist() == [[0, 0, 2, 2, 3, 3]]
+    # an equally spaced grid of N uniforms hits each token exactly N * p times; zero mass never
+    N = 1000
+    grid = ((torch.arange(N, dtype=torch.float64) + 0.5) / N)[None]
+    counts = torch.bincount(rollout.inverse_cdf(p, grid)[0], minlength=4)
+    assert counts.tolist() == [200, 0, 500, 300]
+    # the last token of positive mass is never passed over, even at u -> 1 and with zeros at the end
+    p2 = torch.tensor([[0.5, 0.5, 0.0, 0.0]])
+    assert rollout.inverse_cdf(p2, torch.tensor([[1 - 2.0**-53]], dtype=torch.float64)).item() == 1
+
+
+def _splitmix_py(seed, prompt, lane, pos):
+    """The counter-based uniform in plain Python integers (the readable twin of counter_uniform)."""
+    M = (1 << 64) - 1
+
+    def mix(z):
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M
+        return z ^ (z >> 31)
+
+    s = mix((seed + 0x9E3779B97F4A7C15) & M)
+    return (mix(mix(s ^ prompt) ^ (((lane << 24) | pos) & M)) >> 11) / 2.0**53
+
+
+def test_counter_uniform_matches_plain_python_and_is_uniform():
+    prompt = torch.tensor([[0], [3], [7], [123456]])
+    lane = torch.tensor([[0, 1 << 32], [5, 6], [2, (1 << 32) + 2], [9, 10]])
+    pos = torch.tensor([[0], [11], [4095], [7]])
+    for seed in (0, 1, 2**40 + 3):
+        u = rollout.counter_uniform(seed, prompt, lane, pos)
+        want = [[_splitmix_py(seed, int(prompt[i, 0]), int(lane[i, j]), int(pos[i, 0])) for j in range(2)] for i in range(4)]
+        assert u.tolist() == want
+    # uniform in [0, 1): moments of 100k draws, and no two neighbouring counters alike
+    n = torch.arange(100_000)
+    u = rollout.counter_uniform(0, torch.zeros_like(n), n % 8, n // 8)
+    assert 0 <= float(u.min()) and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.var()) - 1 / 12) < 0.002
+    assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 0.01
+
+
+# ----------------------------------------------------------------------------------------------
+# Recorded log-probs and entropy equal a fresh forward pass; the distribution is the one asked for
+
+
+PROMPTS = ("12+34=", "1+2+3+4+5+6+7=", "99+1=")  # different lengths: left padding in the batch
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(temperature=1.0),
+    dict(temperature=0.7, top_p=0.9, top_k=20),
+    dict(temperature=1.3, top_k=5),
+    dict(temperature=1.0, sampler="tree", tau=0.0),
+    dict(temperature=0.8, top_p=0.95, sampler="tree", tau=1.0, num_chains=1, max_children=3),
+])
+def test_logprobs_and_entropy_equal_a_fresh_forward(tiny_model, tiny_tokenizer, cfg):
+    prompts = _ids(tiny_tokenizer, *PROMPTS)
+    G = 4
+    r = _run(tiny_model, tiny_tokenizer, prompts, G, seed=3, max_new_tokens=24, **cfg)
+    c = SamplingConfig(max_new_tokens=24, **cfg)
+    for b, (q, resp) in enumerate(_rows(r, prompts, G)):
+        logp = rollout.sampling_logprobs(_fresh_logits(tiny_model, q, resp), c.temperature, c.top_p, c.top_k)
+        n = len(resp)
+        want = logp.gather(1, torch.tensor(resp)[:, None])[:, 0]
+        assert torch.isfinite(want).all()  # every sampled token lies in the kept set
+        torch.testing.assert_close(r.logprobs[b, :n], want, atol=1e-4, rtol=0)
+        torch.testing.assert_close(r.entropy[b, :n], rollout.entropy_of(logp), atol=1e-4, rtol=0)
+        if c.top_p == 1.0 and c.top_k == 0:  # the papers' setting: exactly train.py's log_softmax(logits / T)
+            full = torch.log_softmax(_fresh_logits(tiny_model, q, resp) / c.temperature, -1)
+            torch.testing.assert_close(r.logprobs[b, :n], full.gather(1, torch.tensor(resp)[:, None])[:, 0],
+                                       atol=1e-4, rtol=0)
+
+
+def test_first_token_frequencies_follow_the_distribution(tiny_model, tiny_tokenizer):
+    """8000 first tokens of one prompt against the restricted softmax: within 5 sigma per token, 0 outside."""
+    prompts = _ids(tiny_tokenizer, "12+34=")
+    G = 8000
+    for cfg in (dict(temperature=1.0), dict(temperature=0.5, top_k=7, top_p=0.8)):
+        r = _run(tiny_model, tiny_tokenizer, prompts, G, seed=11, max_new_tokens=1, **cfg)
+        c = SamplingConfig(max_new_tokens=1, **cfg)
+        p = rollout.sampling_logprobs(_fresh_logits(tiny_model, prompts[0], [0]), c.temperature, c.top_p, c.top_k)[0].exp()
+        freq = torch.bincount(r.response_ids[:, 0], minlength=p.numel()).double() / G
+        sd = (p.double() * (1 - p.double()) / G).sqrt()
+        assert bool(((freq - p.double()).abs() <= 5 * sd + 1e-12).all())
+        assert bool((freq[p == 0] == 0).all())
+        assert r.decoded_tokens == 0 and r.prefilled_tokens == len(prompts[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# The decode loop end to end: determinism, batch independence, greedy, EOS, max_new_tokens
+
+
+def test_seeded_determinism(tiny_model, tiny_tokenizer):
+    prompts = _ids(tiny_tokenizer, *PROMPTS)
+    for sampler in ("flat", "tree"):
+        a = _run(tiny_model, tiny_tokenizer, prompts, 4, seed=5, max_new_tokens=16, sampler=sampler)
+        b = _run(tiny_model, tiny_tokenizer, prompts, 4, seed=5, max_new_tokens=16, sampler=sampler)
+        c = _run(tiny_model, tiny_tokenizer, prompts, 4, seed=6, max_new_tokens=16, sampler=sampler)
+        assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
+        assert torch.equal(a.parent, b.parent) and a.decoded_tokens == b.decoded_tokens
+        assert not torch.equal(a.response_ids, c.response_ids)
+        # the model's global RNG is not touched
+        torch.manual_seed(0); x = torch.rand(2)
+        _run(tiny_model, tiny_tokenizer, prompts, 2, seed=7, max_new_tokens=4, sampler=sampler)
+        torch.manual_seed(0); assert torch.equal(torch.rand(2), x)
+
+
+def test_same_tokens_alone_and_in_a_batch_with_longer_prompts(tiny_model, tiny_tokenizer):
+    short = _ids(tiny_tokenizer, "7+8=")
+    batch = short + _ids(tiny_tokenizer, "11+22+33+44+55=", "123456789+987654321=")
+    G = 4
+    for cfg in (dict(), dict(temperature=0.9, top_p=0.9), dict(sampler="tree", tau=0.0),
+                dict(sampler="tree", num_chains=1, max_children=3)):
+        alone = _run(tiny_model, tiny_tokenizer, short, G, seed=2, max_new_tokens=20, **cfg)
+        mixed = _run(tiny_model, tiny_tokenizer, batch, G, seed=2, max_new_tokens=20, **cfg)
+        T = alone.response_ids.shape[1]
+        assert torch.equal(alone.response_ids, mixed.response_ids[:G, :T])
+        assert not mixed.response_mask[:G, T:].any()
+        assert torch.equal(alone.parent, mixed.parent[:G]) and torch.equal(alone.branch_pos, mixed.branch_pos[:G])
+        torch.testing.assert_close(alone.logprobs, mixed.logprobs[:G, :T], atol=1e-5, rtol=0)
+
+
+def test_greedy_is_argmax_and_top_k_1_is_greedy(tiny_model, tiny_tokenizer):
+    prompts = _ids(tiny_tokenizer, *PROMPTS)
+    g = _run(tiny_model, tiny_tokenizer, prompts, 2, max_new_tokens=12, temperature=0.0)
+    k1 = _run(tiny_model, tiny_tokenizer, prompts, 2, seed=9, max_new_tokens=12, temperature=1.0, top_k=1)
+    assert torch.equal(g.response_ids, k1.response_ids) and torch.equal(g.response_mask, k1.response_mask)
+    for b, (q, resp) in enumerate(_rows(g, prompts, 2)):
+        logits = _fresh_logits(tiny_model, q, resp)
+        assert resp == logits.argmax(-1).tolist()
+        torch.testing.assert_close(g.logprobs[b, : len(resp)], torch.log_softmax(logits, -1).max(-1).values, atol=1e-4, rtol=0)
+        assert bool((k1.logprobs[b, : len(resp)] == 0).all())  # top_k = 1: the kept set is one token
+    assert torch.equal(g.response_ids[0::2], g.response_ids[1::2])  # greedy: every row of a group alike
+
+
+def test_eos_stops_a_row(tiny_model, tiny_tokenizer):
+    V = tiny_model.config.vocab_size
+    bias = torch.zeros(V); bias[EOS_ID] = 3.0  # EOS about 20x likelier than another token: ~1 in 6 per step
+    m = _logits_hook(tiny_model, bias=bias)
+    prompts = _ids(tiny_tokenizer, *PROMPTS)
+    for sampler in ("flat", "tree"):
+        cfg = SamplingConfig(max_new_tokens=40, sampler=sampler, tau=0.0)
+        r = _run(m, tiny_tokenizer, prompts, 6, seed=1, **vars(cfg))
+        assert r.finished.float().mean() > 0.5  # most rows ended on EOS, at their own length
+        _check_leaf_invariants(r, prompts, 6, cfg)
+        lengths = r.response_mask.sum(1)
+        assert len(set(lengths[r.finished].tolist())) > 3
+
+
+def test_max_new_tokens_holds_when_eos_is_impossible(tiny_model, tiny_tokenizer):
+    V = tiny_model.config.vocab_size
+    bias = torch.zeros(V); bias[EOS_ID] = float("-inf")
+    m = _logits_hook(tiny_model, bias=bias)
+    prompts = _ids(tiny_tokenizer, *PROMPTS)
+    for sampler in ("flat", "tree"):
+        r = _run(m, tiny_tokenizer, prompts, 3, max_new_tokens=9, sampler=sampler)
+        assert r.response_ids.shape[1] == 9 and bool(r.response_mask.all()) and not r.finished.any()
+    r = _run(m, tiny_tokenizer, prompts, 3, max_new_tokens=1, sampler="tree", tau=0.0)
+    assert r.response_ids.shape == (9, 1) and r.decoded_tokens == 0  # one token each, all from the prefill
+
+
+# ----------------------------------------------------------------------------------------------
+# Tree sampling
+
+
+def test_tau_inf_forks_nothing_and_is_flat_sampling(tiny_model, tiny_tokenizer):
+    prompts = _ids(tiny_tokenizer, *PROMPTS)
+    flat = _run(tiny_model, tiny_tokenizer, prompts, 5, seed=4, max_new_tokens=16)
+    tree = _run(tiny_model, tiny_tokenizer, prompts, 5, seed=4, max_new_tokens=16, sampler="tree", tau=math.inf)
+    assert int(tree.tree_forks.sum()) == 0 and bool((tree.parent == -1).all())
+    assert torch.equal(flat.response_ids, tree.response_ids) and flat.decoded_tokens == tree.decoded_tokens
+    # a tau above every entropy: no forks either; the M chains end, then G - M root chains fill in
+    high = _run(tiny_model, tiny_tokenizer, prompts, 5, seed=4, max_new_tokens=16, sampler="tree", tau=50.0)
+    assert int(high.tree_forks.sum()) == 0 and bool((high.parent == -1).all())
+    assert torch.equal(flat.response_ids, high.response_ids)  # same leaf ids, same counters, same tokens
+
+
+@pytest.mark.parametrize("G,M,C,max_forks", [(8, 2, 2, 0), (8, 1, 3, 0), (7, 2, 2, 3), (6, 3, 4, 1)])
+def test_tau_0_spends_the_fork_budget(tiny_model, tiny_tokenizer, G, M, C, max_forks):
+    prompts = _ids(tiny_tokenizer, *PROMPTS)
+    V = tiny_model.config.vocab_size
+    bias = torch.zeros(V); bias[EOS_ID] = float("-inf")  # no EOS: every row has candidates
+    m = _logits_hook(tiny_model, bias=bias)
+    cfg = SamplingConfig(max_new_tokens=16, sampler="tree", tau=0.0, num_chains=M, max_children=C, max_forks=max_forks)
+    r = _run(m, tiny_tokenizer, prompts, G, seed=8, **vars(cfg))
+    _check_leaf_invariants(r, prompts, G, cfg)
+    budget = math.ceil((G - M) / (C - 1))
+    want_forks = min(budget, max_forks) if max_forks else budget
+    assert r.tree_forks.tolist() == [want_forks] * len(prompts)
+    roots = int((r.parent == -1).sum())
+    want_roots = M + max(0, (G - M) - want_forks * (C - 1))  # leaves the forks could not make are root chains
+    assert roots == want_roots * len(prompts)
+
+
+def test_tree_leaves_share_prefixes_and_decode_fewer_tokens(tiny_model, tiny_tokenizer):
+    prompts = _ids(tiny_tokenizer, *PROMPTS)
+    G = 8
+    cfg = SamplingConfig(max_new_tokens=32, sampler="tree")
+    tree = _run(tiny_model, tiny_tokenizer, prompts, G, seed=0, **vars(cfg))
+    flat = _run(tiny_model, tiny_tokenizer, prompts, G, seed=0, max_new_tokens=32)
+    _check_leaf_invariants(tree, prompts, G, cfg)
+    assert tree.prefilled_tokens == flat.prefilled_tokens == sum(map(len, prompts))  # no prefix prefilled twice
+    assert tree.decoded_tokens < flat.decoded_tokens
+    # the trie sees the sharing: every branch agrees with its parent on its first branch_pos tokens
+    assert int(tree.branch_pos.sum()) > 0
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(G=st.integers(1, 7), M=st.integers(1, 7), C=st.integers(2, 4), max_forks=st.integers(0, 4),
+       tau=st.sampled_from([0.0, 0.5, 3.0, 4.4, 4.55, math.inf]), scale=st.sampled_from([1.0, 8.0]),
+       eos_bias=st.sampled_from([0.0, 2.5]), max_new=st.integers(1, 12), seed=st.integers(0, 2**31), P=st.integers(1, 3))
+def test_tree_property_exactly_G_leaves(tiny_model, tiny_tokenizer, G, M, C, max_forks, tau, scale, eos_bias,
+                                       max_new, seed, P):
+    M = min(M, G)
+    V = tiny_model.config.vocab_size
+    bias = torch.zeros(V); bias[EOS_ID] = eos_bias
+    m = _MODELS.setdefault((scale, eos_bias), _logits_hook(tiny_model, scale=scale, bias=bias))
+    prompts = _ids(tiny_tokenizer, *PROMPTS[:P])
+    cfg = SamplingConfig(max_new_tokens=max_new, sampler="tree", tau=tau, num_chains=M, max_children=C, max_forks=max_forks)
+    r = _run(m, tiny_tokenizer, prompts, G, seed=seed, **vars(cfg))
+    _check_leaf_invariants(r, prompts, G, cfg)
+
+
+_MODELS = {}  # hooked model copies reused across hypothesis examples
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: a ValueError naming the argument, before the model runs
+
+
+@pytest.mark.parametrize("prompts,G,cfg,match", [
+    ([], 4, {}, "prompts"),
+    ([[5, 6], []], 4, {}, r"prompts\[1\]"),
+    ([[5, 6]], 0, {}, "group_size"),
+    ([[5, 6]], 2.0, {}, "group_size"),
+    ([[5] * 2000], 2, dict(max_new_tokens=100), "context"),
+    ([[5, 6]], 2, dict(max_new_tokens=2047), "context"),
+    ([[5, 1000]], 2, {}, r"prompts\[0\]"),
+    ([[5, 6]], 2, dict(max_new_tokens=0), "max_new_tokens"),
+    ([[5, 6]], 2, dict(temperature=-0.1), "temperature"),
+    ([[5, 6]], 2, dict(temperature=float("nan")), "temperature"),
+    ([[5, 6]], 2, dict(top_p=0.0), "top_p"),
+    ([[5, 6]], 2, dict(top_p=1.5), "top_p"),
+    ([[5, 6]], 2, dict(top_k=-1), "top_k"),
+    ([[5, 6]], 2, dict(sampler="beam"), "sampler"),
+    ([[5, 6]], 2, dict(sampler="tree", tau=-1.0), "tau"),
+    ([[5, 6]], 2, dict(sampler="tree", tau=float("nan")), "tau"),
+    ([[5, 6]], 2, dict(sampler="tree", num_chains=3), "num_chains"),
+    ([[5, 6]], 2, dict(sampler="tree", num_chains=0), "num_chains"),
+    ([[5, 6]], 2, dict(sampler="tree", max_children=1), "max_children"),
+    ([[5, 6]], 2, dict(sampler="tree", max_forks=-1), "max_forks"),
+    ([[5, 6]], 2, dict(sampler="tree", temperature=0.0), "temperature"),
+])
+def test_bad_input_raises_before_decoding(tiny_model, tiny_tokenizer, prompts, G, cfg, match):
+    def refuse(*a, **k):
+        raise RuntimeError("the model ran before the input was checked")
+
+    h = tiny_model.register_forward_pre_hook(refuse)
+    try:
+        with pytest.raises(ValueError, match=match):
+            sample(tiny_model, prompts, G, SamplingConfig(**cfg), eos_token_ids=EOS_ID, pad_token_id=0)
+        with pytest.raises(ValueError, match="eos_token_ids"):
+            sample(tiny_model, [[5]], 2, SamplingConfig(), eos_token_ids=[], pad_token_id=0)
+        with pytest.raises(ValueError, match="pad_token_id"):
+            sample(tiny_model, [[5]], 2, SamplingConfig(), eos_token_ids=EOS_ID, pad_token_id=-1)
+    finally:
+        h.remove()
