@@ -64,6 +64,7 @@ import sys
 import textwrap
 import threading
 import time
+import types
 import typing
 from collections import Counter
 from dataclasses import dataclass
@@ -866,25 +867,37 @@ class Args:
     """show a progress bar"""
 
 
-def _field_docs(cls) -> dict[str, str]:
-    """The docstring under each field of a dataclass (read from its source)."""
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass (read from its source): the field's --help text."""
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     return {a.target.id: b.value.value.strip() for a, b in zip(body, body[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """One option per Args field: its type, default and docstring."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    hints, docs = typing.get_type_hints(Args), _field_docs(Args)
-    for f in dataclasses.fields(Args):
+def dataclass_parser(cls, description: str) -> argparse.ArgumentParser:
+    """One --flag-name per field of the dataclass `cls` (train.py and the benchmarks build theirs here too),
+    typed by its annotation (bool: --x / --no-x; X | None: X; list[X]: one or more X), its docstring as
+    the help. Flags not given are left out of the namespace (argparse.SUPPRESS), so
+    `cls(**{**preset, **vars(namespace)})` layers: field defaults, then a preset, then the flags given."""
+    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    for f in dataclasses.fields(cls):
         flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=docs[f.name])
-        else:
-            kind = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # X | None -> X
-            parser.add_argument(flag, type=kind, default=f.default, help=f"{docs[f.name]} (default: {f.default})")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{docs[f.name]} (default: {default})")
+            continue
+        if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:  # X | None -> X
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        nargs = None
+        if typing.get_origin(kind) is list:
+            kind, nargs = typing.get_args(kind)[0], "+"
+        parser.add_argument(flag, type=kind, nargs=nargs, help=f"{docs[f.name]} (default: {default})")
     return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return dataclass_parser(Args, __doc__.splitlines()[0])
 
 
 def parse_args(argv: list[str] | None = None) -> Args:

@@ -58,11 +58,8 @@ Run:
 """
 from __future__ import annotations
 
-import argparse
-import ast
 import contextlib
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -71,9 +68,7 @@ import resource
 import shutil
 import signal
 import sys
-import textwrap
 import time
-import typing
 from dataclasses import dataclass
 
 import torch
@@ -253,24 +248,9 @@ BENCH = dict(model="tiny", tiny_hidden=128, tiny_layers=4, task="chain", train_l
              steps=4, val_every=0, save_every=0, sample_every=0, overwrite=True, progress=False)
 
 
-def _field_docs(cls) -> dict[str, str]:
-    """The docstring under each field of a dataclass, read from its source."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    return {a.target.id: b.value.value.strip() for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
-
-
 def parse_args(argv: list[str] | None = None) -> Args:
     """Args from the command line. Defaults: the field's, then DEMO/BENCH for --demo/--bench, then the flags."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
-    hints, docs = typing.get_type_hints(Args), _field_docs(Args)
-    for f in dataclasses.fields(Args):
-        flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=docs[f.name])
-        else:
-            kind = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # X | None -> X
-            parser.add_argument(flag, type=kind, help=f"{docs[f.name]} (default: {f.default})")
+    parser = evaluate.dataclass_parser(Args, __doc__.splitlines()[0])
     given = vars(parser.parse_args(argv))
     values = {**(DEMO if given.get("demo") else {}), **(BENCH if given.get("bench") else {}), **given}
     args = Args(**values)
@@ -1103,6 +1083,7 @@ def supervised_warm_start(model, tokenizer, task: str, examples: list[dict], *, 
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pairs = [(evaluate.prompt_ids(task, ex, tokenizer), tokenizer.encode(ex["solution"], add_special_tokens=False) + [eos])
              for ex in examples]
+    check_tokens = max(len(a) for _, a in pairs)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     model.train()
@@ -1123,8 +1104,10 @@ def supervised_warm_start(model, tokenizer, task: str, examples: list[dict], *, 
         opt.step()
         opt.zero_grad(set_to_none=True)
         if target is not None and done % check_every == 0:
-            acc = evaluate.evaluate(model, tokenizer, task, check_examples, max_new_tokens=16, batch_size=200,
-                                    progress=False)[0]["accuracy"]
+            # room for the longest target: a shorter cut (chain's solutions run to 32 tokens) scores a
+            # correct answer as wrong, so the target is never met and every warm step runs
+            acc = evaluate.evaluate(model, tokenizer, task, check_examples, max_new_tokens=check_tokens,
+                                    batch_size=200, progress=False)[0]["accuracy"]
             if acc >= target:
                 break
     model.eval()
@@ -1137,7 +1120,7 @@ def warm_start(args: Args) -> str:
     warm = args.warm_dir or os.path.join(args.out, "warm-start")
     recipe = dict(task=args.task, hidden=args.tiny_hidden, layers=args.tiny_layers, steps=args.warm_steps,
                   target=args.warm_target, batch=args.warm_batch, lr=args.warm_lr, seed=args.seed,
-                  train_limit=args.train_limit)
+                  train_limit=args.train_limit, check="longest-target")  # check: v1 cut answers at 16 tokens
     try:
         with open(os.path.join(warm, "warm_start.json")) as f:
             if json.load(f) == recipe:

@@ -16,19 +16,19 @@ Run from the repository root:  python benchmarks/bench_advantages.py  [--Ts 1024
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import advantages  # noqa: E402
+import evaluate  # noqa: E402  (the Args -> argparse helper)
 import trie  # noqa: E402
 
 
@@ -57,14 +57,7 @@ class Args:
 
 
 def parse_args(argv=None) -> Args:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(Args):
-        default = f.default_factory() if callable(f.default_factory) else f.default
-        if isinstance(default, list):
-            p.add_argument(f"--{f.name}", nargs="+", type=type(default[0]), default=default)
-        else:
-            p.add_argument(f"--{f.name}", type=type(default), default=default)
-    args = Args(**vars(p.parse_args(argv)))
+    args = Args(**vars(evaluate.dataclass_parser(Args, __doc__.splitlines()[0]).parse_args(argv)))
     for G in args.Gs:
         assert args.B % G == 0, f"B={args.B} must be divisible by every G, not by {G}"
     assert args.method in ("tempo", "treeadv"), args.method

@@ -42,10 +42,7 @@ proportion near 0.3 on 500 questions: about 0.02).
 """
 from __future__ import annotations
 
-import argparse
-import ast
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -61,6 +58,7 @@ from dataclasses import dataclass
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import evaluate  # noqa: E402  (the Args -> argparse helper; imports no torch)
 
 # The arms: name -> (train.py --method, --sampler).
 ARMS = {
@@ -121,7 +119,7 @@ class Args:
     val_limit: int = 500
     """test questions for greedy validation"""
     tree_tau: float | None = None
-    """tree arms: the sampler's entropy threshold in nats (None: rollout's default, 1.0); flat arms ignore it"""
+    """tree arms: the sampler's entropy threshold in nats (None: rollout's default, 0.5); flat arms ignore it"""
     extra: str = ""
     """more train.py flags for every run, e.g. "--scale none" (quoted)"""
 
@@ -131,24 +129,9 @@ QUICK = dict(tiny_hidden=32, tiny_layers=1, warm_steps=50, warm_target=1.0, trai
              prompts_per_step=4, group_size=4, val_every=1, val_limit=16, seeds="0,1")
 
 
-def _field_docs() -> dict[str, str]:
-    """The docstring under each field of Args, read from the source (the --help text)."""
-    body = ast.parse(inspect.getsource(Args)).body[0].body
-    return {x.target.id: y.value.value.strip() for x, y in zip(body, body[1:])
-            if isinstance(x, ast.AnnAssign) and isinstance(y, ast.Expr) and isinstance(y.value, ast.Constant)}
-
-
 def parse_args(argv: list[str] | None = None) -> Args:
     """Args from the command line: the field defaults, then QUICK with --quick, then the flags given."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
-    hints, docs = typing.get_type_hints(Args), _field_docs()
-    for f in dataclasses.fields(Args):
-        flag = "--" + f.name.replace("_", "-")
-        if hints[f.name] is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=docs[f.name])
-        else:
-            kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])  # X | None -> X
-            parser.add_argument(flag, type=kind, help=f"{docs[f.name]} (default: {f.default})")
+    parser = evaluate.dataclass_parser(Args, __doc__.splitlines()[0])
     given = vars(parser.parse_args(argv))
     args = Args(**{**(QUICK if given.get("quick") else {}), **given})
     check_args(args)
@@ -479,6 +462,11 @@ def plot(results: dict, out_dir: str) -> list[str]:
 # 5. Main: run the grid, aggregate, write and print
 
 
+def rollout_tau() -> float:
+    import rollout  # imports torch: only when the report is written
+    return rollout.SamplingConfig.tau
+
+
 def setup_text(args: Args, threads: int, total_s: float | None) -> str:
     cores = os.cpu_count()
     return (f"Task chain; tiny Qwen3 {args.tiny_hidden} x {args.tiny_layers}; warm start: train.warm_start to "
@@ -487,7 +475,7 @@ def setup_text(args: Args, threads: int, total_s: float | None) -> str:
             f"{args.prompts_per_step} prompts x G = {args.group_size}, max {args.max_new_tokens} new tokens, lr {args.lr} "
             f"({args.warmup_steps} warmup steps), temperature 1, one update a step; greedy accuracy on {args.val_limit} "
             f"test questions every {args.val_every} steps; tree sampler tau "
-            f"{'rollout default (1.0 nat)' if args.tree_tau is None else f'{args.tree_tau} nat'}. Seeds {args.seeds}. "
+            f"{f'rollout default ({rollout_tau()} nat)' if args.tree_tau is None else f'{args.tree_tau} nat'}. Seeds {args.seeds}. "
             f"Extra train.py flags: {args.extra or 'none'}.\n"
             f"Machine: {platform.machine()} {cores} CPU cores, no GPU; {args.jobs} run(s) at a time, {threads} torch "
             f"thread(s) each" + (f"; study wall time {total_s / 60:.1f} min." if total_s is not None else "."))

@@ -347,6 +347,25 @@ def test_fsdp_sampling_survives_uneven_forward_counts(tmp_path):
 # The demo learns at a fixed seed; with shuffled rewards it does not
 
 
+def test_warm_start_checks_accuracy_on_whole_answers(tiny_tokenizer, monkeypatch):
+    """The target check gives the longest answer room: with a 16-token cut (the bug), chain's solutions
+    (up to 32 tokens) were scored wrong, the 0.3 target was never met and every warm step ran."""
+    import evaluate
+    seen = []
+
+    def fake_evaluate(model, tokenizer, task, examples, *, max_new_tokens, **kw):
+        seen.append(max_new_tokens)
+        return {"accuracy": 1.0}, []
+
+    monkeypatch.setattr(evaluate, "evaluate", fake_evaluate)
+    examples = evaluate.load_examples("chain", "train", limit=200)
+    model = rollout.build_tiny_model(tiny_tokenizer, hidden=32, layers=1)
+    done, _, acc = train.supervised_warm_start(model, tiny_tokenizer, "chain", examples, steps=5, batch_size=4,
+                                               lr=1e-3, target=0.3, check_every=2, check_examples=examples[:8])
+    longest = max(len(tiny_tokenizer.encode(ex["solution"], add_special_tokens=False)) + 1 for ex in examples)
+    assert (done, acc) == (2, 1.0) and seen == [longest] and longest > 16
+
+
 @pytest.mark.slow
 def test_demo_learns_and_shuffled_rewards_do_not(warm_dir, tmp_path):
     common = ["--demo", "--warm-dir", warm_dir, "--no-progress", "--sample-every", "0", "--save-every", "0"]
