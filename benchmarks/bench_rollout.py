@@ -1,42 +1,56 @@
 """bench_rollout.py: tree sampling against flat sampling at equal leaves, and flat sampling against `generate`.
 
-For each tiny random Qwen3 shape (hidden x layers) it samples P prompts x G leaves with rollout.sample
-(flat, and tree at SamplingConfig's defaults) and with `model.generate` (do_sample, top_k=0, top_p=1,
-temperature 1, the same max_new_tokens and EOS), then prints:
+For each model it samples P chain questions x G leaves with rollout.sample, flat and tree (at
+SamplingConfig's defaults, then at each further --taus value), and with `model.generate`
+(do_sample, top_k=0, top_p=1, temperature 1, the same max_new_tokens and EOS), then prints:
 - decoded token positions per leaf (rows fed to the model, summed over steps) and wall time per leaf,
-  tree / flat as ratios (issue 3's target: tree decodes >= 25% fewer positions per leaf); response
-  tokens per leaf (tree leaves run longer than flat samples) and decoded positions per response token;
+  tree / flat as ratios (issue 3's target: tree decodes >= 25% fewer positions per leaf); forks and
+  fresh chains per prompt; response tokens per leaf (tree leaves run longer than flat samples);
 - prefilled tokens: rollout prefills each prompt once, so re-prefilled prefix tokens = prefilled -
   sum of prompt lengths (target 0); `generate` prefills every row;
 - sampled tokens per second, flat vs generate (target: flat no slower).
 Wall times are medians over `repeats` runs (seeds 0..repeats-1) after one warm-up; token counts are
-means over the same runs. The prompts are synthetic "chain" sums ("12+34+56=") of random length.
+means over the same runs, so they do not depend on the machine's load; wall times do.
 
-Run from the repository root:  python benchmarks/bench_rollout.py  [--shapes 64x2 128x4 --G 8 --device cuda ...]
+The models (--models), because what a tree saves depends on the model's lengths:
+- HIDDENxLAYERS, a random tiny Qwen3: its EOS hazard is the same at every position (memoryless), so a
+  branch forked at depth t decodes as many further tokens as a fresh sample does, and the tree only
+  saves the positions that max_new_tokens cuts off. A floor, not a forecast.
+- warm: the tiny 128x4 after train.warm_start on chain (the study's seed-0 recipe: supervised until 30%
+  greedy accuracy, cached in --warm-dir; about 2 min on 2 cores the first time). Its responses have
+  the task's structure (a solution's length is set by the question, as with a real LM), so a branch
+  at depth t decodes about L - t tokens: the case trees are for. It is far more confident than a
+  real LM (a few tokens in a thousand above 1 nat), hence the tau sweep.
+- a directory: any saved model (rollout.load_model_and_tokenizer).
+
+Run from the repository root:
+    python benchmarks/bench_rollout.py                        # 64x2, 128x4 and warm; taus default, 0.3, 0.1
+    python benchmarks/bench_rollout.py --models 128x4 --max-new-tokens 256 --device cuda --dtype bfloat16
 """
 from __future__ import annotations
 
-import argparse
 import os
-import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import evaluate  # noqa: E402
 import rollout  # noqa: E402
 
 
 @dataclass
 class Args:
-    shapes: list[str] = field(default_factory=lambda: ["64x2", "128x4"])
-    """tiny Qwen3 shapes, hidden x layers"""
+    models: list[str] = field(default_factory=lambda: ["64x2", "128x4", "warm"])
+    """models: HIDDENxLAYERS (random tiny Qwen3), warm (tiny 128x4 warm-started on chain), or a model directory"""
+    taus: list[float] = field(default_factory=lambda: [0.3, 0.1])
+    """tree tau values to measure besides SamplingConfig's default"""
     P: int = 8
-    """prompts per batch"""
+    """prompts (chain test questions) per batch"""
     G: int = 8
     """leaves per prompt (equal for tree and flat)"""
     max_new_tokens: int = 64
@@ -49,27 +63,42 @@ class Args:
     """model dtype: float32 or bfloat16"""
     threads: int = 2
     """torch CPU threads"""
+    warm_dir: str = "runs/bench-rollout-warm"
+    """where the `warm` model is cached (train.warm_start reuses it when the recipe matches)"""
 
 
-def parse_args() -> Args:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in fields(Args):
-        default = f.default_factory() if callable(f.default_factory) else f.default
-        kind = str if f.name in ("device", "dtype", "shapes") else int
-        ap.add_argument(f"--{f.name}", type=kind, default=default, nargs="+" if isinstance(default, list) else None,
-                        help=f.metadata.get("doc", ""))
-    args = Args(**vars(ap.parse_args()))
-    for s in args.shapes:
-        if len(s.split("x")) != 2 or not all(x.isdigit() for x in s.split("x")):
-            raise ValueError(f"--shapes: {s!r} is not HIDDENxLAYERS, e.g. 128x4")
+def parse_args(argv: list[str] | None = None) -> Args:
+    args = Args(**vars(evaluate.dataclass_parser(Args, __doc__.splitlines()[0]).parse_args(argv)))
+    for m in args.models:
+        parts = m.split("x")
+        if m != "warm" and not os.path.isdir(m) and not (len(parts) == 2 and all(x.isdigit() for x in parts)):
+            raise ValueError(f"--models: {m!r} is not HIDDENxLAYERS (e.g. 128x4), warm, or a model directory")
     if min(args.P, args.G, args.max_new_tokens, args.repeats) < 1:
-        raise ValueError("--P, --G, --max_new_tokens and --repeats must be >= 1")
+        raise ValueError("--P, --G, --max-new-tokens and --repeats must be >= 1")
+    if any(t < 0 for t in args.taus):
+        raise ValueError(f"--taus {args.taus}: tau must be >= 0 nats")
     return args
 
 
-def chain_prompts(tok, P: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [tok("+".join(str(rng.randint(1, 99)) for _ in range(rng.randint(2, 5))) + "=").input_ids for _ in range(P)]
+def load(name: str, args: Args):
+    """(model, tokenizer, label) for one --models entry."""
+    dtype = getattr(torch, args.dtype)
+    if name == "warm":
+        import train
+        name = train.warm_start(train.parse_args([
+            "--task", "chain", "--model", "tiny", "--tiny-hidden", "128", "--tiny-layers", "4", "--warm-target", "0.3",
+            "--warm-steps", "600", "--warm-lr", "1e-3", "--warm-batch", "64", "--train-limit", "5000", "--seed", "0",
+            "--warm-dir", args.warm_dir, "--out", args.warm_dir, "--device", "cpu"]))
+        label = f"warm-started 128x4 on chain ({name})"
+    elif os.path.isdir(name):
+        label = name
+    else:
+        hidden, layers = map(int, name.split("x"))
+        tok = rollout.build_tiny_tokenizer()
+        return rollout.build_tiny_model(tok, hidden=hidden, layers=layers).to(args.device, dtype).eval(), tok, \
+            f"random tiny Qwen3 {name}"
+    model, tok = rollout.load_model_and_tokenizer(name, device=args.device, dtype=dtype)
+    return model.eval(), tok, label
 
 
 def timed(fn, repeats: int):
@@ -86,31 +115,58 @@ def timed(fn, repeats: int):
     return statistics.median(walls), outs
 
 
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
 def main(args: Args) -> None:
     torch.set_num_threads(args.threads)
-    tok = rollout.build_tiny_tokenizer()
-    prompts = chain_prompts(tok, args.P)
-    P, G = args.P, args.G
-    B, prompt_tokens = P * G, sum(map(len, prompts))
-    eos, pad = tok.eos_token_id, tok.pad_token_id
-    print(f"device={args.device} dtype={args.dtype} P={P} G={G} max_new_tokens={args.max_new_tokens} "
-          f"prompt tokens={prompt_tokens} tree defaults: {rollout.SamplingConfig(sampler='tree')}")
-    for shape in args.shapes:
-        hidden, layers = map(int, shape.split("x"))
-        model = rollout.build_tiny_model(tok, hidden=hidden, layers=layers).to(args.device, getattr(torch, args.dtype)).eval()
+    P, G, B = args.P, args.G, args.P * args.G
+    default_tau = rollout.SamplingConfig().tau
+    taus = [default_tau] + [t for t in args.taus if t != default_tau]
+    print(f"device={args.device} dtype={args.dtype} threads={args.threads} P={P} G={G} max_new_tokens={args.max_new_tokens} "
+          f"repeats={args.repeats}; tree defaults: {rollout.SamplingConfig(sampler='tree')}")
+    for name in args.models:
+        model, tok, label = load(name, args)
+        prompts = [evaluate.prompt_ids("chain", ex, tok) for ex in evaluate.load_examples("chain", "test", limit=P)]
+        prompt_tokens = sum(map(len, prompts))
+        eos, pad = tok.eos_token_id, tok.pad_token_id
 
-        def run(sampler):
-            cfg = rollout.SamplingConfig(max_new_tokens=args.max_new_tokens, sampler=sampler)
+        def run(sampler, tau=default_tau):
+            cfg = rollout.SamplingConfig(max_new_tokens=args.max_new_tokens, sampler=sampler, tau=tau)
             return lambda seed: rollout.sample(model, prompts, G, cfg, eos_token_ids=eos, pad_token_id=pad, seed=seed)
 
         wall_flat, flat = timed(run("flat"), args.repeats)
-        wall_tree, tree = timed(run("tree"), args.repeats)
+        dec_flat = mean([r.decoded_tokens for r in flat]) / B
+        tok_flat = mean([int(r.response_mask.sum()) for r in flat]) / B
+        H = torch.cat([r.entropy[r.response_mask] for r in flat])
+        print(f"\n[{label}] {sum(p.numel() for p in model.parameters()):,} parameters; flat samples: "
+              f"{tok_flat:.1f} tokens/leaf, entropy median {H.median():.3f} nat, "
+              + ", ".join(f"{float((H > t).float().mean()):.2%} > {t:g}" for t in taus))
+        print(f"  {'sampler':<20} {'decoded/leaf':>12} {'tree/flat':>9} {'fewer':>6} {'wall ms/leaf':>12} {'tree/flat':>9} "
+              f"{'forks/prompt':>12} {'fresh/prompt':>12} {'fork depth':>10} {'tokens/leaf':>11} {'tree/flat':>9} "
+              f"{'re-prefilled':>12}")
+        print(f"  {'flat':<20} {dec_flat:12.2f} {'':>9} {'':>6} {1e3 * wall_flat / B:12.3f} {'':>9} {'':>12} {'':>12} "
+              f"{'':>10} {tok_flat:11.2f} {'':>9} {flat[0].prefilled_tokens - prompt_tokens:12d}")
+        for tau in taus:
+            wall_tree, tree = timed(run("tree", tau), args.repeats)
+            dec_tree = mean([r.decoded_tokens for r in tree]) / B
+            tok_tree = mean([int(r.response_mask.sum()) for r in tree]) / B
+            forks = mean([float(r.tree_forks.float().mean()) for r in tree])
+            # leaves that are neither a root chain nor a branch: fresh chains started when no row could fork
+            fresh = mean([(int((r.parent < 0).sum()) - min(G, rollout.SamplingConfig().num_chains) * P) / P for r in tree])
+            depth = mean([float(r.branch_pos[r.parent >= 0].float().mean()) if (r.parent >= 0).any() else float("nan")
+                          for r in tree])
+            tag = f"tree tau={tau:g}" + (" (default)" if tau == default_tau else "")
+            print(f"  {tag:<20} {dec_tree:12.2f} {dec_tree / dec_flat:9.3f} {1 - dec_tree / dec_flat:6.1%} "
+                  f"{1e3 * wall_tree / B:12.3f} {wall_tree / wall_flat:9.3f} {forks:12.2f} {fresh:12.2f} {depth:10.1f} "
+                  f"{tok_tree:11.2f} {tok_tree / tok_flat:9.3f} {tree[0].prefilled_tokens - prompt_tokens:12d}")
 
         # generate on the same rows: each prompt repeated G times, left-padded
         Tp = max(map(len, prompts))
         ids = torch.tensor([[pad] * (Tp - len(q)) + q for q in prompts for _ in range(G)], device=args.device)
-        mask = (torch.arange(Tp, device=args.device) >= Tp - torch.tensor([len(q) for q in prompts for _ in range(G)],
-                                                                         device=args.device)[:, None]).long()
+        lens = torch.tensor([len(q) for q in prompts for _ in range(G)], device=args.device)
+        mask = (torch.arange(Tp, device=args.device) >= Tp - lens[:, None]).long()
 
         def gen(seed):
             torch.manual_seed(seed)
@@ -118,36 +174,13 @@ def main(args: Args) -> None:
                 out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,
                                      temperature=1.0, max_new_tokens=args.max_new_tokens, eos_token_id=eos,
                                      pad_token_id=pad)
-            new = out[:, Tp:]
-            is_eos = (new == eos).long()
-            # tokens up to and including the first EOS (generate pads after it)
-            return int(((is_eos.cumsum(1) - is_eos) == 0).sum())
+            is_eos = (out[:, Tp:] == eos).long()
+            return int(((is_eos.cumsum(1) - is_eos) == 0).sum())  # tokens up to and including the first EOS
 
         wall_gen, gen_tokens = timed(gen, args.repeats)
-
-        def mean(xs):
-            return sum(xs) / len(xs)
-
-        dec_flat, dec_tree = mean([r.decoded_tokens for r in flat]) / B, mean([r.decoded_tokens for r in tree]) / B
-        tok_flat = mean([int(r.response_mask.sum()) for r in flat])
-        tok_tree = mean([int(r.response_mask.sum()) for r in tree])
-        forks = mean([float(r.tree_forks.float().mean()) for r in tree])
-        share = mean([float(r.branch_pos[r.parent >= 0].float().mean()) / args.max_new_tokens for r in tree])
-        print(f"\n[{shape}] {sum(p.numel() for p in model.parameters()):,} parameters")
-        print(f"  decoded positions/leaf  flat {dec_flat:7.2f}  tree {dec_tree:7.2f}  tree/flat {dec_tree / dec_flat:.3f}"
-              f"  ({1 - dec_tree / dec_flat:.1%} fewer; forks/prompt {forks:.2f}, mean fork position "
-              f"{share:.2f} of max_new_tokens)")
-        print(f"  wall ms/leaf            flat {1e3 * wall_flat / B:7.3f}  tree {1e3 * wall_tree / B:7.3f}  "
-              f"tree/flat {wall_tree / wall_flat:.3f}")
-        print(f"  response tokens/leaf    flat {tok_flat / B:7.2f}  tree {tok_tree / B:7.2f}  tree/flat {tok_tree / tok_flat:.3f}"
-              f"  (tree leaves run longer: see SamplingConfig)")
-        print(f"  decoded/response token  flat {dec_flat * B / tok_flat:7.3f}  tree {dec_tree * B / tok_tree:7.3f}  "
-              f"tree/flat {(dec_tree / tok_tree) / (dec_flat / tok_flat):.3f}")
-        print(f"  prefilled tokens        flat {flat[0].prefilled_tokens}  tree {tree[0].prefilled_tokens}  "
-              f"generate {int(mask.sum())} (prompt tokens {prompt_tokens}; re-prefilled prefix tokens: "
-              f"flat {flat[0].prefilled_tokens - prompt_tokens}, tree {tree[0].prefilled_tokens - prompt_tokens})")
-        print(f"  sampled tokens/s        flat {tok_flat / wall_flat:9.0f}  generate {mean(gen_tokens) / wall_gen:9.0f}  "
-              f"flat/generate {(tok_flat / wall_flat) / (mean(gen_tokens) / wall_gen):.2f}")
+        print(f"  prefill: rollout {flat[0].prefilled_tokens} tokens (prompt tokens {prompt_tokens}), generate {int(mask.sum())}")
+        print(f"  sampled tokens/s: flat {tok_flat * B / wall_flat:9.0f}  generate {mean(gen_tokens) / wall_gen:9.0f}  "
+              f"flat/generate {(tok_flat * B / wall_flat) / (mean(gen_tokens) / wall_gen):.2f}")
 
 
 if __name__ == "__main__":
