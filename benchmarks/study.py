@@ -12,11 +12,11 @@ step, steps, max_new_tokens, lr: only --method and --sampler differ):
     tempo-tree  --method tempo   --sampler tree   SPEC 3 on the entropy-forked forest (shares deep prefixes)
     treeadv     --method treeadv --sampler tree   SPEC 5a (flattened leaf paths)
     hepo        --method hepo    --sampler flat   SPEC 4
-    grpo-tree   --method grpo    --sampler tree   (not in the default list) tree sampling without any tree
-                                                   credit: with tempo-tree it separates branching from the TD term
+    grpo-tree   --method grpo    --sampler tree   tree sampling without any tree credit: with tempo-tree
+                                                   and treeadv it separates the sampler from the credit
 
 How to run (from the repository root; 2 runs at a time by default, one torch thread each):
-    python benchmarks/study.py                           # the default study (3 seeds x 5 arms)
+    python benchmarks/study.py                           # the default study (3 seeds x 6 arms)
     python benchmarks/study.py --quick --out /tmp/study  # toy size, under a minute (the smoke test)
     python benchmarks/study.py --seeds 0,1,2,3 --methods grpo,tempo,grpo-tree,tempo-tree
     python benchmarks/study.py --report-only             # aggregate what OUT holds, run nothing
@@ -78,7 +78,7 @@ class Args:
     """study directory: warm-sS/ (warm starts), ARM-sS/ (runs), results.md/json, accuracy.png, diagnostics.png"""
     seeds: str = "0,1,2"
     """comma-separated seeds; each gets its own warm start, data order and sampling"""
-    methods: str = "grpo,tempo,tempo-tree,treeadv,hepo"
+    methods: str = "grpo,tempo,grpo-tree,tempo-tree,treeadv,hepo"
     """comma-separated arms (grpo, tempo, tempo-tree, treeadv, hepo, grpo-tree)"""
     quick: bool = False
     """toy size for the smoke test (QUICK below); flags given still win"""
@@ -201,7 +201,8 @@ def run_command(args: Args, arm: str, seed: int) -> list[str]:
             "--val-every", str(args.val_every), "--val-batch-size", str(args.val_limit),
             "--save-every", "0", "--sample-every", str(args.val_every), "--max-prompt-tokens", "64",
             "--device", "cpu", "--dtype", "fp32", "--no-grad-ckpt", "--no-progress",
-            *(["--tree-tau", str(args.tree_tau)] if sampler == "tree" and args.tree_tau is not None else []),
+            # tau always spelled out, so a run made under another rollout default is not taken as done
+            *(["--tree-tau", str(rollout_tau() if args.tree_tau is None else args.tree_tau)] if sampler == "tree" else []),
             *shlex.split(args.extra)]
 
 
@@ -463,7 +464,7 @@ def plot(results: dict, out_dir: str) -> list[str]:
 
 
 def rollout_tau() -> float:
-    import rollout  # imports torch: only when the report is written
+    import rollout  # imports torch: the driver needs it only for this default
     return rollout.SamplingConfig.tau
 
 

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+import rollout
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("study", os.path.join(ROOT, "benchmarks", "study.py"))
 study = importlib.util.module_from_spec(_spec)
@@ -96,14 +98,21 @@ def test_every_arm_differs_only_in_method_and_sampler():
     args = study.parse_args([])
     cmds = {arm: study.run_command(args, arm, 0) for arm in study.ARMS}
     def budget(cmd):
-        flags = dict(zip(cmd[2::2], cmd[3::2]))  # after python train.py: --flag value pairs (until --overwrite)
-        return {k: v for k, v in flags.items() if k not in ("--method", "--sampler", "--out")}
+        flags, rest = {}, cmd[2:]  # after python train.py: --flag value, or a bare --switch
+        for i, tok in enumerate(rest):
+            if tok.startswith("--"):
+                nxt = rest[i + 1] if i + 1 < len(rest) else "--"
+                flags[tok] = True if nxt.startswith("--") else nxt
+        return {k: v for k, v in flags.items() if k not in ("--method", "--sampler", "--out", "--tree-tau")}
     ref = budget(cmds["grpo"])
     assert all(budget(c) == ref for c in cmds.values())
     for arm, (method, sampler) in study.ARMS.items():
         c = cmds[arm]
         assert c[c.index("--method") + 1] == method and c[c.index("--sampler") + 1] == sampler
-    # --tree-tau reaches the tree arms only
+    # --tree-tau reaches the tree arms only, spelled out even at rollout's default (so the run's record names it)
+    for arm, (method, sampler) in study.ARMS.items():
+        c = cmds[arm]
+        assert (c[c.index("--tree-tau") + 1] == str(rollout.SamplingConfig.tau)) if sampler == "tree" else "--tree-tau" not in c
     tau = study.parse_args(["--tree-tau", "0.1"])
     for arm, (method, sampler) in study.ARMS.items():
         c = study.run_command(tau, arm, 0)
