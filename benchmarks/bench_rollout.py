@@ -9,8 +9,9 @@ SamplingConfig's defaults, then at each further --taus value), and with `model.g
 - prefilled tokens: rollout prefills each prompt once, so re-prefilled prefix tokens = prefilled -
   sum of prompt lengths (target 0); `generate` prefills every row;
 - sampled tokens per second, flat vs generate (target: flat no slower).
-Wall times are medians over `repeats` runs (seeds 0..repeats-1) after one warm-up; token counts are
-means over the same runs, so they do not depend on the machine's load; wall times do.
+Wall times are medians over `repeats` rounds (seeds 0..repeats-1) after one warm-up, each round running
+every sampler once in turn; token counts are means over the same runs, so they do not depend on the
+machine's load; wall times do.
 
 The models (--models), because what a tree saves depends on the model's lengths:
 - HIDDENxLAYERS, a random tiny Qwen3: its EOS hazard is the same at every position (memoryless), so a
@@ -24,7 +25,7 @@ The models (--models), because what a tree saves depends on the model's lengths:
 - a directory: any saved model (rollout.load_model_and_tokenizer).
 
 Run from the repository root:
-    python benchmarks/bench_rollout.py                        # 64x2, 128x4 and warm; taus default, 0.3, 0.1
+    python benchmarks/bench_rollout.py                        # 64x2, 128x4 and warm; tau 0.5 (default), 1.0, 0.3, 0.1
     python benchmarks/bench_rollout.py --models 128x4 --max-new-tokens 256 --device cuda --dtype bfloat16
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ import rollout  # noqa: E402
 class Args:
     models: list[str] = field(default_factory=lambda: ["64x2", "128x4", "warm"])
     """models: HIDDENxLAYERS (random tiny Qwen3), warm (tiny 128x4 warm-started on chain), or a model directory"""
-    taus: list[float] = field(default_factory=lambda: [0.3, 0.1])
+    taus: list[float] = field(default_factory=lambda: [1.0, 0.3, 0.1])
     """tree tau values to measure besides SamplingConfig's default"""
     P: int = 8
     """prompts (chain test questions) per batch"""
@@ -101,18 +102,22 @@ def load(name: str, args: Args):
     return model.eval(), tok, label
 
 
-def timed(fn, repeats: int):
-    fn(0)  # warm-up
-    walls, outs = [], []
+def timed(fns: dict, repeats: int) -> dict:
+    """{name: (median wall seconds, outputs)}: one warm-up each, then `repeats` rounds that run every fn
+    once in turn (seed = round), so a slow spell of the machine hits all of them alike."""
+    for fn in fns.values():
+        fn(0)
+    walls, outs = {k: [] for k in fns}, {k: [] for k in fns}
     for seed in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        outs.append(fn(seed))
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        walls.append(time.perf_counter() - t0)
-    return statistics.median(walls), outs
+        for k, fn in fns.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            outs[k].append(fn(seed))
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            walls[k].append(time.perf_counter() - t0)
+    return {k: (statistics.median(walls[k]), outs[k]) for k in fns}
 
 
 def mean(xs):
@@ -136,32 +141,6 @@ def main(args: Args) -> None:
             cfg = rollout.SamplingConfig(max_new_tokens=args.max_new_tokens, sampler=sampler, tau=tau)
             return lambda seed: rollout.sample(model, prompts, G, cfg, eos_token_ids=eos, pad_token_id=pad, seed=seed)
 
-        wall_flat, flat = timed(run("flat"), args.repeats)
-        dec_flat = mean([r.decoded_tokens for r in flat]) / B
-        tok_flat = mean([int(r.response_mask.sum()) for r in flat]) / B
-        H = torch.cat([r.entropy[r.response_mask] for r in flat])
-        print(f"\n[{label}] {sum(p.numel() for p in model.parameters()):,} parameters; flat samples: "
-              f"{tok_flat:.1f} tokens/leaf, entropy median {H.median():.3f} nat, "
-              + ", ".join(f"{float((H > t).float().mean()):.2%} > {t:g}" for t in taus))
-        print(f"  {'sampler':<20} {'decoded/leaf':>12} {'tree/flat':>9} {'fewer':>6} {'wall ms/leaf':>12} {'tree/flat':>9} "
-              f"{'forks/prompt':>12} {'fresh/prompt':>12} {'fork depth':>10} {'tokens/leaf':>11} {'tree/flat':>9} "
-              f"{'re-prefilled':>12}")
-        print(f"  {'flat':<20} {dec_flat:12.2f} {'':>9} {'':>6} {1e3 * wall_flat / B:12.3f} {'':>9} {'':>12} {'':>12} "
-              f"{'':>10} {tok_flat:11.2f} {'':>9} {flat[0].prefilled_tokens - prompt_tokens:12d}")
-        for tau in taus:
-            wall_tree, tree = timed(run("tree", tau), args.repeats)
-            dec_tree = mean([r.decoded_tokens for r in tree]) / B
-            tok_tree = mean([int(r.response_mask.sum()) for r in tree]) / B
-            forks = mean([float(r.tree_forks.float().mean()) for r in tree])
-            # leaves that are neither a root chain nor a branch: fresh chains started when no row could fork
-            fresh = mean([(int((r.parent < 0).sum()) - min(G, rollout.SamplingConfig().num_chains) * P) / P for r in tree])
-            depth = mean([float(r.branch_pos[r.parent >= 0].float().mean()) if (r.parent >= 0).any() else float("nan")
-                          for r in tree])
-            tag = f"tree tau={tau:g}" + (" (default)" if tau == default_tau else "")
-            print(f"  {tag:<20} {dec_tree:12.2f} {dec_tree / dec_flat:9.3f} {1 - dec_tree / dec_flat:6.1%} "
-                  f"{1e3 * wall_tree / B:12.3f} {wall_tree / wall_flat:9.3f} {forks:12.2f} {fresh:12.2f} {depth:10.1f} "
-                  f"{tok_tree:11.2f} {tok_tree / tok_flat:9.3f} {tree[0].prefilled_tokens - prompt_tokens:12d}")
-
         # generate on the same rows: each prompt repeated G times, left-padded
         Tp = max(map(len, prompts))
         ids = torch.tensor([[pad] * (Tp - len(q)) + q for q in prompts for _ in range(G)], device=args.device)
@@ -177,7 +156,33 @@ def main(args: Args) -> None:
             is_eos = (out[:, Tp:] == eos).long()
             return int(((is_eos.cumsum(1) - is_eos) == 0).sum())  # tokens up to and including the first EOS
 
-        wall_gen, gen_tokens = timed(gen, args.repeats)
+        res = timed({"flat": run("flat"), "generate": gen, **{tau: run("tree", tau) for tau in taus}}, args.repeats)
+        wall_flat, flat = res["flat"]
+        dec_flat = mean([r.decoded_tokens for r in flat]) / B
+        tok_flat = mean([int(r.response_mask.sum()) for r in flat]) / B
+        H = torch.cat([r.entropy[r.response_mask] for r in flat])
+        print(f"\n[{label}] {sum(p.numel() for p in model.parameters()):,} parameters; flat samples: "
+              f"{tok_flat:.1f} tokens/leaf, entropy median {H.median():.3f} nat, "
+              + ", ".join(f"{float((H > t).float().mean()):.2%} > {t:g}" for t in taus))
+        print(f"  {'sampler':<20} {'decoded/leaf':>12} {'tree/flat':>9} {'fewer':>6} {'wall ms/leaf':>12} {'tree/flat':>9} "
+              f"{'forks/prompt':>12} {'fresh/prompt':>12} {'fork depth':>10} {'tokens/leaf':>11} {'tree/flat':>9} "
+              f"{'re-prefilled':>12}")
+        print(f"  {'flat':<20} {dec_flat:12.2f} {'':>9} {'':>6} {1e3 * wall_flat / B:12.3f} {'':>9} {'':>12} {'':>12} "
+              f"{'':>10} {tok_flat:11.2f} {'':>9} {flat[0].prefilled_tokens - prompt_tokens:12d}")
+        for tau in taus:
+            wall_tree, tree = res[tau]
+            dec_tree = mean([r.decoded_tokens for r in tree]) / B
+            tok_tree = mean([int(r.response_mask.sum()) for r in tree]) / B
+            forks = mean([float(r.tree_forks.float().mean()) for r in tree])
+            # leaves that are neither a root chain nor a branch: fresh chains started when no row could fork
+            fresh = mean([(int((r.parent < 0).sum()) - min(G, rollout.SamplingConfig().num_chains) * P) / P for r in tree])
+            branch_pos = torch.cat([r.branch_pos[r.parent >= 0] for r in tree]).float()
+            depth = float(branch_pos.mean()) if len(branch_pos) else float("nan")  # over every branch of every run
+            tag = f"tree tau={tau:g}" + (" (default)" if tau == default_tau else "")
+            print(f"  {tag:<20} {dec_tree:12.2f} {dec_tree / dec_flat:9.3f} {1 - dec_tree / dec_flat:6.1%} "
+                  f"{1e3 * wall_tree / B:12.3f} {wall_tree / wall_flat:9.3f} {forks:12.2f} {fresh:12.2f} {depth:10.1f} "
+                  f"{tok_tree:11.2f} {tok_tree / tok_flat:9.3f} {tree[0].prefilled_tokens - prompt_tokens:12d}")
+        wall_gen, gen_tokens = res["generate"]
         print(f"  prefill: rollout {flat[0].prefilled_tokens} tokens (prompt tokens {prompt_tokens}), generate {int(mask.sum())}")
         print(f"  sampled tokens/s: flat {tok_flat * B / wall_flat:9.0f}  generate {mean(gen_tokens) / wall_gen:9.0f}  "
               f"flat/generate {(tok_flat * B / wall_flat) / (mean(gen_tokens) / wall_gen):.2f}")

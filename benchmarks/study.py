@@ -16,7 +16,8 @@ step, steps, max_new_tokens, lr: only --method and --sampler differ):
                                                    and treeadv it separates the sampler from the credit
 
 How to run (from the repository root; 2 runs at a time by default, one torch thread each):
-    python benchmarks/study.py                           # the default study (3 seeds x 6 arms)
+    python benchmarks/study.py                           # the default study (3 seeds x 6 arms): 3 warm starts
+        # of 1.5-3 min, then 18 runs of about 100 s, 2 at a time: 21 min on an idle 2-core CPU (Nov 2026)
     python benchmarks/study.py --quick --out /tmp/study  # toy size, under a minute (the smoke test)
     python benchmarks/study.py --seeds 0,1,2,3 --methods grpo,tempo,grpo-tree,tempo-tree
     python benchmarks/study.py --report-only             # aggregate what OUT holds, run nothing
