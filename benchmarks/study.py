@@ -14,6 +14,8 @@ step, steps, max_new_tokens, lr: only --method and --sampler differ):
     hepo        --method hepo    --sampler flat   SPEC 4
     grpo-tree   --method grpo    --sampler tree   tree sampling without any tree credit: with tempo-tree
                                                    and treeadv it separates the sampler from the credit
+    tempo-td4   --method tempo   --sampler flat --td-weight 4   (not in the default list) TEMPO's TD term x4:
+                                                   if the TD credit moves accuracy, more of it should move it more
 
 How to run (from the repository root; 2 runs at a time by default, one torch thread each):
     python benchmarks/study.py                           # the default study (3 seeds x 6 arms): 3 warm starts
@@ -69,7 +71,10 @@ ARMS = {
     "treeadv": ("treeadv", "tree"),
     "hepo": ("hepo", "flat"),
     "grpo-tree": ("grpo", "tree"),
+    "tempo-td4": ("tempo", "flat"),
 }
+# Arms that differ from another in one more train.py flag: a dose-response check of TEMPO's TD term.
+ARM_FLAGS = {"tempo-td4": ["--td-weight", "4"]}
 DIAGNOSTICS = ("branch_token_frac", "first_divergence_depth", "unique_depth", "td_share")
 
 
@@ -77,6 +82,9 @@ DIAGNOSTICS = ("branch_token_frac", "first_divergence_depth", "unique_depth", "t
 class Args:
     out: str = "runs/study"
     """study directory: warm-sS/ (warm starts), ARM-sS/ (runs), results.md/json, accuracy.png, diagnostics.png"""
+    warm_root: str | None = None
+    """take the warm starts from this study directory instead of OUT (same recipe: an ablation in its own OUT
+    reuses a finished study's warm starts; a missing one is made there)"""
     seeds: str = "0,1,2"
     """comma-separated seeds; each gets its own warm start, data order and sampling"""
     methods: str = "grpo,tempo,grpo-tree,tempo-tree,treeadv,hepo"
@@ -171,7 +179,7 @@ def check_args(args: Args) -> None:
 
 
 def warm_dir(args: Args, seed: int) -> str:
-    return os.path.join(args.out, f"warm-s{seed}")
+    return os.path.join(args.warm_root or args.out, f"warm-s{seed}")
 
 
 def run_dir(args: Args, arm: str, seed: int) -> str:
@@ -204,7 +212,7 @@ def run_command(args: Args, arm: str, seed: int) -> list[str]:
             "--device", "cpu", "--dtype", "fp32", "--no-grad-ckpt", "--no-progress",
             # tau always spelled out, so a run made under another rollout default is not taken as done
             *(["--tree-tau", str(rollout_tau() if args.tree_tau is None else args.tree_tau)] if sampler == "tree" else []),
-            *shlex.split(args.extra)]
+            *ARM_FLAGS.get(arm, []), *shlex.split(args.extra)]
 
 
 def warm_complete(d: str) -> bool:
