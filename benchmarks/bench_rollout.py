@@ -5,7 +5,8 @@ SamplingConfig's defaults, then at each further --taus value), and with `model.g
 (do_sample, top_k=0, top_p=1, temperature 1, the same max_new_tokens and EOS), then prints:
 - decoded token positions per leaf (rows fed to the model, summed over steps) and wall time per leaf,
   tree / flat as ratios (issue 3's target: tree decodes >= 25% fewer positions per leaf); forks and
-  fresh chains per prompt; response tokens per leaf (tree leaves run longer than flat samples);
+  fresh chains per prompt; response tokens per leaf (tree leaves run longer than flat samples); decode
+  steps (model calls one after another: what a batch-bound GPU waits for);
 - prefilled tokens: rollout prefills each prompt once, so re-prefilled prefix tokens = prefilled -
   sum of prompt lengths (target 0); `generate` prefills every row;
 - sampled tokens per second, flat vs generate (target: flat no slower).
@@ -166,9 +167,10 @@ def main(args: Args) -> None:
               + ", ".join(f"{float((H > t).float().mean()):.2%} > {t:g}" for t in taus))
         print(f"  {'sampler':<20} {'decoded/leaf':>12} {'tree/flat':>9} {'fewer':>6} {'wall ms/leaf':>12} {'tree/flat':>9} "
               f"{'forks/prompt':>12} {'fresh/prompt':>12} {'fork depth':>10} {'tokens/leaf':>11} {'tree/flat':>9} "
-              f"{'re-prefilled':>12}")
+              f"{'re-prefilled':>12} {'decode steps':>12}")
         print(f"  {'flat':<20} {dec_flat:12.2f} {'':>9} {'':>6} {1e3 * wall_flat / B:12.3f} {'':>9} {'':>12} {'':>12} "
-              f"{'':>10} {tok_flat:11.2f} {'':>9} {flat[0].prefilled_tokens - prompt_tokens:12d}")
+              f"{'':>10} {tok_flat:11.2f} {'':>9} {flat[0].prefilled_tokens - prompt_tokens:12d} "
+              f"{mean([r.decode_steps for r in flat]):12.1f}")
         for tau in taus:
             wall_tree, tree = res[tau]
             dec_tree = mean([r.decoded_tokens for r in tree]) / B
@@ -181,7 +183,8 @@ def main(args: Args) -> None:
             tag = f"tree tau={tau:g}" + (" (default)" if tau == default_tau else "")
             print(f"  {tag:<20} {dec_tree:12.2f} {dec_tree / dec_flat:9.3f} {1 - dec_tree / dec_flat:6.1%} "
                   f"{1e3 * wall_tree / B:12.3f} {wall_tree / wall_flat:9.3f} {forks:12.2f} {fresh:12.2f} {depth:10.1f} "
-                  f"{tok_tree:11.2f} {tok_tree / tok_flat:9.3f} {tree[0].prefilled_tokens - prompt_tokens:12d}")
+                  f"{tok_tree:11.2f} {tok_tree / tok_flat:9.3f} {tree[0].prefilled_tokens - prompt_tokens:12d} "
+                  f"{mean([r.decode_steps for r in tree]):12.1f}")
         wall_gen, gen_tokens = res["generate"]
         print(f"  prefill: rollout {flat[0].prefilled_tokens} tokens (prompt tokens {prompt_tokens}), generate {int(mask.sum())}")
         print(f"  sampled tokens/s: flat {tok_flat * B / wall_flat:9.0f}  generate {mean(gen_tokens) / wall_gen:9.0f}  "

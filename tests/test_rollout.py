@@ -90,6 +90,8 @@ def _check_leaf_invariants(r, prompts, G, cfg):
             decoded_expected += int(lengths[b]) - 1 - t
     # each shared position is decoded once; each prompt is prefilled once
     assert r.decoded_tokens == decoded_expected
+    # sequential steps: at least the longest leaf's own decode, at most every row's (no row waits for nothing)
+    assert int(lengths.max()) - 1 <= r.decode_steps <= decoded_expected
     assert r.prefilled_tokens == sum(len(q) for q in prompts)
     assert torch.equal(r.prompt_mask.sum(1), torch.tensor([len(q) for q in prompts]).repeat_interleave(G))
     # fork limits: children per fork point, forks per prompt
@@ -298,7 +300,7 @@ def test_max_new_tokens_holds_when_eos_is_impossible(tiny_model, tiny_tokenizer)
         r = _run(m, tiny_tokenizer, prompts, 3, max_new_tokens=9, sampler=sampler)
         assert r.response_ids.shape[1] == 9 and bool(r.response_mask.all()) and not r.finished.any()
     r = _run(m, tiny_tokenizer, prompts, 3, max_new_tokens=1, sampler="tree", tau=0.0)
-    assert r.response_ids.shape == (9, 1) and r.decoded_tokens == 0  # one token each, all from the prefill
+    assert r.response_ids.shape == (9, 1) and r.decoded_tokens == r.decode_steps == 0  # one token each, all from the prefill
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,6 +313,8 @@ def test_tau_inf_forks_nothing_and_is_flat_sampling(tiny_model, tiny_tokenizer):
     tree = _run(tiny_model, tiny_tokenizer, prompts, 5, seed=4, max_new_tokens=16, sampler="tree", tau=math.inf)
     assert int(tree.tree_forks.sum()) == 0 and bool((tree.parent == -1).all())
     assert torch.equal(flat.response_ids, tree.response_ids) and flat.decoded_tokens == tree.decoded_tokens
+    # flat: every row starts at once, so the loop runs until the longest ends (its first token is the prefill's)
+    assert flat.decode_steps == tree.decode_steps == int(flat.response_mask.sum(1).max()) - 1
     # a tau above every entropy: no forks either; the M chains end, then G - M root chains fill in
     high = _run(tiny_model, tiny_tokenizer, prompts, 5, seed=4, max_new_tokens=16, sampler="tree", tau=50.0)
     assert int(high.tree_forks.sum()) == 0 and bool((high.parent == -1).all())
