@@ -150,8 +150,8 @@ class SamplingConfig:
     uncertainty peaks along the whole response, which is what shares long prefixes; the price is
     latency: branches start after their parent ends, so a tree takes more decode steps one after
     another than a flat batch (Rollout.decode_steps; 1.3-1.6x on the warm-started tiny model).
-    If every row of a prompt has ended and leaves are still missing (no candidate above tau, or max_forks spent), the missing leaves are
-    fresh chains from the prompt's cached KV. So tau = inf forks nothing and is flat sampling,
+    If every row of a prompt has ended and leaves are still missing (no candidate above tau, or
+    max_forks spent), the missing leaves are fresh chains from the prompt's cached KV. So tau = inf forks nothing and is flat sampling,
     token for token (all G chains then start at once); tau = 0 forks wherever the distribution is
     not one-hot and spends the fork budget.
 
