@@ -151,9 +151,9 @@ class SamplingConfig:
     latency: branches start after their parent ends, so a tree takes more decode steps one after
     another than a flat batch (Rollout.decode_steps; 1.3-1.6x on the warm-started tiny model).
     If every row of a prompt has ended and leaves are still missing (no candidate above tau, or
-    max_forks spent), the missing leaves are fresh chains from the prompt's cached KV. So tau = inf forks nothing and is flat sampling,
-    token for token (all G chains then start at once); tau = 0 forks wherever the distribution is
-    not one-hot and spends the fork budget.
+    max_forks spent), the missing leaves are fresh chains from the prompt's cached KV. So tau = inf
+    forks nothing and is flat sampling, token for token (all G chains then start at once); tau = 0
+    forks wherever the distribution is not one-hot and spends the fork budget.
 
     What the leaves are: each token is drawn from pi given its prefix (log-probs exact), but the
     leaves are neither independent nor distributed as G flat samples. A branch at depth t exists
