@@ -196,8 +196,9 @@ BENCHES: dict[str, Bench] = {
     "gsm-hard": Bench("reasoning-machines/gsm-hard", (None,), {"test": "train"},
                       _math_question("input", "question"),
                       lambda row: _number_text(_field(row, "target", "answer")), "math"),
-    # AMC23 (40 problems). Assumed schema (not checked against the hub from here): question and a
-    # float answer, id, url; some mirrors name the question "problem", so both are accepted.
+    # AMC23 (40 problems, a test split). math-ai/amc23's own columns could not be read from here; a mirror
+    # of the same 40 (FlippyDora/amc23's card) has id, problem, question, answer (float64), url, so both
+    # question names are accepted and the float answer is printed as an integer when it is one.
     "amc23": Bench("math-ai/amc23", (None,), {"test": "test"},
                    _math_question("question", "problem"),
                    lambda row: _number_text(_field(row, "answer")), "math"),
@@ -208,9 +209,9 @@ BENCHES: dict[str, Bench] = {
                    lambda row: _choice_question(row, _medqa_options(row)),
                    lambda row: _letter(_field(row, "answer_idx"), len(_medqa_options(row)), "answer_idx"),
                    "choice", system=CHOICE_SYSTEM, options=_medqa_options),
-    # MedMCQA: question, opa..opd, cop (believed 0-3 in this mirror; a letter is accepted too; a
-    # 1-4 coding would be misread, so check one row before trusting numbers), exp, subject_name.
-    # Its test split has no answers (cop = -1), so "test" is the validation split, as usual.
+    # MedMCQA: question, opa..opd, cop, exp, subject_name. cop is a ClassLabel named a, b, c, d, so
+    # 0-3 (the dataset's published features). Its test split has no answers (cop = -1), so "test" is
+    # the validation split, as usual.
     "medmcqa": Bench("openlifescienceai/medmcqa", (None,), {"train": "train", "test": "validation"},
                      lambda row: _choice_question(row, _medmcqa_options(row)),
                      lambda row: _letter(_field(row, "cop"), 4, "cop"),
