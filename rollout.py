@@ -134,9 +134,9 @@ class SamplingConfig:
       candidates at all, or its leaves turn into fresh chains that share nothing. 0.5 is the bottom of
       the range TreeAdv's authors name for their ablation (0.5-2.0), and close to the 80th percentile of
       token entropy in Qwen3 reasoning traces (0.67 nat, Wang et al. 2025, the 80/20 paper). On the
-      tiny model warm-started on chain (benchmarks/bench_rollout.py), 15% of tokens are above 0.5 nat
-      and under 1% above 1.0: at 1.0 a prompt forked 0.4 times of its 6 and the tree saved 3% of the
-      decoded positions, at 0.5 it forks all 6 times and saves 48%; below 0.5 nothing changes.
+      tiny model warm-started on chain (benchmarks/bench_rollout.py), 16% of tokens are above 0.5 nat
+      and under 1% above 1.0: at 1.0 a prompt forked 0.6 times of its 6 and the tree saved 6% of the
+      decoded positions, at 0.5 it forks all 6 times and saves 49%; below 0.5 little changes (50%).
     - num_chains = 2: two independent trees per prompt, so a group never hinges on one root path
       (the paper's G = 7 gives 2 roots + 5 branches).
     - max_children = 2: binary forks, so each fork adds one leaf and the budget is spread over as

@@ -66,7 +66,7 @@ class Args:
     threads: int = 2
     """torch CPU threads"""
     warm_dir: str = "runs/bench-rollout-warm"
-    """where the `warm` model is cached (train.warm_start reuses it when the recipe matches)"""
+    """where the `warm` model is cached, as WARM_DIR/warm-s0 (train.warm_start reuses it when the recipe matches)"""
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
@@ -86,11 +86,9 @@ def load(name: str, args: Args):
     """(model, tokenizer, label) for one --models entry."""
     dtype = getattr(torch, args.dtype)
     if name == "warm":
+        import study  # benchmarks/study.py, beside this file: its seed-0 warm start is the recipe
         import train
-        name = train.warm_start(train.parse_args([
-            "--task", "chain", "--model", "tiny", "--tiny-hidden", "128", "--tiny-layers", "4", "--warm-target", "0.3",
-            "--warm-steps", "600", "--warm-lr", "1e-3", "--warm-batch", "64", "--train-limit", "5000", "--seed", "0",
-            "--warm-dir", args.warm_dir, "--out", args.warm_dir, "--device", "cpu"]))
+        name = train.warm_start(train.parse_args(study.warm_flags(study.Args(out=args.warm_dir), 0)))
         label = f"warm-started 128x4 on chain ({name})"
     elif os.path.isdir(name):
         label = name
@@ -119,10 +117,6 @@ def timed(fns: dict, repeats: int) -> dict:
                 torch.cuda.synchronize()
             walls[k].append(time.perf_counter() - t0)
     return {k: (statistics.median(walls[k]), outs[k]) for k in fns}
-
-
-def mean(xs):
-    return sum(xs) / len(xs)
 
 
 def main(args: Args) -> None:
@@ -159,8 +153,8 @@ def main(args: Args) -> None:
 
         res = timed({"flat": run("flat"), "generate": gen, **{tau: run("tree", tau) for tau in taus}}, args.repeats)
         wall_flat, flat = res["flat"]
-        dec_flat = mean([r.decoded_tokens for r in flat]) / B
-        tok_flat = mean([int(r.response_mask.sum()) for r in flat]) / B
+        dec_flat = statistics.fmean([r.decoded_tokens for r in flat]) / B
+        tok_flat = statistics.fmean([int(r.response_mask.sum()) for r in flat]) / B
         H = torch.cat([r.entropy[r.response_mask] for r in flat])
         print(f"\n[{label}] {sum(p.numel() for p in model.parameters()):,} parameters; flat samples: "
               f"{tok_flat:.1f} tokens/leaf, entropy median {H.median():.3f} nat, "
@@ -170,25 +164,25 @@ def main(args: Args) -> None:
               f"{'re-prefilled':>12} {'decode steps':>12}")
         print(f"  {'flat':<20} {dec_flat:12.2f} {'':>9} {'':>6} {1e3 * wall_flat / B:12.3f} {'':>9} {'':>12} {'':>12} "
               f"{'':>10} {tok_flat:11.2f} {'':>9} {flat[0].prefilled_tokens - prompt_tokens:12d} "
-              f"{mean([r.decode_steps for r in flat]):12.1f}")
+              f"{statistics.fmean([r.decode_steps for r in flat]):12.1f}")
         for tau in taus:
             wall_tree, tree = res[tau]
-            dec_tree = mean([r.decoded_tokens for r in tree]) / B
-            tok_tree = mean([int(r.response_mask.sum()) for r in tree]) / B
-            forks = mean([float(r.tree_forks.float().mean()) for r in tree])
+            dec_tree = statistics.fmean([r.decoded_tokens for r in tree]) / B
+            tok_tree = statistics.fmean([int(r.response_mask.sum()) for r in tree]) / B
+            forks = statistics.fmean([float(r.tree_forks.float().mean()) for r in tree])
             # leaves that are neither a root chain nor a branch: fresh chains started when no row could fork
-            fresh = mean([(int((r.parent < 0).sum()) - min(G, rollout.SamplingConfig().num_chains) * P) / P for r in tree])
+            fresh = statistics.fmean([(int((r.parent < 0).sum()) - min(G, rollout.SamplingConfig().num_chains) * P) / P for r in tree])
             branch_pos = torch.cat([r.branch_pos[r.parent >= 0] for r in tree]).float()
             depth = float(branch_pos.mean()) if len(branch_pos) else float("nan")  # over every branch of every run
             tag = f"tree tau={tau:g}" + (" (default)" if tau == default_tau else "")
             print(f"  {tag:<20} {dec_tree:12.2f} {dec_tree / dec_flat:9.3f} {1 - dec_tree / dec_flat:6.1%} "
                   f"{1e3 * wall_tree / B:12.3f} {wall_tree / wall_flat:9.3f} {forks:12.2f} {fresh:12.2f} {depth:10.1f} "
                   f"{tok_tree:11.2f} {tok_tree / tok_flat:9.3f} {tree[0].prefilled_tokens - prompt_tokens:12d} "
-                  f"{mean([r.decode_steps for r in tree]):12.1f}")
+                  f"{statistics.fmean([r.decode_steps for r in tree]):12.1f}")
         wall_gen, gen_tokens = res["generate"]
         print(f"  prefill: rollout {flat[0].prefilled_tokens} tokens (prompt tokens {prompt_tokens}), generate {int(mask.sum())}")
-        print(f"  sampled tokens/s: flat {tok_flat * B / wall_flat:9.0f}  generate {mean(gen_tokens) / wall_gen:9.0f}  "
-              f"flat/generate {(tok_flat * B / wall_flat) / (mean(gen_tokens) / wall_gen):.2f}")
+        print(f"  sampled tokens/s: flat {tok_flat * B / wall_flat:9.0f}  generate {statistics.fmean(gen_tokens) / wall_gen:9.0f}  "
+              f"flat/generate {(tok_flat * B / wall_flat) / (statistics.fmean(gen_tokens) / wall_gen):.2f}")
 
 
 if __name__ == "__main__":

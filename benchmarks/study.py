@@ -88,7 +88,7 @@ class Args:
     seeds: str = "0,1,2"
     """comma-separated seeds; each gets its own warm start, data order and sampling"""
     methods: str = "grpo,tempo,grpo-tree,tempo-tree,treeadv,hepo"
-    """comma-separated arms (grpo, tempo, tempo-tree, treeadv, hepo, grpo-tree)"""
+    """comma-separated arms (grpo, tempo, grpo-tree, tempo-tree, treeadv, hepo, tempo-td4)"""
     quick: bool = False
     """toy size for the smoke test (QUICK below); flags given still win"""
     jobs: int = 2
@@ -186,14 +186,19 @@ def run_dir(args: Args, arm: str, seed: int) -> str:
     return os.path.join(args.out, f"{arm}-s{seed}")
 
 
-def warm_command(args: Args, seed: int) -> list[str]:
-    """train.warm_start through train.py's own flags (it caches by recipe and writes atomically)."""
+def warm_flags(args: Args, seed: int) -> list[str]:
+    """train.py flags of one seed's warm start (benchmarks/bench_rollout.py warms its model with them too)."""
     d = os.path.abspath(warm_dir(args, seed))
-    return [sys.executable, "-c", "import sys, train; train.warm_start(train.parse_args(sys.argv[1:]))",
-            "--task", "chain", "--model", "tiny", "--tiny-hidden", str(args.tiny_hidden),
+    return ["--task", "chain", "--model", "tiny", "--tiny-hidden", str(args.tiny_hidden),
             "--tiny-layers", str(args.tiny_layers), "--warm-steps", str(args.warm_steps),
             "--warm-target", str(args.warm_target), "--warm-lr", str(args.warm_lr), "--warm-batch", str(args.warm_batch),
             "--train-limit", str(args.train_limit), "--seed", str(seed), "--warm-dir", d, "--out", d, "--device", "cpu"]
+
+
+def warm_command(args: Args, seed: int) -> list[str]:
+    """train.warm_start through train.py's own flags (it caches by recipe and writes atomically)."""
+    return [sys.executable, "-c", "import sys, train; train.warm_start(train.parse_args(sys.argv[1:]))",
+            *warm_flags(args, seed)]
 
 
 def run_command(args: Args, arm: str, seed: int) -> list[str]:
