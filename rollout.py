@@ -78,7 +78,7 @@ def build_tiny_model(tokenizer, hidden: int = 64, layers: int = 2, seed: int = 0
     config = Qwen3Config(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
-        max_position_embeddings=2048, tie_word_embeddings=True,
+        max_position_embeddings=40_960, tie_word_embeddings=True,  # Qwen3's context
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
     )
     with torch.random.fork_rng(devices=[]):
@@ -370,13 +370,20 @@ def _take_rows(x: torch.Tensor, idx: torch.Tensor, shift: torch.Tensor, L: int) 
 
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], group_size: int, cfg: SamplingConfig, *,
-           eos_token_ids: list[int] | int, pad_token_id: int, seed: int = 0) -> Rollout:
-    """Sample G responses (flat) or G leaves (tree) for each prompt. See the module and SamplingConfig docs."""
+           eos_token_ids: list[int] | int, pad_token_id: int, seed: int = 0,
+           prompt_keys: list[int] | None = None) -> Rollout:
+    """Sample G responses (flat) or G leaves (tree) for each prompt. See the module and SamplingConfig docs.
+
+    prompt_keys: the integer each prompt's randomness is keyed by (default 0..P-1). train.py passes a
+    prompt's position in the whole step, so 1 or 8 ranks sample the same responses.
+    """
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     eos = _check_sample_args(model, prompts, group_size, cfg, eos_token_ids, pad_token_id)
     G, P, Tmax = group_size, len(prompts), cfg.max_new_tokens
+    if prompt_keys is not None and (len(prompt_keys) != P or not all(isinstance(k, int) and k >= 0 for k in prompt_keys)):
+        raise ValueError(f"prompt_keys must hold one int >= 0 per prompt ({P}), got {prompt_keys!r}")
     B = P * G
     tree = cfg.sampler == "tree"
     # tau = inf can never fork: every leaf is a root chain, so all G start at once (= flat sampling).
@@ -385,6 +392,7 @@ def sample(model, prompts: list[list[int]], group_size: int, cfg: SamplingConfig
     max_forks = cfg.max_forks or B
     device = next(model.parameters()).device
     eos_t = torch.tensor(eos, device=device)
+    keys = torch.tensor(prompt_keys if prompt_keys is not None else range(P), dtype=torch.long, device=device)  # [P]
     arangeC = torch.arange(C, device=device)
 
     # Prefill: each prompt once, left-padded; logits only at the last position.
@@ -425,7 +433,7 @@ def sample(model, prompts: list[list[int]], group_size: int, cfg: SamplingConfig
             tok = logp.argmax(-1, keepdim=True)  # [n, 1] greedy
         else:
             lane = (slots % G)[:, None] + (arangeC << 32)  # [n, C]: lane 0 = the row's own token
-            tok = inverse_cdf(p, counter_uniform(seed, (slots // G)[:, None], lane, pos[:, None]))  # [n, C]
+            tok = inverse_cdf(p, counter_uniform(seed, keys[slots // G][:, None], lane, pos[:, None]))  # [n, C]
         lp = logp.gather(1, tok)  # [n, C]
         tokens[slots, pos], logprobs[slots, pos], entropy[slots, pos] = tok[:, 0], lp[:, 0], entropy_of(logp, p)
         if C > 1:

@@ -264,6 +264,22 @@ def test_same_tokens_alone_and_in_a_batch_with_longer_prompts(tiny_model, tiny_t
         torch.testing.assert_close(alone.logprobs, mixed.logprobs[:G, :T], atol=1e-5, rtol=0)
 
 
+def test_prompt_keys_key_the_randomness_not_the_batch_position(tiny_model, tiny_tokenizer):
+    """train.py keys a prompt by its place in the whole step: a rank holding prompts 2 and 3 of a step
+    samples what one process holding all four samples for them."""
+    prompts = _ids(tiny_tokenizer, *PROMPTS, "5+5=")
+    for cfg in (dict(), dict(sampler="tree", tau=0.0)):
+        whole = sample(tiny_model, prompts, 3, SamplingConfig(max_new_tokens=12, **cfg), eos_token_ids=EOS_ID,
+                       pad_token_id=0, seed=3)
+        part = sample(tiny_model, prompts[2:], 3, SamplingConfig(max_new_tokens=12, **cfg), eos_token_ids=EOS_ID,
+                      pad_token_id=0, seed=3, prompt_keys=[2, 3])
+        unkeyed = sample(tiny_model, prompts[2:], 3, SamplingConfig(max_new_tokens=12, **cfg), eos_token_ids=EOS_ID,
+                         pad_token_id=0, seed=3)
+        T = part.response_ids.shape[1]
+        assert torch.equal(part.response_ids, whole.response_ids[6:, :T])
+        assert not torch.equal(unkeyed.response_ids[:, :4], part.response_ids[:, :4])
+
+
 def test_greedy_is_argmax_and_top_k_1_is_greedy(tiny_model, tiny_tokenizer):
     prompts = _ids(tiny_tokenizer, *PROMPTS)
     g = _run(tiny_model, tiny_tokenizer, prompts, 2, max_new_tokens=12, temperature=0.0)
@@ -379,8 +395,8 @@ _MODELS = {}  # hooked model copies reused across hypothesis examples
     ([[5, 6], []], 4, {}, r"prompts\[1\]"),
     ([[5, 6]], 0, {}, "group_size"),
     ([[5, 6]], 2.0, {}, "group_size"),
-    ([[5] * 2000], 2, dict(max_new_tokens=100), "context"),
-    ([[5, 6]], 2, dict(max_new_tokens=2047), "context"),
+    ([[5] * 40_900], 2, dict(max_new_tokens=100), "context"),
+    ([[5, 6]], 2, dict(max_new_tokens=40_959), "context"),
     ([[5, 1000]], 2, {}, r"prompts\[0\]"),
     ([[5, 6]], 2, dict(max_new_tokens=0), "max_new_tokens"),
     ([[5, 6]], 2, dict(temperature=-0.1), "temperature"),
@@ -396,6 +412,8 @@ _MODELS = {}  # hooked model copies reused across hypothesis examples
     ([[5, 6]], 2, dict(sampler="tree", max_children=1), "max_children"),
     ([[5, 6]], 2, dict(sampler="tree", max_forks=-1), "max_forks"),
     ([[5, 6]], 2, dict(sampler="tree", temperature=0.0), "temperature"),
+    ([[5, 6], [7]], 2, dict(prompt_keys=[0]), "prompt_keys"),
+    ([[5, 6]], 2, dict(prompt_keys=[-1]), "prompt_keys"),
 ])
 def test_bad_input_raises_before_decoding(tiny_model, tiny_tokenizer, prompts, G, cfg, match):
     def refuse(*a, **k):
@@ -404,7 +422,8 @@ def test_bad_input_raises_before_decoding(tiny_model, tiny_tokenizer, prompts, G
     h = tiny_model.register_forward_pre_hook(refuse)
     try:
         with pytest.raises(ValueError, match=match):
-            sample(tiny_model, prompts, G, SamplingConfig(**cfg), eos_token_ids=EOS_ID, pad_token_id=0)
+            keys = cfg.pop("prompt_keys", None)
+            sample(tiny_model, prompts, G, SamplingConfig(**cfg), eos_token_ids=EOS_ID, pad_token_id=0, prompt_keys=keys)
         with pytest.raises(ValueError, match="eos_token_ids"):
             sample(tiny_model, [[5]], 2, SamplingConfig(), eos_token_ids=[], pad_token_id=0)
         with pytest.raises(ValueError, match="pad_token_id"):
