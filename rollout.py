@@ -104,6 +104,11 @@ def load_model_and_tokenizer(name: str, device: str | torch.device = "cpu", dtyp
         return model.to(device=device, dtype=dtype), tokenizer
     if not os.path.isdir(name) and ("/" not in name or name.startswith((".", "/"))):
         raise ValueError(f"--model {name!r}: no such directory, and not a hub id of the form owner/name")
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if os.path.isdir(name) and not (os.path.isfile(os.path.join(name, "config.json"))
+                                    and any(os.path.isfile(os.path.join(name, f)) for f in tokenizer_files)):
+        raise ValueError(f"--model {name!r}: not a saved model: a model directory holds config.json, the weights "
+                         "and the tokenizer's files (tokenizer.json or tokenizer_config.json)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
