@@ -1014,7 +1014,8 @@ class Args:
     limit: int | None = None
     """evaluate the first N examples only (MATH: N drawn at random with --seed, as the paper did)"""
     n: int = 1
-    """samples per example; n > 1 reports mean@n, pass@k and maj@n (needs --temperature > 0)"""
+    """samples per example; n > 1 reports mean@n, pass@k and maj@n (needs --temperature > 0). Under torchrun put
+    `--` before evaluate.py, or torchrun takes --n for one of its own flags"""
     temperature: float = 0.0
     """0 = greedy (the papers' validation setting)"""
     max_new_tokens: int = 2048

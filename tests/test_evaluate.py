@@ -867,15 +867,15 @@ def test_command_as_subprocess_and_under_torchrun(tmp_path):
     size; a hub benchmark offline fails at once with advice; a bad flag is one line and exit code 2."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     argv = ["evaluate.py", "--bench", "add", "--model", "tiny", "--limit", "6", "--max-new-tokens", "5",
-            "--temperature", "1.0", "--no-progress"]   # (torchrun's own parser takes "--n" for one of its flags)
+            "--n", "2", "--temperature", "1.0", "--no-progress"]
     E.main(argv[1:] + ["--batch-size", "4", "--out", str(tmp_path / "one")])
     torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               *argv, "--batch-size", "2", "--out", str(tmp_path / "two")],
+                               "--", *argv, "--batch-size", "2", "--out", str(tmp_path / "two")],   # "--": see --n
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert torchrun.returncode == 0, torchrun.stderr[-3000:]
     examples = E.load_examples("add", limit=6)
-    one, rows1 = _check_outputs(tmp_path / "one", "add", examples, 1)
-    two, rows2 = _check_outputs(tmp_path / "two", "add", examples, 1)
+    one, rows1 = _check_outputs(tmp_path / "one", "add", examples, 2)
+    two, rows2 = _check_outputs(tmp_path / "two", "add", examples, 2)
     assert rows1 == rows2 and one["accuracy"] == two["accuracy"]
     bad = subprocess.run([sys.executable, "evaluate.py", "--bench", "medqa", "--model", "tiny"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
