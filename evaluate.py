@@ -760,7 +760,8 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 def evaluate(model, tokenizer, bench: str, examples: list[dict], *, n: int = 1, temperature: float = 0.0,
              max_new_tokens: int = 512, batch_size: int = 32, thinking: bool = False, seed: int = 0,
-             progress: bool = True) -> tuple[dict, list[dict]]:
+             progress: bool = True, kv_budget: int | None = None, compile_decode: bool = False
+             ) -> tuple[dict, list[dict]]:
     """Generate n completions per example (greedy at temperature 0) and score them.
 
     Returns (summary, rows); rows are one per example, in the order of `examples`: index, prompt,
@@ -788,7 +789,10 @@ def evaluate(model, tokenizer, bench: str, examples: list[dict], *, n: int = 1, 
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     mine = list(range(rank, len(examples), world))
-    cfg = rollout.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, top_k=0)
+    if kv_budget is None and next(model.parameters()).device.type == "cuda":  # sized by the memory free now
+        kv_budget = rollout.default_kv_budget(model, rows=batch_size * n)
+    cfg = rollout.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, top_k=0,
+                                 kv_budget=kv_budget, compile=compile_decode)
     eos, pad = _eos_ids(model, tokenizer), tokenizer.pad_token_id
     from tqdm.auto import tqdm
 
@@ -854,6 +858,10 @@ class Args:
     """response budget in tokens (the papers': 2,048)"""
     batch_size: int = 32
     """prompts per generation batch (each with n samples)"""
+    kv_budget: int | None = None
+    """most KV-cache token positions while generating (None: from free GPU memory on CUDA, unbounded on CPU)"""
+    compile_decode: bool = False
+    """run the decode step under torch.compile (CUDA graphs on GPU)"""
     thinking: bool = False
     """Qwen3 thinking mode (off: the 2,048-token budget truncates most thinking, and MedQA has its own <think> format)"""
     out: str = "runs/eval"
@@ -919,6 +927,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
         raise ValueError("--n, --batch-size and --max-new-tokens must be at least 1")
     if args.temperature < 0:
         raise ValueError(f"--temperature {args.temperature}: must be >= 0")
+    if args.kv_budget is not None and args.kv_budget < 1:
+        raise ValueError(f"--kv-budget {args.kv_budget}: must be >= 1 token positions")
     if args.temperature == 0 and args.n > 1:
         raise ValueError(f"--n {args.n}: greedy decoding gives identical samples; set --temperature > 0")
     if args.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -950,7 +960,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name, rows_in in examples.items():
         summary, rows = evaluate(model, tokenizer, name, rows_in, n=args.n, temperature=args.temperature,
                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                 thinking=args.thinking, seed=args.seed, progress=args.progress)
+                                 thinking=args.thinking, seed=args.seed, progress=args.progress,
+                                 kv_budget=args.kv_budget, compile_decode=args.compile_decode)
         summary.update(model=args.model, split=args.split, data=args.data)
         results[name] = summary
         if rank == 0:
