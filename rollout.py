@@ -419,14 +419,16 @@ class _Engine:
     eos: torch.Tensor  # [E] long
     K: list[torch.Tensor]  # per layer [S, Hkv, L, D], compute dtype
     V: list[torch.Tensor]
-    out: dict[str, torch.Tensor]  # tokens, logprobs, entropy [B+1, Tmax]; alt_tok, alt_lp [B+1, Tmax, C-1]; finished [B+1]
+    # outputs by leaf, row B the scratch row of idle slots: tokens, logprobs, entropy [B+1, Tmax];
+    # alt_tok, alt_lp [B+1, Tmax, C-1] (fork alternatives); finished [B+1]
+    out: dict[str, torch.Tensor]
     slot: dict[str, torch.Tensor]  # leaf, t, tp [S] long; live [S] bool: the device's copy of `rows`
     forward: object  # _forward, or its torch.compile'd twin
     rows: dict[int, list[int]] = field(default_factory=dict)
     pending: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     free: list[int] = field(default_factory=list)  # a heap: the lowest free slot first
     waiting: collections.deque = field(default_factory=collections.deque)  # prompts not yet prefilled
-    updates: dict[int, tuple[int, int, int, bool]] = field(default_factory=dict)  # slot -> its state not yet on the device
+    updates: dict[int, tuple] = field(default_factory=dict)  # slot -> (leaf, t, tp, live) not yet on the device
     length: list[int] = field(default_factory=list)  # per leaf: tokens sampled
     parent: list[int] = field(default_factory=list)
     branch_pos: list[int] = field(default_factory=list)
@@ -728,7 +730,8 @@ def _slot_attention_forward(module, query, key, value, attention_mask, scaling=N
         out = F.scaled_dot_product_attention(query, key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1),
                                              is_causal=True, scale=scaling)
         return out.transpose(1, 2), None
-    K[slot_kv.slots, :, slot_kv.pos], V[slot_kv.slots, :, slot_kv.pos] = key[:, :, 0].to(K.dtype), value[:, :, 0].to(V.dtype)
+    K[slot_kv.slots, :, slot_kv.pos] = key[:, :, 0].to(K.dtype)  # [n, Hkv, D] at each row's own position
+    V[slot_kv.slots, :, slot_kv.pos] = value[:, :, 0].to(V.dtype)
     Lh = slot_kv.valid.shape[-1]
     # GQA without repeating the cache: the H / Hkv query heads that share a KV head become its query rows
     q = query.reshape(n, Hkv, H // Hkv, D).to(K.dtype)
@@ -852,7 +855,8 @@ def _check_sample_args(model, prompts, group_size, cfg: SamplingConfig, eos_toke
     eos = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids or [])
     V = model.config.get_text_config().vocab_size
     if not eos or not all(isinstance(e, int) and 0 <= e < V for e in eos):
-        raise ValueError(f"eos_token_ids must be a token id or a non-empty list of ids in [0, {V}), got {eos_token_ids!r}")
+        raise ValueError(f"eos_token_ids must be a token id or a non-empty list of ids in [0, {V}), "
+                         f"got {eos_token_ids!r}")
     if not isinstance(pad_token_id, int) or not 0 <= pad_token_id < V:
         raise ValueError(f"pad_token_id must be a token id in [0, {V}), got {pad_token_id!r}")
     n_ctx = getattr(model.config.get_text_config(), "max_position_embeddings", None)
@@ -862,10 +866,11 @@ def _check_sample_args(model, prompts, group_size, cfg: SamplingConfig, eos_toke
         if not all(isinstance(t, int) and 0 <= t < V for t in q):
             raise ValueError(f"prompts[{i}] holds an id outside [0, {V}) or a non-int")
         if n_ctx is not None and len(q) + cfg.max_new_tokens > n_ctx:
-            raise ValueError(f"prompts[{i}] has {len(q)} tokens: with cfg.max_new_tokens={cfg.max_new_tokens} it exceeds "
-                             f"the model's context of {n_ctx} (config.max_position_embeddings)")
+            raise ValueError(f"prompts[{i}] has {len(q)} tokens: with cfg.max_new_tokens={cfg.max_new_tokens} it "
+                             f"exceeds the model's context of {n_ctx} (config.max_position_embeddings)")
     P = len(prompts)
-    if prompt_keys is not None and (len(prompt_keys) != P or not all(isinstance(k, int) and k >= 0 for k in prompt_keys)):
+    if prompt_keys is not None and (len(prompt_keys) != P
+                                    or not all(isinstance(k, int) and k >= 0 for k in prompt_keys)):
         raise ValueError(f"prompt_keys must hold one int >= 0 per prompt ({P}), got {prompt_keys!r}")
     L = max(map(len, prompts)) + cfg.max_new_tokens
     if cfg.kv_budget is not None and (isinstance(cfg.kv_budget, bool) or not isinstance(cfg.kv_budget, int)
