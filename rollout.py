@@ -424,6 +424,8 @@ class _Engine:
     out: dict[str, torch.Tensor]
     slot: dict[str, torch.Tensor]  # leaf, t, tp [S] long; live [S] bool: the device's copy of `rows`
     forward: object  # _forward, or its torch.compile'd twin
+    runs: list[tuple[int, int]] = field(default_factory=list)  # the slots the last step computed (as runs)
+    idx: torch.Tensor | None = None  # and their indices [n] on the device
     rows: dict[int, list[int]] = field(default_factory=dict)
     pending: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     free: list[int] = field(default_factory=list)  # a heap: the lowest free slot first
@@ -547,38 +549,52 @@ def _decode_step(eng: _Engine) -> list[int]:
     """One token for every row in flight: feed its last token at its own position, write that position's
     keys and values in place, draw on the device, record by index. Returns the slots whose row ended."""
     _flush(eng)
-    n, Lh = _step_shape(eng)
-    leaf, t, live = eng.slot["leaf"][:n], eng.slot["t"][:n], eng.slot["live"][:n]  # [n]
-    kv_len = torch.where(live, eng.slot["tp"][:n] + t, 1)  # [n] positions each row attends to, this step's included
+    runs, Lh = _step_slots(eng)
+    if runs != eng.runs:  # the computed slots changed (a row ended or started): their indices, made on the device
+        eng.runs, eng.idx = runs, torch.cat([torch.arange(a, b, device=eng.keys.device) for a, b in runs])
+    idx, sl = eng.idx, eng.slot  # [n] the slots computed, in run order
+    leaf, t, live = sl["leaf"][idx], sl["t"][idx], sl["live"][idx]  # [n]
+    kv_len = torch.where(live, sl["tp"][idx] + t, 1)  # [n] positions each row attends to, this step's included
     pos = torch.where(live, kv_len - 1, eng.L - 1)  # [n] where its keys go; idle slots: the last column, never read
     valid = (torch.arange(Lh, device=pos.device) < kv_len[:, None])[:, None, None, :]  # [n, 1, 1, Lh]
-    view = _SlotView(eng.K, eng.V, torch.arange(n, device=pos.device), pos, valid)
+    view = _SlotView(eng.K, eng.V, idx, pos, valid, runs)
     logits = eng.forward(eng.model, eng.out["tokens"][leaf, t - 1][:, None], pos[:, None], view)  # [n, V]
     G, C = eng.G, eng.C
     lanes = (leaf % G)[:, None] + (torch.arange(C, device=pos.device) << 32)  # [n, C]: lane 0 = the row's own token
     tok, lp, H = _draw(eng, logits, leaf // G, lanes, t)
     _record(eng, leaf, t, tok, lp, H)
     ended = live & (torch.isin(tok[:, 0], eng.eos) | (t + 1 >= eng.cfg.max_new_tokens))  # [n]
-    eng.slot["t"][:n] += live
+    sl["t"][idx] = t + live
     eng.steps += 1
     eng.decoded += len(eng.rows)
-    eng.traffic["decode"] += n
+    eng.traffic["decode"] += len(idx)
     for row in eng.rows.values():
         row[1] += 1
-    return ended.nonzero()[:, 0].tolist()  # the step's one device-to-host transfer
+    return [s for s in torch.where(ended, idx, -1).tolist() if s >= 0]  # the step's one device-to-host transfer
 
 
-def _step_shape(eng: _Engine) -> tuple[int, int]:
-    """(slots computed, cache positions read) this step. Eager: up to the highest live slot and the longest
-    live row. Compiled: a few fixed sizes (S, S/2, S/4, S/8) and all L positions, so a handful of graphs
-    serve every step. Also measures the positions held (the budget's quantity)."""
+MAX_RUNS = 4
+"""eager decode: the live slots are computed as at most this many contiguous runs (one attention call each)"""
+
+
+def _step_slots(eng: _Engine) -> tuple[list[tuple[int, int]], int]:
+    """The slots a step computes, as contiguous runs [(first, end)], and the cache positions it reads.
+
+    Eager: the live slots, split at the MAX_RUNS - 1 widest gaps between them (narrower gaps are computed
+    idle), and the longest live row. Compiled: slots [0, n) with n one of a few fixed sizes (S, S/2, S/4,
+    S/8) and all L positions, so a handful of graphs serve every step. Also measures the positions held
+    (the budget's quantity)."""
     S = eng.slot["live"].shape[0]
     held = [len(eng.prompts[c // eng.G]) + t for c, t in eng.rows.values()]  # this step's keys included
     eng.peak = max(eng.peak, sum(held))
-    n = max(eng.rows) + 1
-    if not eng.cfg.compile:
-        return n, max(held)
-    return min(b for b in (S, -(-S // 2), -(-S // 4), -(-S // 8)) if b >= n), eng.L
+    live = sorted(eng.rows)
+    if eng.cfg.compile:
+        return [(0, min(b for b in (S, -(-S // 2), -(-S // 4), -(-S // 8)) if b > live[-1]))], eng.L
+    gaps = sorted((live[i + 1] - live[i], i) for i in range(len(live) - 1) if live[i + 1] - live[i] > 1)
+    cuts = sorted(i for _, i in gaps[len(gaps) - (MAX_RUNS - 1):]) if gaps else []
+    firsts = [live[0]] + [live[i + 1] for i in cuts]
+    ends = [live[i] + 1 for i in cuts] + [live[-1] + 1]
+    return list(zip(firsts, ends)), max(held)
 
 
 def _draw(eng: _Engine, logits: torch.Tensor, prompt: torch.Tensor, lanes: torch.Tensor, pos: torch.Tensor):
@@ -714,6 +730,7 @@ class _SlotView:
     slots: torch.Tensor  # [n] the slot of each batch row
     pos: torch.Tensor | None  # decode: [n] the position this step's keys go to; prefill: None (positions 0..Tq-1)
     valid: torch.Tensor | None  # decode: [n, 1, 1, Lh] bool, the cached positions each row attends to
+    runs: list[tuple[int, int]] | None = None  # decode: `slots` as contiguous runs of slots, each a view of the cache
 
 
 def _slot_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, slot_kv=None,
@@ -735,8 +752,12 @@ def _slot_attention_forward(module, query, key, value, attention_mask, scaling=N
     Lh = slot_kv.valid.shape[-1]
     # GQA without repeating the cache: the H / Hkv query heads that share a KV head become its query rows
     q = query.reshape(n, Hkv, H // Hkv, D).to(K.dtype)
-    out = F.scaled_dot_product_attention(q, K[:n, :, :Lh], V[:n, :, :Lh], attn_mask=slot_kv.valid, scale=scaling)
-    return out.reshape(n, 1, H, D), None
+    out, r = [], 0
+    for a, b in slot_kv.runs:  # each run of slots reads its cache in place (a view: no copy)
+        out.append(F.scaled_dot_product_attention(q[r:r + b - a], K[a:b, :, :Lh], V[a:b, :, :Lh],
+                                                  attn_mask=slot_kv.valid[r:r + b - a], scale=scaling))
+        r += b - a
+    return (out[0] if len(out) == 1 else torch.cat(out)).reshape(n, 1, H, D), None
 
 
 @contextlib.contextmanager
