@@ -34,10 +34,12 @@ Part 3 is the decode engine both samplers run on, built for the paper's scale (2
   positions it shares with its root; one branch per ending row continues in the root's own slot
   without any copy, and branches that find no free slot wait on that slot (positions below the fork
   point of the branch in place are never overwritten while it lives, so they can be copied later).
-- A decode step feeds one token for every slot in [0, n) (live rows are kept low: a row takes the
-  lowest free slot), writes one position per slot and layer, samples on the device and records into
-  [B, T] output buffers by index; the host reads one small tensor per step (which rows ended).
-  With SamplingConfig(compile=True) the step's forward runs under torch.compile (CUDA graphs on CUDA).
+- A decode step feeds one token for every row in flight, writes one position per row and layer,
+  samples on the device and records into [B, T] output buffers by index; the host reads one small
+  tensor per step (which rows ended). A row takes the lowest free slot, so live rows stay low and
+  eager steps compute them as a few contiguous runs of slots, each read in place. With
+  SamplingConfig(compile=True) the step's forward runs under torch.compile over slots [0, n) for a few
+  fixed n (CUDA graphs on CUDA), idle slots masked.
 
 Why slots and not pages: a slot reserves L positions for its row from admission to end, so a row
 that ends early leaves part of its slot unused, and the budget admits fewer rows than the positions
@@ -346,10 +348,9 @@ def fork_rule(entropy: list[float], root: int, G: int, M: int, C: int, max_forks
     prompt. Branches never fork again, so a tree is two levels deep: its latency is one root plus
     one branch, however many leaves it has.
 
-    Why a fixed deal (today's rule was a share of the prompt's unspent leaves over its open rows):
-    a share counted over open rows depends on which rows have ended at that moment, i.e. on the
-    schedule, and so on kv_budget; a deal depends on the root's own tokens only. README "Tree
-    sampling" has the measurements of both.
+    Why a fixed deal (the rule before it gave an ending row a share of the prompt's unspent leaves over
+    the rows still open): which rows are open at a given moment depends on the schedule, and so on
+    kv_budget; a deal depends on the root's own tokens only. README "Tree sampling" measures both.
     """
     forks, leaves, extra = [0] * M, [0] * M, G - M
     n_forks = -(-extra // (C - 1))
