@@ -5,40 +5,63 @@ Part 1 loads models: a Hugging Face hub id, a local directory, a checkpoint that
 `tokenizers` library. The tiny model is what the tests, the CPU demo and the study run on; nothing
 here touches the network unless a hub id is given.
 
-Part 2 samples: `sample(model, prompts, G, SamplingConfig(...))` returns a `Rollout` of P*G rows.
-One plain PyTorch decode loop over the model's KV cache (transformers' DynamicCache) serves both
-samplers. Prompts are prefilled once each (never once per row) and left-padded; each step feeds one
-token for every row still alive, and a row that ends (EOS or max_new_tokens) leaves the batch, so
-`decoded_tokens` counts real work. The sampling distribution is exactly log_softmax(logits / T)
-restricted to top-k, then top-p, and renormalised; nothing from `generate` or a shipped
-generation_config takes part. Randomness is counter-based (see `counter_uniform`), so a prompt's
-tokens do not depend on what else is in the batch.
+Part 2 samples: `sample(model, prompts, G, SamplingConfig(...))` returns a `Rollout` of P*G leaves.
+The sampling distribution is exactly log_softmax(logits / T) restricted to top-k, then top-p, and
+renormalised; nothing from `generate` or a shipped generation_config takes part. Randomness is
+counter-based (see `counter_uniform`): a token is a pure function of (seed, prompt key, leaf, position),
+so a prompt's tokens do not depend on what else is in the batch, on the memory budget or on the order
+rows are scheduled in.
 
 - sampler="flat": G independent responses per prompt (GRPO, TEMPO, HEPO).
-- sampler="tree": TreeAdv's entropy-driven forest (SPEC 5). Each prompt starts M = num_chains
-  chains; a position whose token entropy H_t exceeds tau is a fork candidate; a fork gives the
-  branch a copy of the row's KV cache up to that position (the shared prefix is never prefilled or
-  decoded again) and the branch samples its own token there. Exactly G leaves per prompt, each
-  returned as its full token sequence (shared prefix repeated), so trie.py/advantages.py see the
-  shared prefixes as they are. See `SamplingConfig` for when forks happen and why.
+- sampler="tree": TreeAdv's entropy-driven forest (SPEC 5). Each prompt starts M = num_chains root
+  chains; when a root ends it forks at its highest-entropy positions above tau (`fork_rule`); a branch
+  continues from the root's cached prefix (never prefilled or decoded again) with its own token at the
+  fork. Exactly G leaves per prompt, each returned as its full token sequence (shared prefix repeated),
+  so trie.py/advantages.py see the shared prefixes as they are.
 
-Departures (TreeAdv's sampler is not public; SPEC 5 asks us to choose): forks are placed when a
-row ends, at its highest-entropy positions above tau, instead of at the first position above tau
-(which spends the whole budget within the first few tokens and shares almost nothing); a prompt
-whose rows all end before its G leaves exist gets its missing leaves as fresh chains from the
-prompt's cached KV. Branches sample with replacement, so two may pick the same token and share a
-longer prefix; every leaf is still a sample of the policy.
+Part 3 is the decode engine both samplers run on, built for the paper's scale (224 rows of up to
+1,024 + 2,048 tokens per GPU):
+- The KV cache is ours, not transformers' DynamicCache: per layer K and V of [S slots, KV heads, L,
+  head_dim] in the compute dtype (bf16 under autocast, keys included), L = longest prompt +
+  max_new_tokens, allocated once per call and written in place by an attention function registered
+  with transformers' AttentionInterface. The model's own code runs unchanged; only its attention
+  implementation is switched, inside sample(), and restored after.
+- A row (one leaf being decoded) holds one slot from admission until it ends: its prompt at positions
+  0..Tp-1, its response after. S = min(rows, kv_budget // L), so the cache never exceeds the budget.
+- Continuous batching: rows are admitted while slots are free. A waiting prompt is prefilled once,
+  into the slot of its first row; its other rows copy the prompt's positions into their own slots
+  (once per row, never per token). A tree branch at response position t copies only the Tp + t
+  positions it shares with its root; one branch per ending row continues in the root's own slot
+  without any copy, and branches that find no free slot wait on that slot (positions below the fork
+  point of the branch in place are never overwritten while it lives, so they can be copied later).
+- A decode step feeds one token for every row in flight, writes one position per row and layer,
+  samples on the device and records into [B, T] output buffers by index; the host reads one small
+  tensor per step (which rows ended). A row takes the lowest free slot, so live rows stay low and
+  eager steps compute them as a few contiguous runs of slots, each read in place. With
+  SamplingConfig(compile=True) the step's forward runs under torch.compile over slots [0, n) for a few
+  fixed n (CUDA graphs on CUDA), idle slots masked.
 
-Benchmark (tree vs flat, flat vs `generate`): `python benchmarks/bench_rollout.py`.
+Why slots and not pages: a slot reserves L positions for its row from admission to end, so a row
+that ends early leaves part of its slot unused, and the budget admits fewer rows than the positions
+actually held would allow. vLLM packs rows into fixed-size pages by their actual length and reads
+them with a paged-attention kernel; in plain PyTorch, attention over pages would first gather them
+into a contiguous tensor, a copy of the whole cache every step, which is the cost this engine exists
+to remove. Slots keep every row contiguous, so attention reads the cache in place.
+
+Benchmarks (flat vs `generate`, tree vs flat, the paper-shaped case): `python benchmarks/bench_rollout.py`.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
+import heapq
 import math
 import os
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------
 # Models: the tiny offline Qwen3, and loading anything else
@@ -129,44 +152,29 @@ def load_model_and_tokenizer(name: str, device: str | torch.device = "cpu", dtyp
 
 @dataclass
 class SamplingConfig:
-    """How to sample. Flat fields first, then the tree's (used only when sampler == "tree").
+    """How to sample. Flat fields first, then the tree's (used only when sampler == "tree"), then the engine's.
 
-    Tree defaults, and why (TreeAdv did not publish its values):
-    - tau = 0.5 nat, the entropy of an 80/20 choice between two tokens: a fork there gives the branch
-      at least about a 20% chance of a different token than its parent's, so the two leaves differ from
-      the fork on rather than repeating the parent. Since forks go to a row's highest-entropy positions
-      anyway, tau is a floor, not the selector: it only decides whether a row has enough fork
-      candidates at all, or its leaves turn into fresh chains that share nothing. 0.5 is the bottom of
-      the range TreeAdv's authors name for their ablation (0.5-2.0), and close to the 80th percentile of
-      token entropy in Qwen3 reasoning traces (0.67 nat, Wang et al. 2025, the 80/20 paper). On the
-      tiny model warm-started on chain (benchmarks/bench_rollout.py), 16% of tokens are above 0.5 nat
-      and under 1% above 1.0: at 1.0 a prompt forked 0.6 times of its 6 and the tree saved 6% of the
-      decoded positions, at 0.5 it forks all 6 times and saves 49%; below 0.5 little changes (50%).
+    Tree defaults (TreeAdv did not publish its values; README "Tree sampling" has the measurements):
+    - tau = 0.5 nat, the entropy of an 80/20 choice between two tokens: a branch forked there has at
+      least about a 20% chance of a token other than its root's, so the two leaves differ from the fork
+      on. Forks go to a root's highest-entropy positions anyway, so tau is a floor, not the selector: it
+      decides whether a root has enough fork candidates, or its leaves start as fresh chains that share
+      nothing. 0.5 is the bottom of the range TreeAdv's authors name for their ablation (0.5-2.0).
     - num_chains = 2: two independent trees per prompt, so a group never hinges on one root path
       (the paper's G = 7 gives 2 roots + 5 branches).
-    - max_children = 2: binary forks, so each fork adds one leaf and the budget is spread over as
-      many distinct uncertain positions as possible.
+    - max_children = 2: binary forks, so each fork adds one leaf and the leaves are spread over as many
+      distinct uncertain positions as possible.
     - max_forks = 0 (no limit besides the leaf budget): with binary forks a prompt forks G - M times.
-
-    When forks happen: a row's fork candidates are its own positions (after the point where it
-    branched off) with H_t > tau. When the row ends, it takes its share of the prompt's unspent
-    leaf budget, ceil(unspent / rows of the prompt still open), as forks at its highest-entropy
-    candidates (max_children - 1 branches each). Choosing after the row ends puts forks where
-    uncertainty peaks along the whole response, which is what shares long prefixes; the price is
-    latency: branches start after their parent ends, so a tree takes more decode steps one after
-    another than a flat batch (Rollout.decode_steps; 1.3-1.6x on the warm-started tiny model).
-    If every row of a prompt has ended and leaves are still missing (no candidate above tau, or
-    max_forks spent), the missing leaves are fresh chains from the prompt's cached KV. So tau = inf
-    forks nothing and is flat sampling, token for token (all G chains then start at once); tau = 0
-    forks wherever the distribution is not one-hot and spends the fork budget.
+    When and where forks happen: `fork_rule`. tau = inf forks nothing and is flat sampling, token for token.
 
     What the leaves are: each token is drawn from pi given its prefix (log-probs exact), but the
-    leaves are neither independent nor distributed as G flat samples. A branch at depth t exists
-    only on a path that reached t, and its fork point is picked knowing the parent's whole path, so
-    tree leaves over-represent long responses (on the random tiny model, whose EOS hazard is
-    memoryless, 1.1-1.2x the tokens per leaf of flat sampling; `benchmarks/bench_rollout.py`
-    prints it). Any sampler that shares deep prefixes pays some of this; first-position forking
-    pays less and shares almost nothing.
+    leaves are neither independent nor distributed as G flat samples. A branch at depth t exists only
+    on a path that reached t, and its fork point is picked knowing the root's whole path, so tree
+    leaves over-represent long responses (`benchmarks/bench_rollout.py` prints tokens per leaf, tree
+    against flat). Any sampler that shares deep prefixes pays some of this.
+
+    kv_budget bounds the memory of the rows in flight; it changes the schedule (how many rows decode at
+    once), never the tokens.
     """
 
     max_new_tokens: int = 256
@@ -187,6 +195,11 @@ class SamplingConfig:
     """tree: children per fork, the continuing row included (>= 2)"""
     max_forks: int = 0
     """tree: most forks per prompt (0 = limited by the leaf budget G only)"""
+    kv_budget: int | None = None
+    """most cached token positions (prompt + response, summed over the rows in flight; None = every row at once).
+    Each row reserves longest prompt + max_new_tokens positions; `default_kv_budget` derives one from free GPU memory"""
+    compile: bool = False
+    """run the decode step's forward under torch.compile (mode reduce-overhead, i.e. CUDA graphs, on CUDA)"""
 
 
 @dataclass
@@ -215,13 +228,21 @@ class Rollout:
     """prompt tokens run through the model in prefill (each prompt once; padding not counted)"""
     decode_steps: int = 0
     """decode-loop model calls, one after another: the latency a batch-bound GPU pays (a tree's branches
-    start when their parent ends, so it takes more steps than a flat batch of the same leaves)"""
+    start when their root ends, so it takes more steps than a flat batch of the same leaves)"""
     parent: torch.Tensor | None = None
-    """[B] long, tree: the row this leaf branched off (-1 for a root chain)"""
+    """[B] long, tree: the row this leaf branched off (-1 for a root chain or a fresh chain)"""
     branch_pos: torch.Tensor | None = None
     """[B] long, tree: response position of the leaf's first own token (0 for a root chain)"""
     tree_forks: torch.Tensor | None = None
     """[P] long, tree: forks made per prompt (0 for flat)"""
+    peak_kv_tokens: int = 0
+    """most cache positions held at once by the rows in flight (prompt + tokens so far, summed; <= kv_capacity)"""
+    kv_capacity: int = 0
+    """cache positions allocated: slots x (longest prompt + max_new_tokens); <= cfg.kv_budget when one is set"""
+    kv_traffic: dict = field(default_factory=dict)
+    """cache positions written or copied, by kind: prefill (written by prompt prefills, padding included), decode
+    (one per computed slot and step, idle slots included), prompt_copy (a prompt copied into another row's slot),
+    fork_copy (a root's prefix copied into a branch's slot). x kv_bytes_per_position = bytes"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,7 +309,16 @@ def counter_uniform(seed: int, prompt: torch.Tensor, lane: torch.Tensor, pos: to
     (lane < 2^40, pos < 2^24) is injective, so distinct counters never share a word. 53 high bits
     give a float64 that never rounds to 1.
     """
-    s = _mix64(torch.tensor(_as_int64(seed + 0x9E3779B97F4A7C15), device=pos.device))
+    return _keyed_uniform(_seed_word(seed, pos.device), prompt, lane, pos)
+
+
+def _seed_word(seed: int, device) -> torch.Tensor:
+    """mix(seed + g) as a 0-d int64 tensor: the seed's part of every counter, computed once per call."""
+    return _mix64(torch.tensor(_as_int64(seed + 0x9E3779B97F4A7C15), device=device))
+
+
+def _keyed_uniform(s: torch.Tensor, prompt: torch.Tensor, lane: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """counter_uniform with the seed word s = _seed_word(seed) already computed."""
     z = _mix64(_mix64(s ^ prompt) ^ ((lane << 24) | pos))
     return _shr(z, 11).double() * 2.0**-53
 
@@ -306,10 +336,523 @@ def inverse_cdf(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
+# The tree's fork rule (SPEC 5: TreeAdv's branching; our choice where the paper is silent)
+
+
+def fork_rule(entropy: list[float], root: int, G: int, M: int, C: int, max_forks: int, tau: float
+              ) -> tuple[list[tuple[int, int]], int, int]:
+    """Where root chain `root` (0..M-1) of a prompt forks when it ends: ([(t, branches at t)], fresh chains,
+    leaf id of its first new leaf). `entropy` is the root's H_t over its response, C = max_children.
+
+    Dealt before sampling, the same for every prompt: the G - M leaves beyond the roots go to
+    F = ceil((G - M) / (C - 1)) forks (at most max_forks), dealt round-robin to the roots, each fork
+    carrying C - 1 leaves until they run out; leaves no fork can carry (max_forks) are dealt
+    round-robin as fresh chains. When the root ends, it forks at its dealt number of highest-entropy
+    positions with H_t > tau (ties: the earlier one), shallowest first taking C - 1 of its leaves
+    each; its leaves left over (too few positions above tau) start at once as fresh chains from the
+    prompt. Branches never fork again, so a tree is two levels deep: its latency is one root plus
+    one branch, however many leaves it has.
+
+    Why a fixed deal (the rule before it gave an ending row a share of the prompt's unspent leaves over
+    the rows still open): which rows are open at a given moment depends on the schedule, and so on
+    kv_budget; a deal depends on the root's own tokens only. README "Tree sampling" measures both.
+    """
+    forks, leaves, extra = [0] * M, [0] * M, G - M
+    n_forks = -(-extra // (C - 1))
+    for i in range(min(n_forks, max_forks) if max_forks else n_forks):
+        forks[i % M] += 1
+        leaves[i % M] += min(C - 1, extra - sum(leaves))
+    for i in range(extra - sum(leaves)):
+        leaves[i % M] += 1
+    top = sorted((t for t, h in enumerate(entropy) if h > tau), key=lambda t: (-entropy[t], t))[:forks[root]]
+    plan, left = [], leaves[root]
+    for t in sorted(top):
+        if left:
+            plan.append((t, min(C - 1, left)))
+            left -= plan[-1][1]
+    return plan, left, M + sum(leaves[:root])
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampler: prefill -> admit -> decode -> record -> fork -> assemble
+
+
+@torch.no_grad()
+def sample(model, prompts: list[list[int]], group_size: int, cfg: SamplingConfig, *,
+           eos_token_ids: list[int] | int, pad_token_id: int, seed: int = 0,
+           prompt_keys: list[int] | None = None) -> Rollout:
+    """Sample G responses (flat) or G leaves (tree) for each prompt. See the module and SamplingConfig docs.
+
+    prompt_keys: the integer each prompt's randomness is keyed by (default 0..P-1). train.py passes a
+    prompt's position in the whole step, so 1 or 8 ranks sample the same responses.
+
+    The loop: admit rows into free slots (prefilling a waiting prompt into its first row's slot, or
+    copying a waiting row's prefix into its own), decode one token for every row in flight (recorded
+    on the device), then retire the rows that ended: a tree root forks (`fork_rule`), and its slot
+    goes to the deepest row waiting on it (no copy) or back to the free slots.
+    """
+    eos = _check_sample_args(model, prompts, group_size, cfg, eos_token_ids, pad_token_id, prompt_keys)
+    eng = _Engine.create(model, prompts, group_size, cfg, eos, pad_token_id, seed, prompt_keys)
+    with _slot_attention(model):
+        while True:
+            _admit(eng)
+            if not eng.rows:
+                break
+            for s in _decode_step(eng):
+                _retire(eng, s)
+    return _assemble(eng)
+
+
+@dataclass
+class _Engine:
+    """One sample() call: the cache and per-slot tensors on the device, the schedule on the host.
+
+    A slot is free, or holds one row (a leaf being decoded, `rows`: slot -> [leaf, response position
+    it samples next]) and the rows waiting on its cached prefix (`pending`: slot -> [(t, leaf)], a
+    leaf that continues from the slot's first Tp + t positions, its token at t already drawn).
+    """
+
+    model: torch.nn.Module
+    cfg: SamplingConfig
+    prompts: list[list[int]]
+    G: int
+    M: int  # rows a prompt starts with: G (flat), num_chains (tree)
+    C: int  # draws per row and step: its own token + C - 1 fork alternatives
+    L: int  # cache positions per slot: longest prompt + max_new_tokens
+    pad: int
+    seed_word: torch.Tensor  # 0-d int64
+    keys: torch.Tensor  # [P + 1] long: prompt keys (the last for idle slots)
+    eos: torch.Tensor  # [E] long
+    K: list[torch.Tensor]  # per layer [S, Hkv, L, D], compute dtype
+    V: list[torch.Tensor]
+    # outputs by leaf, row B the scratch row of idle slots: tokens, logprobs, entropy [B+1, Tmax];
+    # alt_tok, alt_lp [B+1, Tmax, C-1] (fork alternatives); finished [B+1]
+    out: dict[str, torch.Tensor]
+    slot: dict[str, torch.Tensor]  # leaf, t, tp [S] long; live [S] bool: the device's copy of `rows`
+    forward: object  # _forward, or its torch.compile'd twin
+    runs: list[tuple[int, int]] = field(default_factory=list)  # the slots the last step computed (as runs)
+    idx: torch.Tensor | None = None  # and their indices [n] on the device
+    rows: dict[int, list[int]] = field(default_factory=dict)
+    pending: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    free: list[int] = field(default_factory=list)  # a heap: the lowest free slot first
+    waiting: collections.deque = field(default_factory=collections.deque)  # prompts not yet prefilled
+    updates: dict[int, tuple] = field(default_factory=dict)  # slot -> (leaf, t, tp, live) not yet on the device
+    length: list[int] = field(default_factory=list)  # per leaf: tokens sampled
+    parent: list[int] = field(default_factory=list)
+    branch_pos: list[int] = field(default_factory=list)
+    forks: list[int] = field(default_factory=list)  # per prompt
+    first_eos: list[list[bool]] = field(default_factory=list)  # per prompt and lane: the prefill's token is EOS
+    steps: int = 0
+    decoded: int = 0
+    peak: int = 0
+    traffic: dict = field(default_factory=lambda: dict(prefill=0, decode=0, prompt_copy=0, fork_copy=0))
+
+    @property
+    def tree(self) -> bool:
+        return self.C > 1
+
+    @classmethod
+    def create(cls, model, prompts, G, cfg, eos, pad, seed, prompt_keys) -> "_Engine":
+        P, Tmax, B = len(prompts), cfg.max_new_tokens, len(prompts) * G
+        device = next(model.parameters()).device
+        tree = cfg.sampler == "tree" and not math.isinf(cfg.tau)  # tau = inf never forks: all G start at once
+        L = max(map(len, prompts)) + Tmax
+        S = B if cfg.kv_budget is None else min(B, cfg.kv_budget // L)
+        C = cfg.max_children if tree else 1
+        keys = list(prompt_keys) if prompt_keys is not None else list(range(P))
+        t = model.config.get_text_config()
+        Hkv, D = t.num_key_value_heads, getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+        dtype = _cache_dtype(model, device)
+        # zeros, not empty: attention multiplies masked positions by 0, and 0 * NaN garbage would be NaN
+        K = [torch.zeros(S, Hkv, L, D, dtype=dtype, device=device) for _ in range(t.num_hidden_layers)]
+        V = [torch.zeros(S, Hkv, L, D, dtype=dtype, device=device) for _ in range(t.num_hidden_layers)]
+        if cfg.compile:  # the same tensors every step: CUDA graphs write them in place instead of copying them in
+            for x in K + V:
+                torch._dynamo.mark_static_address(x)
+        zeros = lambda *shape, dtype=torch.float32: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+        out = dict(tokens=torch.full((B + 1, Tmax), pad, dtype=torch.long, device=device),  # row B: idle slots
+                   logprobs=zeros(B + 1, Tmax), entropy=zeros(B + 1, Tmax), finished=zeros(B + 1, dtype=torch.bool),
+                   alt_tok=zeros(B + 1, Tmax, C - 1, dtype=torch.long), alt_lp=zeros(B + 1, Tmax, C - 1))
+        slot = dict(leaf=torch.full((S,), B, dtype=torch.long, device=device), t=zeros(S, dtype=torch.long),
+                    tp=zeros(S, dtype=torch.long), live=zeros(S, dtype=torch.bool))
+        eng = cls(model=model, cfg=cfg, prompts=prompts, G=G, M=cfg.num_chains if tree else G, C=C, L=L, pad=pad,
+                  seed_word=_seed_word(seed, device), keys=torch.tensor(keys + [0], device=device),
+                  eos=torch.tensor(eos, device=device), K=K, V=V, out=out, slot=slot,
+                  forward=_compiled_forward(device) if cfg.compile else _forward)
+        eng.free, eng.waiting = list(range(S)), collections.deque(range(P))
+        eng.length, eng.parent, eng.branch_pos, eng.forks, eng.first_eos = [0] * B, [-1] * B, [0] * B, [0] * P, [[]] * P
+        return eng
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine's steps
+
+
+PREFILL_TOKENS = 8192
+"""most prompt positions (padding included) one prefill forward runs; bounds its activations"""
+
+
+def _admit(eng: _Engine) -> None:
+    """Fill free slots, lowest first: rows waiting on a slot's prefix first (copied out, shallowest), then
+    new prompts, as many as leave each a slot per starting row (at least one), prefilled together."""
+    while eng.free:
+        if eng.pending:
+            src = min(eng.pending)
+            t, c = eng.pending[src].pop()
+            if not eng.pending[src]:
+                del eng.pending[src]
+            dst = heapq.heappop(eng.free)
+            n = len(eng.prompts[c // eng.G]) + t  # the prompt and the tokens before t: all the branch shares
+            for x in eng.K + eng.V:
+                x[dst, :, :n] = x[src, :, :n]
+            eng.traffic["fork_copy" if t else "prompt_copy"] += n
+            _start(eng, dst, c, t)
+        elif eng.waiting:
+            batch = [eng.waiting.popleft()]
+            while (eng.waiting and len(batch) < max(1, len(eng.free) // eng.M)
+                   and (len(batch) + 1) * max(len(eng.prompts[g]) for g in [*batch, eng.waiting[0]]) <= PREFILL_TOKENS):
+                batch.append(eng.waiting.popleft())
+            _prefill(eng, batch, [heapq.heappop(eng.free) for _ in batch])
+        else:
+            return
+
+
+def _prefill(eng: _Engine, batch: list[int], slots: list[int]) -> None:
+    """Run prompts `batch` (right-padded, so causal attention never sees the padding) into `slots`, draw the
+    first token of all G lanes of each (C draws a lane; later fresh chains use theirs), start the first rows."""
+    G, C, dev = eng.G, eng.C, eng.keys.device
+    plen = torch.tensor([len(eng.prompts[g]) for g in batch], device=dev)  # [b]
+    Tq = int(plen.max())
+    ids = torch.full((len(batch), Tq), eng.pad, dtype=torch.long, device=dev)  # [b, Tq]
+    for i, g in enumerate(batch):
+        ids[i, : len(eng.prompts[g])] = torch.tensor(eng.prompts[g], device=dev)
+    view = _SlotView(eng.K, eng.V, torch.tensor(slots, device=dev), None, None)
+    pos = torch.arange(Tq, device=dev).expand(len(batch), Tq)
+    logits = eng.model(input_ids=ids, position_ids=pos, attention_mask={"full_attention": None}, use_cache=False,
+                       slot_kv=view, logits_to_keep=(plen - 1)[:, None]).logits[:, 0]  # [b, V]
+    eng.traffic["prefill"] += len(batch) * Tq
+    g_t = torch.tensor(batch, device=dev)
+    lanes = (torch.arange(G, device=dev)[:, None] + (torch.arange(C, device=dev) << 32)).flatten()  # [G*C]
+    tok, lp, H = _draw(eng, logits, g_t, lanes.expand(len(batch), -1), torch.zeros_like(g_t))  # [b, G*C]
+    leaves = g_t[:, None] * G + torch.arange(G, device=dev)  # [b, G]
+    tok, lp = tok.reshape(len(batch), G, C), lp.reshape(len(batch), G, C)
+    o = eng.out
+    o["tokens"][leaves, 0], o["logprobs"][leaves, 0], o["entropy"][leaves, 0] = tok[..., 0], lp[..., 0], H[:, None]
+    o["alt_tok"][leaves, 0], o["alt_lp"][leaves, 0] = tok[..., 1:], lp[..., 1:]
+    is_eos = torch.isin(tok[..., 0], eng.eos)  # [b, G]
+    o["finished"][leaves] = is_eos
+    for g, s, first_eos in zip(batch, slots, is_eos.tolist()):
+        eng.first_eos[g] = first_eos
+        items = []
+        for c in range(g * G, g * G + eng.M):
+            eng.length[c] = 1
+            ends = first_eos[c - g * G] or eng.cfg.max_new_tokens == 1
+            items += _end_leaf(eng, c) if ends else [(0, c)]
+        _place(eng, s, items)
+
+
+def _decode_step(eng: _Engine) -> list[int]:
+    """One token for every row in flight: feed its last token at its own position, write that position's
+    keys and values in place, draw on the device, record by index. Returns the slots whose row ended."""
+    _flush(eng)
+    runs, Lh = _step_slots(eng)
+    if runs != eng.runs:  # the computed slots changed (a row ended or started): their indices, made on the device
+        eng.runs, eng.idx = runs, torch.cat([torch.arange(a, b, device=eng.keys.device) for a, b in runs])
+    idx, sl = eng.idx, eng.slot  # [n] the slots computed, in run order
+    leaf, t, live = sl["leaf"][idx], sl["t"][idx], sl["live"][idx]  # [n]
+    kv_len = torch.where(live, sl["tp"][idx] + t, 1)  # [n] positions each row attends to, this step's included
+    pos = torch.where(live, kv_len - 1, eng.L - 1)  # [n] where its keys go; idle slots: the last column, never read
+    valid = (torch.arange(Lh, device=pos.device) < kv_len[:, None])[:, None, None, :]  # [n, 1, 1, Lh]
+    view = _SlotView(eng.K, eng.V, idx, pos, valid, runs)
+    logits = eng.forward(eng.model, eng.out["tokens"][leaf, t - 1][:, None], pos[:, None], view)  # [n, V]
+    G, C = eng.G, eng.C
+    lanes = (leaf % G)[:, None] + (torch.arange(C, device=pos.device) << 32)  # [n, C]: lane 0 = the row's own token
+    tok, lp, H = _draw(eng, logits, leaf // G, lanes, t)
+    _record(eng, leaf, t, tok, lp, H)
+    ended = live & (torch.isin(tok[:, 0], eng.eos) | (t + 1 >= eng.cfg.max_new_tokens))  # [n]
+    sl["t"][idx] = t + live
+    eng.steps += 1
+    eng.decoded += len(eng.rows)
+    eng.traffic["decode"] += len(idx)
+    for row in eng.rows.values():
+        row[1] += 1
+    return [s for s in torch.where(ended, idx, -1).tolist() if s >= 0]  # the step's one device-to-host transfer
+
+
+MAX_RUNS = 4
+"""eager decode: the live slots are computed as at most this many contiguous runs (one attention call each)"""
+
+
+def _step_slots(eng: _Engine) -> tuple[list[tuple[int, int]], int]:
+    """The slots a step computes, as contiguous runs [(first, end)], and the cache positions it reads.
+
+    Eager: the live slots, split at the MAX_RUNS - 1 widest gaps between them (narrower gaps are computed
+    idle), and the longest live row. Compiled: slots [0, n) with n one of a few fixed sizes (S, S/2, S/4,
+    S/8) and all L positions, so a handful of graphs serve every step. Also measures the positions held
+    (the budget's quantity)."""
+    S = eng.slot["live"].shape[0]
+    held = [len(eng.prompts[c // eng.G]) + t for c, t in eng.rows.values()]  # this step's keys included
+    eng.peak = max(eng.peak, sum(held))
+    live = sorted(eng.rows)
+    if eng.cfg.compile:
+        return [(0, min(b for b in (S, -(-S // 2), -(-S // 4), -(-S // 8)) if b > live[-1]))], eng.L
+    gaps = sorted((live[i + 1] - live[i], i) for i in range(len(live) - 1) if live[i + 1] - live[i] > 1)
+    cuts = sorted(i for _, i in gaps[len(gaps) - (MAX_RUNS - 1):]) if gaps else []
+    firsts = [live[0]] + [live[i + 1] for i in cuts]
+    ends = [live[i] + 1 for i in cuts] + [live[-1] + 1]
+    return list(zip(firsts, ends)), max(held)
+
+
+def _draw(eng: _Engine, logits: torch.Tensor, prompt: torch.Tensor, lanes: torch.Tensor, pos: torch.Tensor):
+    """Tokens [n, X] for lanes [n, X] of rows of prompts [n] at response positions [n], from logits [n, V]:
+    (tokens, their log-probs [n, X], the distribution's entropy [n])."""
+    cfg = eng.cfg
+    logp = sampling_logprobs(logits, cfg.temperature, cfg.top_p, cfg.top_k)  # [n, V] float32
+    p = logp.exp()
+    if cfg.temperature == 0:
+        tok = logp.argmax(-1, keepdim=True).expand_as(lanes)  # greedy: every lane the argmax
+    else:
+        tok = inverse_cdf(p, _keyed_uniform(eng.seed_word, eng.keys[prompt][:, None], lanes, pos[:, None]))
+    return tok, logp.gather(1, tok), entropy_of(logp, p)
+
+
+def _record(eng: _Engine, leaf, t, tok, lp, H) -> None:
+    """Store each row's token (and fork alternatives) at its position; idle slots write the scratch row B."""
+    o = eng.out
+    o["tokens"][leaf, t], o["logprobs"][leaf, t], o["entropy"][leaf, t] = tok[:, 0], lp[:, 0], H
+    if eng.C > 1:
+        o["alt_tok"][leaf, t], o["alt_lp"][leaf, t] = tok[:, 1:], lp[:, 1:]
+    o["finished"][leaf] = torch.isin(tok[:, 0], eng.eos)
+
+
+def _retire(eng: _Engine, s: int) -> None:
+    """Slot s's row has ended: record its length, fork it (tree root), hand the slot on."""
+    c, n = eng.rows.pop(s)
+    eng.length[c] = n
+    _place(eng, s, _end_leaf(eng, c))
+
+
+def _end_leaf(eng: _Engine, c: int) -> list[tuple[int, int]]:
+    """Leaf c has ended. A tree root forks (`fork_rule`): each branch gets the root's tokens before its fork
+    point t and the alternative drawn at t; a branch or fresh chain that ends at once (EOS, or at
+    max_new_tokens) is done, the others are returned as (t, leaf) to continue from the root's slot."""
+    G, Tmax = eng.G, eng.cfg.max_new_tokens
+    g, k = divmod(c, G)
+    if not eng.tree or k >= eng.M:
+        return []
+    n, o = eng.length[c], eng.out
+    # one transfer: the root's entropies and whether each fork alternative is EOS, [n, C]
+    rows = torch.cat([o["entropy"][c, :n, None].double(), torch.isin(o["alt_tok"][c, :n], eng.eos).double()], 1)
+    rows = rows.tolist()
+    plan, fresh, nxt = fork_rule([r[0] for r in rows], k, G, eng.M, eng.C, eng.cfg.max_forks, eng.cfg.tau)
+    items = []
+    for t, branches in plan:
+        eng.forks[g] += 1
+        for j in range(branches):
+            b, nxt = g * G + nxt, nxt + 1
+            o["tokens"][b, :t], o["logprobs"][b, :t] = o["tokens"][c, :t], o["logprobs"][c, :t]
+            o["entropy"][b, : t + 1] = o["entropy"][c, : t + 1]
+            o["tokens"][b, t], o["logprobs"][b, t] = o["alt_tok"][c, t, j], o["alt_lp"][c, t, j]
+            o["finished"][b] = is_eos = bool(rows[t][1 + j])
+            eng.parent[b], eng.branch_pos[b], eng.length[b] = c, t, t + 1
+            if not (is_eos or t + 1 >= Tmax):
+                items.append((t, b))
+    for b in range(g * G + nxt, g * G + nxt + fresh):  # fresh chains: their first token was drawn at prefill
+        eng.length[b] = 1
+        if not (eng.first_eos[g][b - g * G] or Tmax == 1):
+            items.append((0, b))
+    return items
+
+
+def _place(eng: _Engine, s: int, items: list[tuple[int, int]]) -> None:
+    """Slot s has no row: add `items` to the rows waiting on it, continue the deepest in place (its prefix is
+    there already: no copy; positions below its fork point stay intact for the others), or free the slot."""
+    waiting = sorted(eng.pending.pop(s, []) + items, reverse=True)
+    if not waiting:
+        heapq.heappush(eng.free, s)
+        eng.updates[s] = (len(eng.length), 0, 0, False)  # idle: the scratch row B
+        return
+    t, c = waiting.pop(0)
+    if waiting:
+        eng.pending[s] = waiting
+    _start(eng, s, c, t)
+
+
+def _start(eng: _Engine, s: int, c: int, t: int) -> None:
+    """Leaf c decodes in slot s from response position t + 1 (its tokens up to t are recorded)."""
+    eng.rows[s] = [c, t + 1]
+    eng.updates[s] = (c, t + 1, len(eng.prompts[c // eng.G]), True)
+
+
+def _flush(eng: _Engine) -> None:
+    """Copy the host's slot changes to the device in one transfer."""
+    if eng.updates:  # a dict: a slot freed and refilled in one round is written once (index_put with repeated
+        # indices leaves the winner undefined on CUDA)
+        s, leaf, t, tp, live = torch.tensor([(s, *u) for s, u in eng.updates.items()], device=eng.keys.device).T
+        eng.slot["leaf"][s], eng.slot["t"][s], eng.slot["tp"][s], eng.slot["live"][s] = leaf, t, tp, live.bool()
+        eng.updates = {}
+
+
+def _assemble(eng: _Engine) -> Rollout:
+    """Rows grouped per prompt, leaves in id order; padding beyond each length."""
+    dev, P, G, o = eng.keys.device, len(eng.prompts), eng.G, eng.out
+    B = P * G
+    plen = torch.tensor([len(q) for q in eng.prompts], device=dev)  # [P]
+    Tp = int(plen.max())
+    prompt_ids = torch.full((P, Tp), eng.pad, dtype=torch.long, device=dev)  # [P, Tp] left-padded
+    for g, q in enumerate(eng.prompts):
+        prompt_ids[g, Tp - len(q):] = torch.tensor(q, device=dev)
+    prompt_mask = torch.arange(Tp, device=dev) >= (Tp - plen)[:, None]  # [P, Tp] bool
+    length = torch.tensor(eng.length, device=dev)  # [B]
+    T = int(length.max())
+    response_mask = torch.arange(T, device=dev) < length[:, None]  # [B, T]
+    return Rollout(
+        prompt_ids=prompt_ids.repeat_interleave(G, 0), prompt_mask=prompt_mask.repeat_interleave(G, 0),
+        response_ids=o["tokens"][:B, :T].masked_fill(~response_mask, eng.pad), response_mask=response_mask,
+        logprobs=o["logprobs"][:B, :T] * response_mask, entropy=o["entropy"][:B, :T] * response_mask,
+        group_index=torch.arange(B, device=dev) // G, finished=o["finished"][:B].clone(),
+        decoded_tokens=eng.decoded, prefilled_tokens=int(plen.sum()), decode_steps=eng.steps,
+        parent=torch.tensor(eng.parent, device=dev), branch_pos=torch.tensor(eng.branch_pos, device=dev),
+        tree_forks=torch.tensor(eng.forks, device=dev), peak_kv_tokens=eng.peak,
+        kv_capacity=eng.K[0].shape[0] * eng.L, kv_traffic=dict(eng.traffic),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The KV cache: an attention function over row slots, and how much memory it may take
+
+
+ATTENTION_NAME = "rollout_slots"
+"""the attention implementation sample() switches the model to, registered with transformers' AttentionInterface"""
+
+
+@dataclass
+class _SlotView:
+    """What one forward pass reads and writes in the cache; reaches the attention function as the model
+    kwarg `slot_kv` (transformers passes unknown kwargs through to it)."""
+
+    K: list[torch.Tensor]  # per layer [S, Hkv, L, D]
+    V: list[torch.Tensor]
+    slots: torch.Tensor  # [n] the slot of each batch row
+    pos: torch.Tensor | None  # decode: [n] the position this step's keys go to; prefill: None (positions 0..Tq-1)
+    valid: torch.Tensor | None  # decode: [n, 1, 1, Lh] bool, the cached positions each row attends to
+    runs: list[tuple[int, int]] | None = None  # decode: `slots` as contiguous runs of slots, each a view of the cache
+
+
+def _slot_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, slot_kv=None,
+                            **kwargs):
+    """transformers' attention-function interface over our slots: query [n, H, Tq, D], key/value [n, Hkv, Tq, D]
+    (rotary applied) -> ([n, Tq, H, D], None). Writes key/value into the cache (cast to its dtype: under autocast
+    Qwen3's k_norm returns fp32), then attends: prefill causally over the prompt, decode over the slot's cache."""
+    K, V = slot_kv.K[module.layer_idx], slot_kv.V[module.layer_idx]
+    n, H, Tq, D = query.shape
+    Hkv = key.shape[1]
+    if slot_kv.pos is None:  # prefill from position 0, right-padded; attention over the prompt's own keys
+        K[slot_kv.slots, :, :Tq], V[slot_kv.slots, :, :Tq] = key.to(K.dtype), value.to(V.dtype)
+        rep = H // Hkv
+        out = F.scaled_dot_product_attention(query, key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1),
+                                             is_causal=True, scale=scaling)
+        return out.transpose(1, 2), None
+    K[slot_kv.slots, :, slot_kv.pos] = key[:, :, 0].to(K.dtype)  # [n, Hkv, D] at each row's own position
+    V[slot_kv.slots, :, slot_kv.pos] = value[:, :, 0].to(V.dtype)
+    Lh = slot_kv.valid.shape[-1]
+    # GQA without repeating the cache: the H / Hkv query heads that share a KV head become its query rows
+    q = query.reshape(n, Hkv, H // Hkv, D).to(K.dtype)
+    out, r = [], 0
+    for a, b in slot_kv.runs:  # each run of slots reads its cache in place (a view: no copy)
+        out.append(F.scaled_dot_product_attention(q[r:r + b - a], K[a:b, :, :Lh], V[a:b, :, :Lh],
+                                                  attn_mask=slot_kv.valid[r:r + b - a], scale=scaling))
+        r += b - a
+    return (out[0] if len(out) == 1 else torch.cat(out)).reshape(n, 1, H, D), None
+
+
+@contextlib.contextmanager
+def _slot_attention(model):
+    """The model attends through `_slot_attention_forward` inside the block; its attention implementation is
+    restored after, so training and evaluation see the model unchanged."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, _slot_attention_forward)
+    # Never called (sample() passes attention_mask as a prepared dict, so no [n, L] mask is built); registered
+    # so that set_attn_implementation accepts the name.
+    AttentionMaskInterface.register(ATTENTION_NAME, lambda *args, **kwargs: None)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def _forward(model, ids: torch.Tensor, pos: torch.Tensor, view: _SlotView) -> torch.Tensor:
+    """The decode step's forward: ids, pos [n, 1] -> last-position logits [n, V]."""
+    return model(input_ids=ids, position_ids=pos, attention_mask={"full_attention": None}, use_cache=False,
+                 slot_kv=view).logits[:, -1]
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_forward(device: torch.device):
+    """_forward under torch.compile, built once per process: CUDA graphs (mode reduce-overhead) on CUDA, where
+    the cache's fixed address (mark_static_address) lets each replay write it in place; inductor on CPU."""
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    if mode not in _COMPILED:
+        compiled = torch.compile(_forward, mode=mode)
+
+        def step(*args):
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed: its buffers may be reused
+            return compiled(*args)
+
+        _COMPILED[mode] = step
+    return _COMPILED[mode]
+
+
+def _cache_dtype(model, device: torch.device) -> torch.dtype:
+    """The compute dtype: autocast's when it is on (fp32 master weights, bf16 compute), else the weights'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return model.get_input_embeddings().weight.dtype
+
+
+def kv_bytes_per_position(model, dtype: torch.dtype | None = None) -> int:
+    """Bytes one cached token position takes: layers x (K, V) x KV heads x head_dim x dtype bytes."""
+    t = model.config.get_text_config()
+    D = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    dtype = dtype or _cache_dtype(model, next(model.parameters()).device)
+    return t.num_hidden_layers * 2 * t.num_key_value_heads * D * dtype.itemsize
+
+
+def default_kv_budget(model, rows: int, optimizer=None, fraction: float = 0.9) -> int:
+    """A kv_budget (token positions) from the CUDA memory free now; call it inside the sampling context
+    (autocast on, parameters gathered), where the cache dtype and the weights are what sample() will see.
+
+    Free = what the driver has free + what PyTorch's caching allocator holds but does not use (freed
+    tensors of the last update, which it hands out again). From it come off: the AdamW states still to
+    come (exp_avg and exp_avg_sq, fp32, 8 bytes a parameter, allocated at the first update: counted
+    while `optimizer` has no state) and the decode step's [rows, V] tensors (logits and the sampler's
+    fp32 log-probs and probs, its fp64 CDF: 24 bytes an entry). `fraction` of the rest goes to the
+    cache; the other 10% covers a prefill's activations (PREFILL_TOKENS positions), the allocator's
+    fragmentation and, with compile, the CUDA graphs' memory pool.
+    """
+    device = next(model.parameters()).device
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    pending_adamw = 0
+    if optimizer is not None and not optimizer.state:
+        pending_adamw = 8 * sum(getattr(p, "to_local", lambda p=p: p)().numel()
+                                for group in optimizer.param_groups for p in group["params"] if p.requires_grad)
+    step = 24 * rows * model.config.get_text_config().vocab_size
+    return max(0, int(fraction * (free - pending_adamw - step)) // kv_bytes_per_position(model))
+
+
+# ----------------------------------------------------------------------------------------------
 # Input checks: a ValueError naming the argument, before any model work
 
 
-def _check_sample_args(model, prompts, group_size, cfg: SamplingConfig, eos_token_ids, pad_token_id) -> list[int]:
+def _check_sample_args(model, prompts, group_size, cfg: SamplingConfig, eos_token_ids, pad_token_id,
+                       prompt_keys) -> list[int]:
     if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
         raise ValueError("prompts must be a non-empty list of token-id lists")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
@@ -339,7 +882,8 @@ def _check_sample_args(model, prompts, group_size, cfg: SamplingConfig, eos_toke
     eos = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids or [])
     V = model.config.get_text_config().vocab_size
     if not eos or not all(isinstance(e, int) and 0 <= e < V for e in eos):
-        raise ValueError(f"eos_token_ids must be a token id or a non-empty list of ids in [0, {V}), got {eos_token_ids!r}")
+        raise ValueError(f"eos_token_ids must be a token id or a non-empty list of ids in [0, {V}), "
+                         f"got {eos_token_ids!r}")
     if not isinstance(pad_token_id, int) or not 0 <= pad_token_id < V:
         raise ValueError(f"pad_token_id must be a token id in [0, {V}), got {pad_token_id!r}")
     n_ctx = getattr(model.config.get_text_config(), "max_position_embeddings", None)
@@ -349,214 +893,26 @@ def _check_sample_args(model, prompts, group_size, cfg: SamplingConfig, eos_toke
         if not all(isinstance(t, int) and 0 <= t < V for t in q):
             raise ValueError(f"prompts[{i}] holds an id outside [0, {V}) or a non-int")
         if n_ctx is not None and len(q) + cfg.max_new_tokens > n_ctx:
-            raise ValueError(f"prompts[{i}] has {len(q)} tokens: with cfg.max_new_tokens={cfg.max_new_tokens} it exceeds "
-                             f"the model's context of {n_ctx} (config.max_position_embeddings)")
+            raise ValueError(f"prompts[{i}] has {len(q)} tokens: with cfg.max_new_tokens={cfg.max_new_tokens} it "
+                             f"exceeds the model's context of {n_ctx} (config.max_position_embeddings)")
+    P = len(prompts)
+    if prompt_keys is not None and (len(prompt_keys) != P
+                                    or not all(isinstance(k, int) and k >= 0 for k in prompt_keys)):
+        raise ValueError(f"prompt_keys must hold one int >= 0 per prompt ({P}), got {prompt_keys!r}")
+    L = max(map(len, prompts)) + cfg.max_new_tokens
+    if cfg.kv_budget is not None and (isinstance(cfg.kv_budget, bool) or not isinstance(cfg.kv_budget, int)
+                                      or cfg.kv_budget < L):
+        raise ValueError(f"cfg.kv_budget={cfg.kv_budget!r} token positions cannot hold one row: a row reserves the "
+                         f"longest prompt ({L - cfg.max_new_tokens}) + max_new_tokens ({cfg.max_new_tokens}) = {L} "
+                         "positions; give at least that (or None: every row at once)")
+    if not isinstance(cfg.compile, bool):
+        raise ValueError(f"cfg.compile must be a bool, got {cfg.compile!r}")
+    text = model.config.get_text_config()
+    if any(kind != "full_attention" for kind in getattr(text, "layer_types", None) or []):
+        raise ValueError("sample() needs full attention in every layer; sliding-window or linear-attention layers are "
+                         f"not supported: config.layer_types = {text.layer_types}")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ValueError(f"sample() needs a model whose attention goes through transformers' AttentionInterface; "
+                         f"{type(model).__name__} does not")
     return eos
 
-
-# ----------------------------------------------------------------------------------------------
-# KV-cache rows: keep, copy and shift rows of a DynamicCache
-
-
-def _take_rows(x: torch.Tensor, idx: torch.Tensor, shift: torch.Tensor, L: int) -> torch.Tensor:
-    """Rows idx of x [S, ..., Ls, ...] (sequence on dim 2, or dim 1 for a 2-D mask), moved right by shift
-    columns into a length-L window: out[r, j] = x[idx[r], j - shift[r]] (garbage where j < shift; the
-    attention mask is 0 there). Rotary positions are baked into cached keys, so a shift changes nothing
-    the model computes: it only left-pads a copied prefix to the batch's common length."""
-    col = (torch.arange(L, device=x.device) - shift[:, None]).clamp(min=0)  # [n, L]
-    if x.dim() == 2:
-        return x[idx[:, None], col]
-    return x[idx[:, None], :, col].transpose(1, 2)  # [n, L, H, D] -> [n, H, L, D]
-
-
-# ----------------------------------------------------------------------------------------------
-# The sampler
-
-
-@torch.no_grad()
-def sample(model, prompts: list[list[int]], group_size: int, cfg: SamplingConfig, *,
-           eos_token_ids: list[int] | int, pad_token_id: int, seed: int = 0,
-           prompt_keys: list[int] | None = None) -> Rollout:
-    """Sample G responses (flat) or G leaves (tree) for each prompt. See the module and SamplingConfig docs.
-
-    prompt_keys: the integer each prompt's randomness is keyed by (default 0..P-1). train.py passes a
-    prompt's position in the whole step, so 1 or 8 ranks sample the same responses.
-    """
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    eos = _check_sample_args(model, prompts, group_size, cfg, eos_token_ids, pad_token_id)
-    G, P, Tmax = group_size, len(prompts), cfg.max_new_tokens
-    if prompt_keys is not None and (len(prompt_keys) != P or not all(isinstance(k, int) and k >= 0 for k in prompt_keys)):
-        raise ValueError(f"prompt_keys must hold one int >= 0 per prompt ({P}), got {prompt_keys!r}")
-    B = P * G
-    tree = cfg.sampler == "tree"
-    # tau = inf can never fork: every leaf is a root chain, so all G start at once (= flat sampling).
-    M = cfg.num_chains if tree and not math.isinf(cfg.tau) else G
-    C = cfg.max_children if tree else 1  # draws per row and step: its own token + C-1 fork alternatives
-    max_forks = cfg.max_forks or B
-    device = next(model.parameters()).device
-    eos_t = torch.tensor(eos, device=device)
-    keys = torch.tensor(prompt_keys if prompt_keys is not None else range(P), dtype=torch.long, device=device)  # [P]
-    arangeC = torch.arange(C, device=device)
-
-    # Prefill: each prompt once, left-padded; logits only at the last position.
-    plen = torch.tensor([len(q) for q in prompts], device=device)  # [P]
-    Tp = int(plen.max())
-    prompt_ids = torch.full((P, Tp), pad_token_id, dtype=torch.long, device=device)  # [P, Tp]
-    for g, q in enumerate(prompts):
-        prompt_ids[g, Tp - len(q):] = torch.tensor(q, device=device)
-    prompt_mask = torch.arange(Tp, device=device) >= (Tp - plen)[:, None]  # [P, Tp] bool
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask.long(), past_key_values=cache, use_cache=True,
-                position_ids=(prompt_mask.long().cumsum(-1) - 1).clamp(min=0), logits_to_keep=1)
-    if not all(type(layer) is DynamicLayer for layer in cache.layers):
-        raise ValueError("sample() needs a full-attention KV cache (DynamicLayer); sliding-window or linear-attention "
-                         f"layers are not supported: {[type(layer).__name__ for layer in cache.layers]}")
-    root_logp = sampling_logprobs(out.logits[:, -1], cfg.temperature, cfg.top_p, cfg.top_k)  # [P, V]
-    root_kv = [(layer.keys, layer.values) for layer in cache.layers]  # [P, H, Tp, D] per layer
-    root_mask = prompt_mask.long()
-    del out
-
-    # Outputs by leaf slot g*G + k (k = leaf id within the prompt, the order leaves are created in).
-    tokens = torch.full((B, Tmax), pad_token_id, dtype=torch.long, device=device)  # [B, Tmax]
-    logprobs = torch.zeros(B, Tmax, device=device)  # [B, Tmax] float32
-    entropy = torch.zeros(B, Tmax, device=device)  # [B, Tmax] float32
-    length = torch.zeros(B, dtype=torch.long, device=device)  # [B] tokens sampled so far
-    finished = torch.zeros(B, dtype=torch.bool, device=device)  # [B]
-    alt_tok = torch.zeros(B, Tmax, C - 1, dtype=torch.long, device=device)  # [B, Tmax, C-1] fork alternatives
-    alt_lp = torch.zeros(B, Tmax, C - 1, device=device)  # [B, Tmax, C-1] their log-probs
-    parent, branch_pos = [-1] * B, [0] * B
-    created, open_rows, forks = [M] * P, [M] * P, [0] * P  # per prompt: leaves made, rows not ended, forks
-
-    def record(slots: torch.Tensor, logp: torch.Tensor) -> list[bool]:
-        """Draw each row's next token (and its C-1 fork alternatives) from logp [n, V], store them at
-        position length[slot], return whether each row has ended (EOS, or max_new_tokens reached)."""
-        pos = length[slots]  # [n]
-        p = logp.exp()  # [n, V]
-        if cfg.temperature == 0:
-            tok = logp.argmax(-1, keepdim=True)  # [n, 1] greedy
-        else:
-            lane = (slots % G)[:, None] + (arangeC << 32)  # [n, C]: lane 0 = the row's own token
-            tok = inverse_cdf(p, counter_uniform(seed, keys[slots // G][:, None], lane, pos[:, None]))  # [n, C]
-        lp = logp.gather(1, tok)  # [n, C]
-        tokens[slots, pos], logprobs[slots, pos], entropy[slots, pos] = tok[:, 0], lp[:, 0], entropy_of(logp, p)
-        if C > 1:
-            alt_tok[slots, pos], alt_lp[slots, pos] = tok[:, 1:], lp[:, 1:]
-        length[slots] = pos + 1
-        is_eos = torch.isin(tok[:, 0], eos_t)
-        finished[slots] = is_eos
-        return is_eos | (pos + 1 >= Tmax)
-
-    def branch(s: int, row_of: dict[int, int], new_from_batch: list, new_from_root: list, ended_now: list) -> None:
-        """Leaf s has ended: give it its share of the prompt's unspent leaf budget as forks at its
-        highest-entropy own positions above tau. A branch at t copies s's tokens before t, takes the
-        alternative drawn at t, and continues from s's KV cache cut back to the prompt + t tokens."""
-        g, n = s // G, int(length[s])
-        share = -(-(G - created[g]) // (open_rows[g] + 1))  # ceil(unspent / rows still open, s included)
-        start = branch_pos[s] + (parent[s] >= 0)  # own positions begin after the parent's fork position
-        if share == 0 or forks[g] >= max_forks or start >= n:
-            return
-        H = entropy[s, start:n].tolist()
-        cand = sorted((t for t in range(start, n) if H[t - start] > cfg.tau), key=lambda t: -H[t - start])
-        for t in sorted(cand[: min(-(-share // (C - 1)), max_forks - forks[g])]):
-            forks[g] += 1
-            for j in range(min(C - 1, G - created[g])):  # a fork makes max_children - 1 branches if the budget allows
-                c = g * G + created[g]
-                created[g] += 1; open_rows[g] += 1
-                tokens[c, :t], logprobs[c, :t], entropy[c, :t + 1] = tokens[s, :t], logprobs[s, :t], entropy[s, :t + 1]
-                tokens[c, t], logprobs[c, t], length[c] = alt_tok[s, t, j], alt_lp[s, t, j], t + 1
-                parent[c], branch_pos[c] = s, t
-                finished[c] = is_eos = bool(torch.isin(tokens[c, t], eos_t))
-                if is_eos or t + 1 >= Tmax:
-                    ended_now.append(c)
-                elif t == 0:
-                    new_from_root.append(c)
-                else:  # s's cache holds the prompt + its tokens 0..n-2; the branch needs prompt + 0..t-1
-                    new_from_batch.append((c, row_of[s], n - 1 - t))
-
-    def settle(ended: list[int], row_of: dict[int, int]) -> tuple[list, list]:
-        """Retire ended leaves: fork them (tree), then give a prompt whose rows have all ended its missing
-        leaves as fresh root chains. New leaves can end at once (EOS first, or at max_new_tokens): they
-        are retired in the next round. Returns the new rows to join the batch."""
-        new_from_batch, new_from_root = [], []
-        while ended:
-            nxt = []
-            for s in sorted(ended):  # per prompt in leaf order: the same whatever else is in the batch
-                open_rows[s // G] -= 1
-                if tree:
-                    branch(s, row_of, new_from_batch, new_from_root, nxt)
-            for g in sorted({s // G for s in ended}):
-                if open_rows[g] == 0 and created[g] < G:
-                    fill = torch.arange(g * G + created[g], g * G + G, device=device)
-                    open_rows[g] += G - created[g]; created[g] = G
-                    for c, d in zip(fill.tolist(), record(fill, root_logp[fill // G]).tolist()):
-                        (nxt if d else new_from_root).append(c)
-            ended = nxt
-        return new_from_batch, new_from_root
-
-    # Start: M root chains per prompt, first token from the prefill's distribution.
-    init = torch.tensor([g * G + k for g in range(P) for k in range(M)], device=device)  # [P*M]
-    done = record(init, root_logp[init // G]).tolist()
-    from_batch, from_root = settle([c for c, d in zip(init.tolist(), done) if d], {})
-    from_root += [c for c, d in zip(init.tolist(), done) if not d]
-    # The batch: slot [R] (leaf of each row), attn [R, L] (mask over the cache), and the cache itself.
-    slot = torch.zeros(0, dtype=torch.long, device=device)
-    attn = torch.zeros(0, Tp, dtype=torch.long, device=device)
-    kv = [(k[:0], v[:0]) for k, v in root_kv]
-    keep = torch.zeros(0, dtype=torch.long, device=device)
-    decoded, steps, changed = 0, 0, True
-    while True:
-        if changed:
-            # Rebuild: rows kept; branches (a shifted prefix of their parent's cache row); root chains
-            # (the prompt's cached KV, left-padded to the batch length). Only when rows end or join.
-            L = attn.shape[1]
-            cols = torch.arange(L, device=device)
-            fb = torch.tensor([r for _, r, _ in from_batch], dtype=torch.long, device=device)
-            fb_shift = torch.tensor([d for _, _, d in from_batch], dtype=torch.long, device=device)
-            fr = torch.tensor(from_root, dtype=torch.long, device=device)
-            fr_shift = torch.full_like(fr, L - Tp)
-
-            def rows(x, x0):
-                kept = x.index_select(0, keep)
-                if len(fb) + len(fr) == 0:
-                    return kept
-                return torch.cat([kept, _take_rows(x, fb, fb_shift, L), _take_rows(x0, fr // G, fr_shift, L)])
-
-            kv = [(rows(k, k0), rows(v, v0)) for (k, v), (k0, v0) in zip(kv, root_kv)]
-            attn = rows(attn, root_mask) * (cols >= torch.cat([torch.zeros_like(keep), fb_shift, fr_shift])[:, None])
-            slot = torch.cat([slot[keep], torch.tensor([c for c, _, _ in from_batch], dtype=torch.long, device=device), fr])
-            for layer, (k, v) in zip(cache.layers, kv):
-                layer.keys, layer.values = k, v
-        R = len(slot)
-        if R == 0:
-            break
-        # One decode step: feed each row's last token at its own position.
-        pos = length[slot]  # [R]
-        attn = torch.cat([attn, attn.new_ones(R, 1)], dim=1)  # [R, L+1]
-        out = model(input_ids=tokens[slot, pos - 1][:, None], attention_mask=attn, past_key_values=cache,
-                    use_cache=True, position_ids=(plen[slot // G] + pos - 1)[:, None])
-        decoded += R
-        steps += 1
-        ended = record(slot, sampling_logprobs(out.logits[:, -1], cfg.temperature, cfg.top_p, cfg.top_k))
-        del out
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
-        changed = bool(ended.any())
-        if changed:
-            keep = (~ended).nonzero()[:, 0]
-            ended_rows = ended.nonzero()[:, 0].tolist()
-            ended_slots = slot[ended].tolist()
-            from_batch, from_root = settle(ended_slots, dict(zip(ended_slots, ended_rows)))
-
-    # Assemble: rows grouped per prompt, leaves in creation order; padding beyond each length.
-    T = int(length.max())
-    response_mask = torch.arange(T, device=device) < length[:, None]  # [B, T]
-    return Rollout(
-        prompt_ids=prompt_ids.repeat_interleave(G, 0), prompt_mask=prompt_mask.repeat_interleave(G, 0),
-        response_ids=tokens[:, :T].masked_fill(~response_mask, pad_token_id), response_mask=response_mask,
-        logprobs=logprobs[:, :T] * response_mask, entropy=entropy[:, :T] * response_mask,
-        group_index=torch.arange(B, device=device) // G, finished=finished,
-        decoded_tokens=decoded, prefilled_tokens=int(plen.sum()), decode_steps=steps,
-        parent=torch.tensor(parent, device=device), branch_pos=torch.tensor(branch_pos, device=device),
-        tree_forks=torch.tensor(forks, device=device),
-    )

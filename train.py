@@ -168,6 +168,10 @@ class Args:
     """tree sampler: most forks per prompt (None: rollout's default)"""
     recompute_logprobs: bool = False
     """recompute old log-probs with a forward pass even when the sampler's can serve (top-p 1, top-k 0)"""
+    kv_budget: int | None = None
+    """most KV-cache token positions while sampling (None: from free GPU memory on CUDA, unbounded on CPU)"""
+    compile_decode: bool = False
+    """run the sampler's decode step under torch.compile (CUDA graphs on GPU)"""
     # --- optimisation
     lr: float = 1e-6
     """AdamW learning rate (SPEC 6: 1e-6, constant)"""
@@ -285,6 +289,9 @@ def check_args(args: Args, world_size: int = 1) -> None:
     need(args.temperature > 0, f"--temperature {args.temperature}: training needs > 0 (log-probs of logits / T)")
     need(0 < args.top_p <= 1 and args.top_k >= 0, f"--top-p {args.top_p} / --top-k {args.top_k}: need 0 < top_p <= 1, top_k >= 0")
     need(args.max_new_tokens >= 1 and args.max_prompt_tokens >= 1, "--max-new-tokens and --max-prompt-tokens must be >= 1")
+    need(args.kv_budget is None or args.kv_budget >= args.max_prompt_tokens + args.max_new_tokens,
+         f"--kv-budget {args.kv_budget}: a row reserves --max-prompt-tokens + --max-new-tokens = "
+         f"{args.max_prompt_tokens + args.max_new_tokens} positions; give at least that")
     need(args.lr > 0 and args.weight_decay >= 0 and args.grad_clip >= 0, "--lr must be > 0, --weight-decay and --grad-clip >= 0")
     need(args.steps >= 0 and args.warmup_steps >= 0, "--steps and --warmup-steps must be >= 0")
     need(args.micro_batch_rows >= 1 and args.logit_chunk >= 1, "--micro-batch-rows and --logit-chunk must be >= 1")
@@ -841,7 +848,8 @@ def validate(model, tokenizer, args: Args, examples: list[dict], ctx) -> dict:
     with sampling_mode(model) as policy, ctx:
         summary, _ = evaluate.evaluate(policy, tokenizer, args.task, examples, n=1, temperature=0.0,
                                        max_new_tokens=args.max_new_tokens, batch_size=args.val_batch_size,
-                                       thinking=args.thinking, seed=args.seed, progress=False)
+                                       thinking=args.thinking, seed=args.seed, progress=False,
+                                       kv_budget=args.kv_budget, compile_decode=args.compile_decode)
     return summary
 
 
@@ -917,7 +925,7 @@ def train(args: Args, d: Dist | None = None, model=None, tokenizer=None) -> dict
     cfg = rollout.SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                  top_k=args.top_k, sampler=args.sampler, **{k: v for k, v in dict(
                                      tau=args.tree_tau, num_chains=args.tree_chains, max_children=args.tree_children,
-                                     max_forks=args.tree_forks).items() if v is not None})
+                                     max_forks=args.tree_forks).items() if v is not None}, compile=args.compile_decode)
     eos_ids = eos_token_ids(unwrap(model), tokenizer)
     use_sampler_logprobs = args.top_p == 1.0 and args.top_k == 0 and not args.recompute_logprobs
     t_run = time.time() - wall0  # wall clock continues across a resume
@@ -952,7 +960,11 @@ def train(args: Args, d: Dist | None = None, model=None, tokenizer=None) -> dict
             idx, data_pass, data_offset = step_prompts(step, len(prompts), args.prompts_per_step, args.seed)
             idx = idx[d.rank * P_local:(d.rank + 1) * P_local]
             with sampling_mode(model) as policy, ctx():
-                ro = rollout.sample(policy, [prompts[i] for i in idx], G, cfg, eos_token_ids=eos_ids,
+                budget = args.kv_budget  # CUDA default: what free memory holds, AdamW's states to come kept
+                if budget is None and d.device.type == "cuda":
+                    budget = rollout.default_kv_budget(policy, rows=len(idx) * G, optimizer=optimizer)
+                ro = rollout.sample(policy, [prompts[i] for i in idx], G, dataclasses.replace(cfg, kv_budget=budget),
+                                    eos_token_ids=eos_ids,
                                     pad_token_id=tokenizer.pad_token_id, seed=sample_seed(args.seed, step, d.rank))
             mask = ro.response_mask  # [B, T] bool, B = P_local * G
             _sync(d)

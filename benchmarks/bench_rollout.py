@@ -1,18 +1,20 @@
-"""bench_rollout.py: tree sampling against flat sampling at equal leaves, and flat sampling against `generate`.
+"""bench_rollout.py: the decode engine's speed, memory and copies; tree sampling against flat; flat against `generate`.
 
-For each model it samples P chain questions x G leaves with rollout.sample, flat and tree (at
+Sections (--sections; all by default). Token and byte counts are exact; wall times depend on the machine.
+
+tree: for each model it samples P chain questions x G leaves with rollout.sample, flat and tree (at
 SamplingConfig's defaults, then at each further --taus value), and with `model.generate`
 (do_sample, top_k=0, top_p=1, temperature 1, the same max_new_tokens and EOS), then prints:
 - decoded token positions per leaf (rows fed to the model, summed over steps) and wall time per leaf,
-  tree / flat as ratios (issue 3's target: tree decodes >= 25% fewer positions per leaf); forks and
-  fresh chains per prompt; response tokens per leaf (tree leaves run longer than flat samples); decode
-  steps (model calls one after another: what a batch-bound GPU waits for);
+  tree / flat as ratios (issue 10's target: tree at most 1.0x flat wall time per leaf with >= 40% fewer
+  decoded positions); forks and fresh chains per prompt; fork depth; response tokens per leaf (tree
+  leaves run longer than flat samples); decode steps (model calls one after another);
 - prefilled tokens: rollout prefills each prompt once, so re-prefilled prefix tokens = prefilled -
   sum of prompt lengths (target 0); `generate` prefills every row;
-- sampled tokens per second, flat vs generate (target: flat no slower).
+- sampled tokens per second, flat vs generate.
 Wall times are medians over `repeats` rounds (seeds 0..repeats-1) after one warm-up, each round running
-every sampler once in turn; token counts are means over the same runs, so they do not depend on the
-machine's load; wall times do.
+every sampler once in turn; token counts are means over the same runs. --compile samples with
+SamplingConfig(compile=True) (the warm-up run compiles).
 
 The models (--models), because what a tree saves depends on the model's lengths:
 - HIDDENxLAYERS, a random tiny Qwen3: its EOS hazard is the same at every position (memoryless), so a
@@ -25,12 +27,32 @@ The models (--models), because what a tree saves depends on the model's lengths:
   real LM (a few tokens in a thousand above 1 nat), hence the tau sweep.
 - a directory: any saved model (rollout.load_model_and_tokenizer).
 
+paper: a random Qwen3 with the real vocabulary (151,936) and Qwen3-1.7B's widths (hidden 2,048, 16
+heads, 8 KV heads, head_dim 128, intermediate 6,144) but --paper-layers layers; ragged prompts
+(--paper-prompts tokens, random ids) x --paper-G rows, up to --paper-new-tokens new tokens. Random
+weights almost never emit EOS, so EOS's logit is raised to give each row a hazard of about
+--paper-eos-rate / max_new_tokens per token (ragged lengths, as real responses have). Flat sampling
+with no budget, at a quarter of that run's cache, and `generate` (static cache) on the same rows and
+logits: slots, budget, allocated and peak cache bytes, decode steps, ms per step, sampled tokens/s.
+
+traffic: Qwen3-1.7B's attention in 1 layer with a 1,024-token vocabulary and a narrow MLP (the counts
+do not depend on them, the run time does), a 1,024-token prompt x 8 rows, EOS impossible, flat and
+tree (default tau) at each --traffic-new-tokens: cache bytes written and copied per decoded position,
+by kind (prefill writes, decode writes, prompt copies, fork copies), from the engine's own counts.
+
+overhead: ms per decode step at batch 1 on the tiny 64x2 model (eager, compiled, `generate`).
+
+arithmetic: Qwen3-1.7B's bytes per cached position x rows x length, and how many rows an 80 GB H100
+holds after the training state, at 2,048 and 8,192 new tokens (printed, not measured).
+
 Run from the repository root:
-    python benchmarks/bench_rollout.py                        # 64x2, 128x4 and warm; tau 0.5 (default), 1.0, 0.3, 0.1
-    python benchmarks/bench_rollout.py --models 128x4 --max-new-tokens 256 --device cuda --dtype bfloat16
+    python benchmarks/bench_rollout.py                        # all; tree: 64x2, 128x4, warm; tau 0.5 (default), 1.0, 0.3, 0.1
+    python benchmarks/bench_rollout.py --sections tree --models warm --compile
+    python benchmarks/bench_rollout.py --sections tree paper --device cuda --dtype bfloat16
 """
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import sys
@@ -67,6 +89,22 @@ class Args:
     """torch CPU threads"""
     warm_dir: str = "runs/bench-rollout-warm"
     """where the `warm` model is cached, as WARM_DIR/warm-s0 (train.warm_start reuses it when the recipe matches)"""
+    compile: bool = False
+    """tree section: sample with SamplingConfig(compile=True) (torch.compile; CUDA graphs on CUDA)"""
+    sections: list[str] = field(default_factory=lambda: ["tree", "paper", "traffic", "overhead", "arithmetic"])
+    """which sections to run: tree, paper, traffic, overhead, arithmetic"""
+    paper_layers: int = 1
+    """paper case: decoder layers of the Qwen3-1.7B-shaped random model"""
+    paper_prompts: list[int] = field(default_factory=lambda: [1024, 640, 384, 128])
+    """paper case: prompt lengths in tokens (ragged)"""
+    paper_G: int = 2
+    """paper case: rows per prompt"""
+    paper_new_tokens: int = 512
+    """paper case: most new tokens per row"""
+    paper_eos_rate: float = 4.0
+    """paper case: EOS logit raised so a row ends with probability rate / max_new_tokens per token"""
+    traffic_new_tokens: list[int] = field(default_factory=lambda: [256, 2048])
+    """traffic section: max_new_tokens values (EOS impossible, so rows run to them)"""
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
@@ -79,6 +117,13 @@ def parse_args(argv: list[str] | None = None) -> Args:
         raise ValueError("--P, --G, --max-new-tokens and --repeats must be >= 1")
     if any(t < 0 for t in args.taus):
         raise ValueError(f"--taus {args.taus}: tau must be >= 0 nats")
+    unknown = set(args.sections) - {"tree", "paper", "traffic", "overhead", "arithmetic"}
+    if unknown:
+        raise ValueError(f"--sections {sorted(unknown)}: choose from tree, paper, traffic, overhead, arithmetic")
+    if min(args.paper_layers, args.paper_G, args.paper_new_tokens, *args.paper_prompts, *args.traffic_new_tokens) < 1:
+        raise ValueError("--paper-layers, --paper-G, --paper-new-tokens, --paper-prompts and --traffic-new-tokens must be >= 1")
+    if args.paper_eos_rate < 0 or args.paper_eos_rate >= args.paper_new_tokens:
+        raise ValueError(f"--paper-eos-rate {args.paper_eos_rate}: must be in [0, --paper-new-tokens)")
     return args
 
 
@@ -119,13 +164,14 @@ def timed(fns: dict, repeats: int) -> dict:
     return {k: (statistics.median(walls[k]), outs[k]) for k in fns}
 
 
-def main(args: Args) -> None:
-    torch.set_num_threads(args.threads)
+def tree_vs_flat(args: Args) -> None:
+    """The tree section: tree (tau sweep) vs flat vs generate on each --models entry."""
     P, G, B = args.P, args.G, args.P * args.G
     default_tau = rollout.SamplingConfig().tau
     taus = [default_tau] + [t for t in args.taus if t != default_tau]
-    print(f"device={args.device} dtype={args.dtype} threads={args.threads} P={P} G={G} max_new_tokens={args.max_new_tokens} "
-          f"repeats={args.repeats}; tree defaults: {rollout.SamplingConfig(sampler='tree')}")
+    print(f"\n== tree vs flat: device={args.device} dtype={args.dtype} threads={args.threads} P={P} G={G} "
+          f"max_new_tokens={args.max_new_tokens} repeats={args.repeats} compile={args.compile}; "
+          f"tree defaults: {rollout.SamplingConfig(sampler='tree')}")
     for name in args.models:
         model, tok, label = load(name, args)
         prompts = [evaluate.prompt_ids("chain", ex, tok) for ex in evaluate.load_examples("chain", "test", limit=P)]
@@ -133,7 +179,7 @@ def main(args: Args) -> None:
         eos, pad = tok.eos_token_id, tok.pad_token_id
 
         def run(sampler, tau=default_tau):
-            cfg = rollout.SamplingConfig(max_new_tokens=args.max_new_tokens, sampler=sampler, tau=tau)
+            cfg = rollout.SamplingConfig(max_new_tokens=args.max_new_tokens, sampler=sampler, tau=tau, compile=args.compile)
             return lambda seed: rollout.sample(model, prompts, G, cfg, eos_token_ids=eos, pad_token_id=pad, seed=seed)
 
         # generate on the same rows: each prompt repeated G times, left-padded
@@ -183,6 +229,190 @@ def main(args: Args) -> None:
         print(f"  prefill: rollout {flat[0].prefilled_tokens} tokens (prompt tokens {prompt_tokens}), generate {int(mask.sum())}")
         print(f"  sampled tokens/s: flat {tok_flat * B / wall_flat:9.0f}  generate {statistics.fmean(gen_tokens) / wall_gen:9.0f}  "
               f"flat/generate {(tok_flat * B / wall_flat) / (statistics.fmean(gen_tokens) / wall_gen):.2f}")
+
+
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine at the paper's shapes: memory, copies, host overhead
+
+
+PAD, EOS = 0, 2  # token ids of the random Qwen3-1.7B-shaped models (random prompts avoid both)
+
+
+def qwen3_1_7b_shaped(layers: int, vocab: int, intermediate: int, args: Args):
+    """A random Qwen3 with Qwen3-1.7B's attention (hidden 2,048, 16 heads, 8 KV heads, head_dim 128), `layers` layers."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=vocab, hidden_size=2048, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40_960,
+                         tie_word_embeddings=True, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen3ForCausalLM(config)
+    model.generation_config.do_sample = False
+    return model.to(args.device, getattr(torch, args.dtype)).eval()
+
+
+def random_prompts(lengths: list[int], vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def eos_bias(model, prompt: list[int], hazard: float) -> torch.Tensor:
+    """A logit bias [V] that gives EOS probability about `hazard` per token (from the logits after `prompt`; a random
+    model's logits barely move along a response), or makes it impossible (hazard 0)."""
+    V = model.config.vocab_size
+    bias = torch.zeros(V, device=next(model.parameters()).device)
+    if hazard == 0:
+        bias[EOS] = float("-inf")
+        return bias
+    with torch.no_grad():
+        z = model(input_ids=torch.tensor([prompt], device=bias.device)).logits[0, -1].float()
+    others = torch.logsumexp(torch.cat([z[:EOS], z[EOS + 1:]]), 0)
+    bias[EOS] = others + math.log(hazard / (1 - hazard)) - z[EOS]
+    return bias
+
+
+def wall(fn):
+    """(seconds, fn())"""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+def generate_rows(model, prompts: list[list[int]], G: int, max_new: int, seed: int = 0):
+    """`generate` on the same rows (each prompt G times, left-padded), static cache: tokens up to the first EOS."""
+    dev = next(model.parameters()).device
+    Tp = max(map(len, prompts))
+    ids = torch.tensor([[PAD] * (Tp - len(q)) + q for q in prompts for _ in range(G)], device=dev)
+    lens = torch.tensor([len(q) for q in prompts for _ in range(G)], device=dev)
+    mask = (torch.arange(Tp, device=dev) >= Tp - lens[:, None]).long()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                             max_new_tokens=max_new, eos_token_id=EOS, pad_token_id=PAD, cache_implementation="static")
+    is_eos = (out[:, Tp:] == EOS).long()
+    return int(((is_eos.cumsum(1) - is_eos) == 0).sum()), out.shape[1] - Tp  # sampled tokens, steps
+
+
+def paper_case(args: Args) -> None:
+    """Flat sampling on the Qwen3-1.7B-shaped model with the real vocabulary: no budget, a quarter of it, generate."""
+    model = qwen3_1_7b_shaped(args.paper_layers, 151_936, 6144, args)
+    prompts, G, T = random_prompts(args.paper_prompts, 151_936), args.paper_G, args.paper_new_tokens
+    bias = eos_bias(model, prompts[-1], args.paper_eos_rate / T)
+    model.lm_head.register_forward_hook(lambda mod, inp, out: out + bias.to(out.dtype))
+    rows, L = len(prompts) * G, max(args.paper_prompts) + T
+    bpp = rollout.kv_bytes_per_position(model)
+    print(f"\n== paper-shaped case: Qwen3-1.7B widths, {args.paper_layers} layer(s), vocab 151,936, {args.dtype}; "
+          f"prompts {args.paper_prompts} x G={G} = {rows} rows; max_new_tokens {T}; EOS hazard {args.paper_eos_rate:g}/{T} "
+          f"a token\n  cache: {bpp:,} bytes per position ({args.paper_layers} layer(s)); a row reserves L = {L} positions")
+
+    def run(budget):
+        cfg = rollout.SamplingConfig(max_new_tokens=T, kv_budget=budget)
+        return rollout.sample(model, prompts, G, cfg, eos_token_ids=EOS, pad_token_id=PAD, seed=0)
+
+    rollout.sample(model, prompts[-1:], 1, rollout.SamplingConfig(max_new_tokens=2), eos_token_ids=EOS, pad_token_id=PAD)
+    res = {"no budget": (None, *wall(lambda: run(None)))}
+    quarter = rows * L // 4  # a quarter of what the unbudgeted run allocates (every row at once)
+    res["1/4 budget"] = (quarter, *wall(lambda: run(quarter)))
+    t_gen, (gen_tokens, gen_steps) = wall(lambda: generate_rows(model, prompts, G, T))
+    print(f"  {'run':<18} {'slots':>5} {'budget MB':>9} {'alloc MB':>8} {'peak MB':>7} {'steps':>6} {'ms/step':>8} "
+          f"{'tokens':>6} {'tokens/s':>8} {'vs no budget':>12}")
+    base = None
+    for name, (budget, t, r) in res.items():
+        tokens = int(r.response_mask.sum())
+        base = base or tokens / t
+        print(f"  {name:<18} {r.kv_capacity // L:5d} {budget * bpp / 2**20 if budget else float('nan'):9.1f} "
+              f"{r.kv_capacity * bpp / 2**20:8.1f} {r.peak_kv_tokens * bpp / 2**20:7.1f} {r.decode_steps:6d} "
+              f"{1e3 * t / max(r.decode_steps, 1):8.1f} {tokens:6d} {tokens / t:8.1f} {tokens / t / base:12.2f}")
+    print(f"  {'generate (static)':<18} {'':>5} {'':>9} {'':>8} {'':>7} {gen_steps:6d} {1e3 * t_gen / gen_steps:8.1f} "
+          f"{gen_tokens:6d} {gen_tokens / t_gen:8.1f}")
+    print(f"  flat (no budget) / generate tokens/s: {base / (gen_tokens / t_gen):.2f}; ms/step includes the prefills; "
+          f"peak = most positions held by rows in flight; alloc = slots x L, never above the budget")
+    r = res["no budget"][2]
+    print("  cache bytes per decoded position (no budget): "
+          + ", ".join(f"{k} {v * bpp / r.decoded_tokens:,.0f}" for k, v in r.kv_traffic.items()))
+
+
+def traffic(args: Args) -> None:
+    """Cache bytes written and copied per decoded position, flat and tree, at each --traffic-new-tokens."""
+    model = qwen3_1_7b_shaped(1, 1024, 1024, args)
+    prompts, G = random_prompts([1024], 1024), 8
+    bias = eos_bias(model, prompts[0], 0.0)
+    model.lm_head.register_forward_hook(lambda mod, inp, out: out + bias.to(out.dtype))
+    bpp, bpp_full = rollout.kv_bytes_per_position(model), 28 * 2 * 8 * 128 * 2
+    print(f"\n== cache traffic: Qwen3-1.7B attention, 1 layer ({bpp:,} bytes per position; Qwen3-1.7B in bf16: 28 layers, "
+          f"{bpp_full:,}), a 1,024-token prompt x G={G}, EOS impossible\n"
+          f"  bytes per decoded position (Qwen3-1.7B bf16 bytes in brackets); decode = one position written per "
+          f"computed slot and step")
+    print(f"  {'sampler':<8} {'new tokens':>10} {'decoded':>8} {'steps':>6} {'prefill':>16} {'decode writes':>16} "
+          f"{'prompt copies':>16} {'fork copies':>16} {'peak MB':>8}")
+    for T in args.traffic_new_tokens:
+        for sampler in ("flat", "tree"):
+            cfg = rollout.SamplingConfig(max_new_tokens=T, sampler=sampler)
+            r = rollout.sample(model, prompts, G, cfg, eos_token_ids=EOS, pad_token_id=PAD, seed=0)
+            per = {k: v / r.decoded_tokens for k, v in r.kv_traffic.items()}
+            cells = " ".join(f"{per[k] * bpp:7,.0f} [{per[k] * bpp_full / 1e3:5.0f}k]" for k in
+                             ("prefill", "decode", "prompt_copy", "fork_copy"))
+            print(f"  {sampler:<8} {T:10d} {r.decoded_tokens:8d} {r.decode_steps:6d} {cells} "
+                  f"{r.peak_kv_tokens * bpp / 2**20:8.1f}")
+
+
+def host_overhead(args: Args) -> None:
+    """ms per decode step at batch 1 on the tiny 64x2 model: what a step costs besides its arithmetic."""
+    tok = rollout.build_tiny_tokenizer()
+    model = rollout.build_tiny_model(tok, hidden=64, layers=2).to(args.device).eval()
+    bias = torch.zeros(model.config.vocab_size, device=args.device)
+    bias[tok.eos_token_id] = float("-inf")
+    model.lm_head.register_forward_hook(lambda mod, inp, out: out + bias)
+    q, T = [tok("12+34=").input_ids], 256
+    print(f"\n== host overhead: tiny 64x2, batch 1, {T} new tokens (EOS impossible), median of 3 after a warm-up")
+    for name, compile_ in (("eager", False), ("compiled", True)):
+        cfg = rollout.SamplingConfig(max_new_tokens=T, compile=compile_)
+        fn = lambda: rollout.sample(model, q, 1, cfg, eos_token_ids=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # noqa: E731
+        fn()
+        t = statistics.median(wall(fn)[0] for _ in range(3))
+        print(f"  rollout.sample {name:<9} {1e3 * t / (T - 1):6.3f} ms/step")
+    ids = torch.tensor(q, device=args.device)
+    fn = lambda: model.generate(input_ids=ids, do_sample=True, top_k=0, max_new_tokens=T, pad_token_id=0)  # noqa: E731
+    fn()
+    t = statistics.median(wall(fn)[0] for _ in range(3))
+    print(f"  generate (dynamic cache) {1e3 * t / T:6.3f} ms/step")
+
+
+def full_model_arithmetic(args: Args) -> None:
+    """Qwen3-1.7B at the paper's batch: the cache every row at once would need, and what an H100 holds."""
+    H, I, n_layers, V, kv, D, heads = 2048, 6144, 28, 151_936, 8, 128, 16
+    params = V * H + n_layers * (H * heads * D + 2 * H * kv * D + heads * D * H + 3 * H * I + 2 * H + 2 * D) + H
+    bpp = n_layers * 2 * kv * D * 2
+    rows, total = 224, 79.19 * 2**30  # 256 prompts x G = 7 over 8 GPUs; what an 80 GB H100 reports to PyTorch
+    state = 18 * params  # fp32 weights 4 + AdamW 8 + DDP gradient buckets 4 + bf16 autocast weight copies 2 bytes each
+    step = 24 * rows * V  # the decode step's [rows, V] logits and sampler tensors (default_kv_budget's term)
+    cache = 0.9 * (total - state - step - 2**30)  # default_kv_budget's fraction; 1 GiB for the CUDA context
+    print(f"\n== Qwen3-1.7B arithmetic (printed, not measured): {params / 1e9:.2f}B parameters; {bpp:,} bytes "
+          f"(112 KiB) per cached position in bf16 (28 layers x K,V x 8 KV heads x 128 x 2 bytes)")
+    print(f"  H100 80 GB: {total / 2**30:.1f} GiB; training state while sampling {state / 2**30:.1f} GiB (fp32 weights, "
+          f"AdamW states, DDP gradient buckets, bf16 autocast weight copies), step tensors {step / 2**30:.1f} GiB, "
+          f"1 GiB context -> 90% of the rest = {cache / 2**30:.1f} GiB of cache = {int(cache // bpp):,} positions")
+    for new in (2048, 8192):
+        L = 1024 + new
+        print(f"  {new:,} new tokens: L = {L:,}; {rows} rows at once need {rows * L * bpp / 2**30:.1f} GiB; "
+              f"the budget holds {int(cache // bpp) // L} slots ({int(cache // bpp) // L / rows:.0%} of the rows)")
+
+
+def main(args: Args) -> None:
+    torch.set_num_threads(args.threads)
+    sections = dict(tree=tree_vs_flat, paper=paper_case, traffic=traffic, overhead=host_overhead,
+                    arithmetic=full_model_arithmetic)
+    for name in args.sections:
+        t0 = time.perf_counter()
+        sections[name](args)
+        print(f"  ({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """rollout.sample: the sampling distribution, counter-based randomness, the decode loop and the tree.
 
 Layers: hand-computed cases for the small pure functions (top-k/top-p, inverse CDF, the hash against
-a plain-Python splitmix64); equivalence of recorded log-probs/entropy with a fresh forward pass;
-properties of tree sampling over random small configurations (hypothesis); tiny-model end to end
-(determinism, batch independence, EOS, max_new_tokens, greedy, bad input).
+a plain-Python splitmix64, the fork rule, the default KV budget); equivalence of recorded log-probs/entropy
+with a fresh forward pass; properties of tree sampling over random small configurations and KV budgets
+(hypothesis); tiny-model end to end (determinism, batch independence, EOS, max_new_tokens, greedy, the
+same tokens whatever the budget and with compile, cache bytes and copies counted by hand, bad input).
 
 A random tiny model is near-uniform (entropy ~ln 100 = 4.6 nats everywhere); tests that need peaked
 distributions or likely/impossible EOS add a hook on lm_head that scales or biases the logits.
@@ -94,6 +95,11 @@ def _check_leaf_invariants(r, prompts, G, cfg):
     assert int(lengths.max()) - 1 <= r.decode_steps <= decoded_expected
     assert r.prefilled_tokens == sum(len(q) for q in prompts)
     assert torch.equal(r.prompt_mask.sum(1), torch.tensor([len(q) for q in prompts]).repeat_interleave(G))
+    # two-level trees: a branch's parent is one of the prompt's M root chains (fork_rule: branches never fork)
+    M = cfg.num_chains if not math.isinf(cfg.tau) else G
+    for b in range(B):
+        p = int(r.parent[b])
+        assert p < 0 or (int(r.parent[p]) == -1 and p % G < M)
     # fork limits: children per fork point, forks per prompt
     points = {}
     for b in range(B):
@@ -181,6 +187,48 @@ def test_counter_uniform_matches_plain_python_and_is_uniform():
     assert 0 <= float(u.min()) and float(u.max()) < 1
     assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.var()) - 1 / 12) < 0.002
     assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 0.01
+
+
+def test_fork_rule_by_hand():
+    H = [0.1, 0.9, 0.6, 0.7, 0.2, 0.95, 0.5]  # positions above tau = 0.5: 1, 2, 3, 5 (0.5 itself is not above)
+    # G = 8, M = 2, binary forks: 6 forks dealt 3 and 3; root 0 forks at its 3 highest, shallowest first
+    assert rollout.fork_rule(H, 0, G=8, M=2, C=2, max_forks=0, tau=0.5) == ([(1, 1), (3, 1), (5, 1)], 0, 2)
+    assert rollout.fork_rule(H, 1, G=8, M=2, C=2, max_forks=0, tau=0.5)[2] == 5  # root 1's leaves follow root 0's
+    # too few positions above tau: the dealt leaves left over start as fresh chains
+    assert rollout.fork_rule([0.1, 0.6], 0, G=8, M=2, C=2, max_forks=0, tau=0.5) == ([(1, 1)], 2, 2)
+    # max_children 3, one root: 7 leaves on 4 forks (2, 2, 2, 1), the deepest fork takes the remainder
+    assert rollout.fork_rule(H, 0, G=8, M=1, C=3, max_forks=0, tau=0.5) == ([(1, 2), (2, 2), (3, 2), (5, 1)], 0, 1)
+    # max_forks 3 of the 5 extra leaves: forks dealt 2 and 1, the 2 leaves no fork carries dealt 1 and 1
+    assert rollout.fork_rule(H, 0, G=7, M=2, C=2, max_forks=3, tau=0.5) == ([(1, 1), (5, 1)], 1, 2)
+    assert rollout.fork_rule(H, 1, G=7, M=2, C=2, max_forks=3, tau=0.5) == ([(5, 1)], 1, 5)
+    # ties go to the earlier position; tau = 0 takes any position with mass on more than one token
+    assert rollout.fork_rule([0.3, 0.3, 0.3], 0, G=3, M=1, C=2, max_forks=0, tau=0.0) == ([(0, 1), (1, 1)], 0, 1)
+    assert rollout.fork_rule([0.0, 0.2], 0, G=2, M=1, C=2, max_forks=0, tau=0.0) == ([(1, 1)], 0, 1)
+    # G = M: nothing to deal
+    assert rollout.fork_rule(H, 0, G=2, M=2, C=2, max_forks=0, tau=0.0) == ([], 0, 2)
+
+
+def test_default_kv_budget_arithmetic(tiny_model, monkeypatch):
+    """Free memory counts what the caching allocator holds unused; AdamW's first states and the step's [rows, V]
+    tensors come off; 90% of the rest, in bytes per cached position."""
+    from transformers import Qwen3Config
+
+    qwen3_1_7b = Qwen3Config(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                             head_dim=128, vocab_size=151_936)
+    assert rollout.kv_bytes_per_position(type("M", (), {"config": qwen3_1_7b})(), torch.bfloat16) == 112 * 1024
+    bpp = rollout.kv_bytes_per_position(tiny_model)  # 2 layers x (K, V) x 2 heads x 16 x 4 bytes
+    assert bpp == 2 * 2 * 2 * 16 * 4
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10_000_000, 80_000_000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3_000_000)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2_000_000)
+    opt = torch.optim.AdamW(tiny_model.parameters())
+    n_params = sum(p.numel() for p in tiny_model.parameters())
+    V = tiny_model.config.vocab_size
+    want = int(0.9 * (10_000_000 + 1_000_000 - 8 * n_params - 24 * 16 * V)) // bpp
+    assert rollout.default_kv_budget(tiny_model, rows=16, optimizer=opt) == want
+    # once AdamW holds its states (after the first update), they are in the allocated memory already
+    opt.state[next(tiny_model.parameters())] = {"step": 1}
+    assert rollout.default_kv_budget(tiny_model, rows=16, optimizer=opt) == int(0.9 * (11_000_000 - 24 * 16 * V)) // bpp
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,7 +379,7 @@ def test_tau_inf_forks_nothing_and_is_flat_sampling(tiny_model, tiny_tokenizer):
     assert torch.equal(flat.response_ids, tree.response_ids) and flat.decoded_tokens == tree.decoded_tokens
     # flat: every row starts at once, so the loop runs until the longest ends (its first token is the prefill's)
     assert flat.decode_steps == tree.decode_steps == int(flat.response_mask.sum(1).max()) - 1
-    # a tau above every entropy: no forks either; the M chains end, then G - M root chains fill in
+    # a tau above every entropy: no forks either; each root chain's dealt leaves start as fresh chains when it ends
     high = _run(tiny_model, tiny_tokenizer, prompts, 5, seed=4, max_new_tokens=16, sampler="tree", tau=50.0)
     assert int(high.tree_forks.sum()) == 0 and bool((high.parent == -1).all())
     assert torch.equal(flat.response_ids, high.response_ids)  # same leaf ids, same counters, same tokens
@@ -370,9 +418,10 @@ def test_tree_leaves_share_prefixes_and_decode_fewer_tokens(tiny_model, tiny_tok
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(G=st.integers(1, 7), M=st.integers(1, 7), C=st.integers(2, 4), max_forks=st.integers(0, 4),
        tau=st.sampled_from([0.0, 0.5, 3.0, 4.4, 4.55, math.inf]), scale=st.sampled_from([1.0, 8.0]),
-       eos_bias=st.sampled_from([0.0, 2.5]), max_new=st.integers(1, 12), seed=st.integers(0, 2**31), P=st.integers(1, 3))
+       eos_bias=st.sampled_from([0.0, 2.5]), max_new=st.integers(1, 12), seed=st.integers(0, 2**31), P=st.integers(1, 3),
+       slots=st.sampled_from([None, 1, 2, 5]))
 def test_tree_property_exactly_G_leaves(tiny_model, tiny_tokenizer, G, M, C, max_forks, tau, scale, eos_bias,
-                                       max_new, seed, P):
+                                       max_new, seed, P, slots):
     M = min(M, G)
     V = tiny_model.config.vocab_size
     bias = torch.zeros(V); bias[EOS_ID] = eos_bias
@@ -381,9 +430,155 @@ def test_tree_property_exactly_G_leaves(tiny_model, tiny_tokenizer, G, M, C, max
     cfg = SamplingConfig(max_new_tokens=max_new, sampler="tree", tau=tau, num_chains=M, max_children=C, max_forks=max_forks)
     r = _run(m, tiny_tokenizer, prompts, G, seed=seed, **vars(cfg))
     _check_leaf_invariants(r, prompts, G, cfg)
+    if slots is not None:  # a budget of a few rows: other schedule, same leaves, and never more cache than it allows
+        L = max(map(len, prompts)) + max_new
+        cfg.kv_budget = slots * L + L // 2
+        small = _run(m, tiny_tokenizer, prompts, G, seed=seed, **vars(cfg))
+        _check_leaf_invariants(small, prompts, G, cfg)
+        assert torch.equal(small.response_ids, r.response_ids) and torch.equal(small.parent, r.parent)
+        assert torch.equal(small.branch_pos, r.branch_pos) and small.decoded_tokens == r.decoded_tokens
+        assert small.peak_kv_tokens <= small.kv_capacity <= min(slots, P * G) * L
 
 
 _MODELS = {}  # hooked model copies reused across hypothesis examples
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine: the KV budget, the cache's bytes and copies, compile
+
+
+def _engines(monkeypatch):
+    """Record every _Engine sample() creates (to read its cache tensors)."""
+    made, create = [], rollout._Engine.create.__func__
+
+    def spy(cls, *args, **kwargs):
+        made.append(create(cls, *args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(rollout._Engine, "create", classmethod(spy))
+    return made
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(sampler="tree", tau=0.0), dict(sampler="tree", num_chains=1, max_children=3)])
+def test_same_tokens_whatever_the_kv_budget(tiny_model, tiny_tokenizer, monkeypatch, cfg):
+    """A row's tokens depend on its own prefix and counters only: from one slot (every row after the other, all
+    forks continued in place) to every row at once, the same leaves; the cache never exceeds the budget in bytes."""
+    V = tiny_model.config.vocab_size
+    bias = torch.zeros(V); bias[EOS_ID] = 2.0  # ragged lengths: rows end and slots are refilled
+    m = _MODELS.setdefault((1.0, 2.0), _logits_hook(tiny_model, bias=bias))
+    prompts, G, T = _ids(tiny_tokenizer, *PROMPTS), 5, 20
+    L = max(map(len, prompts)) + T
+    made = _engines(monkeypatch)
+    base = _run(m, tiny_tokenizer, prompts, G, seed=4, max_new_tokens=T, **cfg)
+    for slots in (1, 2, 4):
+        budget = slots * L + L - 1  # just short of one more row
+        r = _run(m, tiny_tokenizer, prompts, G, seed=4, max_new_tokens=T, kv_budget=budget, **cfg)
+        _check_leaf_invariants(r, prompts, G, SamplingConfig(max_new_tokens=T, kv_budget=budget, **cfg))
+        assert torch.equal(r.response_ids, base.response_ids) and torch.equal(r.parent, base.parent)
+        torch.testing.assert_close(r.logprobs, base.logprobs, atol=1e-5, rtol=0)
+        assert r.decoded_tokens == base.decoded_tokens and r.decode_steps >= base.decode_steps
+        # the budget in real bytes: what was allocated is the capacity reported, within the budget
+        eng = made[-1]
+        cache_bytes = sum(x.numel() * x.element_size() for x in eng.K + eng.V)
+        assert cache_bytes == r.kv_capacity * rollout.kv_bytes_per_position(m) <= budget * rollout.kv_bytes_per_position(m)
+        assert r.kv_capacity == slots * L and r.peak_kv_tokens <= r.kv_capacity
+        if slots == 1:  # one row at a time: every prompt copy and fork continues in place, no copies at all
+            assert r.decode_steps == r.decoded_tokens and r.kv_traffic["prompt_copy"] == r.kv_traffic["fork_copy"] == 0
+            assert r.peak_kv_tokens <= L - 1
+
+
+def test_cache_traffic_and_peak_by_hand(tiny_model, tiny_tokenizer):
+    """Flat, one prompt of p tokens, G = 3, EOS impossible, T new tokens: one prefill of p positions, two prompt
+    copies of p, then 3 positions written a step for T - 1 steps; positions held at the last step: 3 (p + T - 1).
+    Per decoded token the writes and copies do not grow with T."""
+    V = tiny_model.config.vocab_size
+    bias = torch.zeros(V); bias[EOS_ID] = float("-inf")
+    m = _MODELS.setdefault((1.0, "no-eos"), _logits_hook(tiny_model, bias=bias))
+    q = _ids(tiny_tokenizer, "1+2+3+4=")
+    p = len(q[0])
+    for T in (8, 40):
+        r = _run(m, tiny_tokenizer, q, 3, max_new_tokens=T)
+        assert r.kv_traffic == dict(prefill=p, decode=3 * (T - 1), prompt_copy=2 * p, fork_copy=0)
+        assert r.decode_steps == T - 1 and r.decoded_tokens == 3 * (T - 1)
+        assert r.peak_kv_tokens == 3 * (p + T - 1) and r.kv_capacity == 3 * (p + T)
+        one = _run(m, tiny_tokenizer, q, 3, max_new_tokens=T, kv_budget=p + T)  # one slot: rows one after another
+        assert one.kv_traffic == dict(prefill=p, decode=3 * (T - 1), prompt_copy=0, fork_copy=0)
+        assert one.peak_kv_tokens == p + T - 1 and one.decode_steps == 3 * (T - 1)
+        assert torch.equal(one.response_ids, r.response_ids)
+
+
+def test_fork_copies_only_the_shared_prefix(tiny_model, tiny_tokenizer):
+    """A tree with slots to spare: each root's deepest branch continues in the root's own slot (no copy), every
+    other branch copies exactly prompt + t positions, the second root copies the prompt."""
+    V = tiny_model.config.vocab_size
+    bias = torch.zeros(V); bias[EOS_ID] = float("-inf")
+    m = _MODELS.setdefault((1.0, "no-eos"), _logits_hook(tiny_model, bias=bias))
+    q, G, T = _ids(tiny_tokenizer, "12+34="), 8, 16
+    p = len(q[0])
+    cfg = SamplingConfig(max_new_tokens=T, sampler="tree", tau=0.0)
+    r = _run(m, tiny_tokenizer, q, G, seed=5, **vars(cfg))
+    _check_leaf_invariants(r, q, G, cfg)
+    want = 0
+    for root in range(cfg.num_chains):
+        ts = sorted(int(t) for b, t in enumerate(r.branch_pos) if int(r.parent[b]) == root and t + 1 < T)
+        want += sum(p + t for t in ts[:-1])  # all but the deepest, which continues in place
+    assert r.tree_forks.tolist() == [G - cfg.num_chains] and want > 0
+    assert {k: r.kv_traffic[k] for k in ("prefill", "prompt_copy", "fork_copy")} == dict(prefill=p, prompt_copy=p,
+                                                                                         fork_copy=want)
+    # eager steps compute the live slots only (8 slots form at most 4 runs, rollout.MAX_RUNS): no idle slot
+    assert rollout.MAX_RUNS == 4 and r.kv_traffic["decode"] == r.decoded_tokens
+
+
+def test_cache_is_stored_in_the_compute_dtype(tiny_model, tiny_tokenizer, monkeypatch):
+    """fp32 weights under bf16 autocast (train.py's sampling): Qwen3's k_norm returns fp32 keys, the cache holds
+    bf16 (half the bytes); the log-probs stay those of the autocast forward."""
+    made = _engines(monkeypatch)
+    prompts = _ids(tiny_tokenizer, *PROMPTS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = _run(tiny_model, tiny_tokenizer, prompts, 2, seed=1, max_new_tokens=12)
+        fresh = [_fresh_logits(tiny_model, q, resp) for q, resp in _rows(r, prompts, 2)]
+    assert all(x.dtype == torch.bfloat16 for x in made[-1].K + made[-1].V)
+    assert r.kv_capacity * rollout.kv_bytes_per_position(tiny_model, torch.bfloat16) == \
+        sum(x.numel() * 2 for x in made[-1].K + made[-1].V)
+    for b, (logits, (q, resp)) in enumerate(zip(fresh, _rows(r, prompts, 2))):
+        want = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(resp)[:, None])[:, 0]
+        torch.testing.assert_close(r.logprobs[b, : len(resp)], want, atol=0.1, rtol=0)  # bf16 rounding only
+
+
+def test_model_attention_restored_after_sampling(tiny_model, tiny_tokenizer):
+    """sample() switches the model to its slot attention and back, also when sampling fails halfway."""
+    ids = torch.tensor([_ids(tiny_tokenizer, "12+34=")[0]])
+    before, logits = tiny_model.config._attn_implementation, tiny_model(input_ids=ids).logits
+    _run(tiny_model, tiny_tokenizer, [ids[0].tolist()], 2, max_new_tokens=4)
+    assert tiny_model.config._attn_implementation == before
+    assert torch.equal(tiny_model(input_ids=ids).logits, logits)
+    m = copy.deepcopy(tiny_model)
+    calls = []
+
+    def fail_on_third(mod, inp, out):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+
+    m.lm_head.register_forward_hook(fail_on_third)
+    with pytest.raises(RuntimeError, match="boom"):
+        _run(m, tiny_tokenizer, [ids[0].tolist()], 2, max_new_tokens=8)
+    assert m.config._attn_implementation == before
+
+
+@pytest.mark.slow
+def test_compiled_decode_gives_the_same_tokens(tiny_model, tiny_tokenizer):
+    """torch.compile (inductor on CPU) over the decode step: the same tokens, flat and tree, with a budget that
+    makes the step's slot count change (several compiled shapes)."""
+    prompts = _ids(tiny_tokenizer, *PROMPTS)
+    L = max(map(len, prompts)) + 16
+    for cfg in (dict(), dict(sampler="tree", tau=0.0)):
+        eager = _run(tiny_model, tiny_tokenizer, prompts, 3, seed=2, max_new_tokens=16, kv_budget=5 * L, **cfg)
+        comp = _run(tiny_model, tiny_tokenizer, prompts, 3, seed=2, max_new_tokens=16, kv_budget=5 * L, compile=True,
+                    **cfg)
+        assert torch.equal(eager.response_ids, comp.response_ids) and torch.equal(eager.parent, comp.parent)
+        torch.testing.assert_close(eager.logprobs, comp.logprobs, atol=1e-5, rtol=0)
+        assert comp.decode_steps == eager.decode_steps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,6 +609,10 @@ _MODELS = {}  # hooked model copies reused across hypothesis examples
     ([[5, 6]], 2, dict(sampler="tree", temperature=0.0), "temperature"),
     ([[5, 6], [7]], 2, dict(prompt_keys=[0]), "prompt_keys"),
     ([[5, 6]], 2, dict(prompt_keys=[-1]), "prompt_keys"),
+    ([[5, 6, 7], [5]], 2, dict(max_new_tokens=10, kv_budget=12), r"kv_budget=12 .*prompt \(3\) \+ max_new_tokens \(10\) = 13"),
+    ([[5, 6]], 2, dict(kv_budget=0), "kv_budget"),
+    ([[5, 6]], 2, dict(kv_budget=1000.0), "kv_budget"),
+    ([[5, 6]], 2, dict(compile="yes"), "compile"),
 ])
 def test_bad_input_raises_before_decoding(tiny_model, tiny_tokenizer, prompts, G, cfg, match):
     def refuse(*a, **k):
