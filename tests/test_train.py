@@ -558,6 +558,123 @@ def test_torchrun_two_processes_gloo_equal_one_process(name, warm_dir, tmp_path)
     _assert_same_metrics(train.read_metrics(tmp_path / "one"), rows)
 
 
+GRADS = """
+import contextlib
+import sys
+import torch
+import rollout
+import train
+
+batch_file, out_file, fsdp, tied = sys.argv[1], sys.argv[2], sys.argv[3] == "fsdp", sys.argv[4] == "tied"
+d = train.setup_distributed("cpu")
+args = train.Args(**torch.load(batch_file)["args"], fsdp=fsdp)
+tok = rollout.build_tiny_tokenizer()
+with train.parameters_on_meta():  # every rank: no weights in memory; rank 0 alone builds them and broadcasts
+    model = rollout.build_tiny_model(tok, hidden=64, layers=2)
+full = rollout.build_tiny_model(tok, hidden=64, layers=2) if d.rank == 0 else None
+if not tied:
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight))
+    if full is not None:
+        full.lm_head.weight = torch.nn.Parameter(full.lm_head.weight.detach() * 2)
+model = train.place_model(model, d, args, torch.float32, full and full.state_dict(), load=True, trainable=True)
+batch = torch.load(batch_file)["batch"]
+rows = [r for p in train.rank_places(d.rank, d.world, 4, 4) for r in range(2 * p, 2 * p + 2)]  # this rank's groups
+mine = {k: v[rows] for k, v in batch.items()}
+N = torch.tensor([train.loss_normaliser(mine["response_mask"], mine["weight"], args.loss_agg, args.max_new_tokens)])
+N = float(train.all_reduce(N.double()))
+train.accumulate_gradients(model, mine, N, args, d.world, contextlib.nullcontext())
+whole = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
+named = list(train.unwrap(model).named_parameters())
+grads = {n: whole(p.grad).clone() for n, p in named}
+opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+train.apply_update(model, opt, args.lr, args.grad_clip, True)
+params = {n: whole(p.detach()).clone() for n, p in named}
+if d.rank == 0:
+    hf = train.unwrap(model)
+    torch.save({"grads": grads, "params": params, "tied": hf.lm_head.weight is hf.model.embed_tokens.weight}, out_file)
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("mode", ["ddp-tied", "fsdp-tied", "fsdp-untied", "ddp-untied"])
+def test_one_rank_and_two_ranks_make_the_same_update(tiny_tokenizer, tmp_path, mode):
+    """2 gloo ranks (DDP or FSDP2; LM head tied to the embeddings or not), each with its share of the
+    mini-batch and the global normaliser, against one process with all of it: the gradients and the
+    parameters after one AdamW step agree to 1e-5. Removing `loss * world` (DDP and FSDP average over
+    ranks) halves the gradients and fails this; so does a head whose gradient misses FSDP2's reduction.
+    The models are built on the meta device everywhere and filled from rank 0 by broadcast."""
+    args = dict(group_size=2, mini_batch_prompts=4, temperature=0.8, lr=1e-3, micro_batch_tokens=20, logit_chunk=7,
+                kl_coef=0.05, max_new_tokens=6)
+    batch = _random_batch()
+    one = rollout.build_tiny_model(tiny_tokenizer, hidden=64, layers=2).train()
+    if mode.endswith("untied"):
+        one.config.tie_word_embeddings = False
+        one.lm_head.weight = torch.nn.Parameter(one.lm_head.weight.detach() * 2)
+    lp = train.batch_logprobs(one, batch, train.Args(**args), contextlib.nullcontext())
+    g = torch.Generator().manual_seed(2)
+    batch["old_logp"] = (lp + 0.2 * torch.randn(lp.shape, generator=g)) * batch["response_mask"]
+    batch["ref_logp"] = (lp + 0.2 * torch.randn(lp.shape, generator=g)) * batch["response_mask"]
+    torch.save({"batch": batch, "args": args}, tmp_path / "batch.pt")
+    script = tmp_path / "grads.py"
+    script.write_text(GRADS)
+    fsdp, tied = mode.split("-")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(tmp_path / "batch.pt"), str(tmp_path / "two.pt"), fsdp, tied],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert (tmp_path / "two.pt").exists(), res.stdout[-2000:] + res.stderr[-4000:]
+    two = torch.load(tmp_path / "two.pt")
+    assert two["tied"] == (tied == "tied")
+    a = train.Args(**args)
+    N = train.loss_normaliser(batch["response_mask"], batch["weight"], a.loss_agg, a.max_new_tokens)
+    train.accumulate_gradients(one, batch, N, a, 1, contextlib.nullcontext())
+    grads = {n: p.grad.clone() for n, p in one.named_parameters()}
+    opt = torch.optim.AdamW(one.parameters(), lr=a.lr, weight_decay=a.weight_decay)
+    train.apply_update(one, opt, a.lr, a.grad_clip, True)
+    assert grads.keys() == two["grads"].keys() and sum(float(v.abs().sum()) for v in grads.values()) > 0
+    for n in grads:
+        torch.testing.assert_close(two["grads"][n], grads[n], atol=1e-6, rtol=1e-5, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(two["params"][n], dict(one.named_parameters())[n].detach(), atol=1e-5, rtol=1e-5)
+
+
+RESUME = """
+import sys
+import train
+
+base = sys.argv[1:]
+for mode in ("ddp", "fsdp"):
+    flags = base + (["--fsdp"] if mode == "fsdp" else [])
+    out = lambda name: ["--out", f"{OUT}/{mode}-{name}"]  # noqa: E731
+    train.train(train.parse_args(flags + out("straight") + ["--steps", "4"]))
+    train.train(train.parse_args(flags + out("resumed") + ["--steps", "2"]))
+    train.train(train.parse_args(flags + out("resumed") + ["--steps", "4", "--resume"]))
+"""
+
+
+def test_torchrun_resume_continues_exactly_ddp_and_fsdp2(warm_dir, tmp_path):
+    """N + N steps == 2N straight under torchrun, DDP and FSDP2: metrics, exported weights and the sharded
+    model and optimizer state, bit for bit; and the export loads as --model (one process, no FSDP)."""
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME.replace("{OUT}", str(tmp_path)))
+    flags = _small(tmp_path / "unused", warm_dir, "--epochs", "2", "--save-every", "2", "--method", "tempo",
+                   "--max-new-tokens", "4", "--kl-coef", "0.05")
+    flags = flags[:flags.index("--out")] + flags[flags.index("--out") + 2:]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), *flags], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    for mode in ("ddp", "fsdp"):
+        a, b = train.read_metrics(tmp_path / f"{mode}-straight"), train.read_metrics(tmp_path / f"{mode}-resumed")
+        assert [r["step"] for r in b] == [1, 2, 3, 4] and _stable(a) == _stable(b)
+        assert any(r["grad_norm"] > 0 for r in a)
+        ckpts = [train.latest_checkpoint(str(tmp_path / f"{mode}-{x}")) for x in ("straight", "resumed")]
+        _assert_same_checkpoint(*ckpts, tmp_path)
+    ddp = train.read_metrics(tmp_path / "ddp-straight")
+    _assert_same_metrics(ddp, train.read_metrics(tmp_path / "fsdp-straight"))
+    ckpt = train.latest_checkpoint(str(tmp_path / "fsdp-straight"))
+    train.train(train.parse_args(_small(tmp_path / "again", ckpt, "--steps", "1", "--save-every", "0")))
+
+
 UNEVEN = """
 import sys
 import torch
