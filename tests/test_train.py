@@ -4,6 +4,7 @@ argument checks; then the tiny model end to end: resume equivalence, a non-finit
 a 2-process gloo torchrun run per method (DDP) and one with FSDP2, and the demo learning (GRPO gains
 at least 0.1 greedy accuracy at a fixed seed; shuffled rewards do not).
 """
+import contextlib
 import copy
 import json
 import math
@@ -15,6 +16,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import rollout
 import train
@@ -91,23 +93,143 @@ def test_k3_kl_and_full_loss_by_hand():
     assert stats["kl_ref"].item() == pytest.approx(k3) and stats["clipped"].item() == 0
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_chunked_logprob_and_entropy_equal_log_softmax(dtype, tol):
+def test_k3_kl_is_masked_before_the_exponential_and_bounded():
+    """A padding position's log-prob can be anything (the issue: -120 at temperature 0.1, here -1e4):
+    there exp(ref - logp) overflowed and inf * 0 made the loss NaN. Masked first, it is 0; a real
+    token that far off is bounded (KL_BOUND) and passes no gradient."""
+    logp = torch.tensor([[-0.5, -1e4, -1e4]], requires_grad=True)
+    ref = torch.tensor([[-0.7, 0.0, -1.0]])
+    mask = torch.tensor([[True, True, False]])
+    kl = train.k3_kl(logp, ref, mask)
+    d0 = -0.7 + 0.5
+    assert kl.tolist()[0] == pytest.approx([math.exp(d0) - d0 - 1, train.KL_BOUND, 0.0])
+    A, weight = torch.zeros(1, 3), torch.ones(1, 3)
+    loss, stats = train.policy_loss(logp, ref, A, mask, weight, 2.0, kl_coef=0.1, ref_logp=ref)
+    loss.backward()
+    assert math.isfinite(loss.item()) and all(math.isfinite(float(v)) for v in stats.values())
+    assert torch.isfinite(logp.grad).all() and logp.grad[0, 1:].tolist() == [0.0, 0.0]
+
+
+def test_kl_gradient_matches_autograd_of_an_independent_k3():
     g = torch.Generator().manual_seed(0)
-    logits = (3 * torch.randn(3, 5, 11, generator=g)).to(dtype).requires_grad_()
-    y = torch.randint(11, (3, 5), generator=g)
-    up = torch.randn(3, 5, generator=g)
-    lp = train.token_logprobs(logits, y, temperature=0.7, chunk=4)  # chunks of 4 over 15 rows: a ragged end
+    logp = (-3 * torch.rand(4, 6, generator=g)).requires_grad_()
+    ref = -3 * torch.rand(4, 6, generator=g)
+    mask = torch.rand(4, 6, generator=g) > 0.3
+    N, coef = float(mask.sum()), 0.2
+    # A = 0: the PPO term and its gradient vanish, what is left is the KL term
+    loss, stats = train.policy_loss(logp, logp.detach(), torch.zeros(4, 6), mask, torch.ones(4, 6), N,
+                                    kl_coef=coef, ref_logp=ref)
+    loss.backward()
+    x = logp.detach().clone().requires_grad_()
+    r = (ref - x)[mask]
+    (coef * (r.exp() - r - 1).sum() / N).backward()  # k3, written out
+    torch.testing.assert_close(logp.grad, x.grad, atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(logp.grad, torch.where(mask, coef * (1 - (ref - logp.detach()).exp()) / N, 0.0))
+    assert stats["kl_ref"].item() == pytest.approx(float((r.exp() - r - 1).sum().detach()))
+
+
+def test_ratio_and_loss_finite_whatever_padding_holds():
+    logp = torch.tensor([[-1.0, -1e4], [-2.0, 50.0]], requires_grad=True)
+    old = torch.tensor([[-1.1, 1e4], [-2.0, -1e4]])
+    mask = torch.tensor([[True, False], [True, False]])
+    for objective in ("grpo", "gspo"):
+        loss, stats = train.policy_loss(logp, old, torch.ones(2, 2), mask, torch.ones(2, 2), 2.0, objective=objective)
+        loss.backward()
+        assert math.isfinite(loss.item()) and math.isfinite(stats["approx_kl"].item())
+        assert torch.isfinite(logp.grad).all() and logp.grad[:, 1].tolist() == [0.0, 0.0]
+        logp.grad = None
+
+
+def test_gspo_token_ratio_differs_between_copies_of_a_shared_token():
+    """Two leaves share their first token (same context, same pi and pi_old there): the token ratio is the
+    same for both copies, the GSPO-token ratio is each row's s_i, not the same (policy_ratio's docstring)."""
+    logp = torch.tensor([[-1.0, -0.2, -0.3], [-1.0, -2.5, -3.0]])
+    old = torch.tensor([[-1.2, -0.9, -0.8], [-1.2, -1.0, -1.1]])
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    token = train.policy_ratio(logp, old, mask, "grpo")
+    gspo = train.policy_ratio(logp, old, mask, "gspo")
+    assert token[0, 0] == token[1, 0]
+    assert gspo[0, 0].item() == pytest.approx(math.exp((0.2 + 0.7 + 0.5) / 3))
+    assert gspo[1, 0].item() == pytest.approx(math.exp((0.2 - 1.5 - 1.9) / 3)) and gspo[0, 0] > 1 > gspo[1, 0]
+
+
+def test_gspo_paper_is_one_flag_and_other_flags_still_win(tmp_path):
+    args = train.parse_args(["--gspo-paper", "--out", str(tmp_path)])
+    assert (args.objective, args.loss_agg, args.clip_low, args.clip_high, args.dual_clip) == ("gspo", "seq-mean", 3e-4, 4e-4, 0)
+    train.check_args(args)
+    assert train.parse_args(["--gspo-paper", "--clip-high", "1e-3"]).clip_high == 1e-3
+    with pytest.raises(ValueError, match="--gspo-paper"):
+        train.check_args(train.parse_args(["--gspo-paper", "--objective", "grpo", "--out", str(tmp_path)]))
+
+
+def test_lr_warmup_by_hand():
+    args = train.Args(lr=1.0, warmup_steps=4)
+    assert [train.lr_at(s, args) for s in range(7)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]
+    assert [train.lr_at(s, train.Args(lr=0.5)) for s in (0, 9)] == [0.5, 0.5]
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-probs: the chunked LM head, the packed rows, against a plain full forward
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_head_logprobs_equal_log_softmax_values_and_gradients(dtype, tol):
+    """The chunked head (chunks of 4 over 15 positions: a ragged end) against log_softmax of the whole
+    logits, in fp32 and under bf16 autocast (the logits rounded to bf16 as the LM head rounds them)."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(15, 8, generator=g).requires_grad_()
+    W = (0.5 * torch.randn(11, 8, generator=g)).requires_grad_()
+    y = torch.randint(11, (15,), generator=g)
+    up = torch.randn(15, generator=g)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else contextlib.nullcontext()
+    with ctx:
+        lp = train.head_logprobs(h, W, y, temperature=0.7, chunk=4)
     (lp * up).sum().backward()
-    ref_logits = logits.detach().float().requires_grad_()
-    ref_all = torch.log_softmax(ref_logits / 0.7, -1)
-    ref = ref_all.gather(-1, y[..., None])[..., 0]
+    h2, W2 = h.detach().clone().requires_grad_(), W.detach().clone().requires_grad_()
+    with ctx:
+        logits = F.linear(h2, W2)
+    ref = torch.log_softmax(logits.float() / 0.7, -1).gather(-1, y[:, None])[:, 0]
     (ref * up).sum().backward()
-    assert lp.dtype == torch.float32
+    assert lp.dtype == torch.float32 and h.grad.dtype == W.grad.dtype == torch.float32
     torch.testing.assert_close(lp, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(logits.grad.float(), ref_logits.grad, atol=tol, rtol=tol)
-    H = train.token_entropy(logits.detach(), temperature=0.7, chunk=4)
-    torch.testing.assert_close(H, -(ref_all.exp() * ref_all).sum(-1).detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h.grad, h2.grad, atol=tol, rtol=tol)
+    torch.testing.assert_close(W.grad, W2.grad, atol=tol, rtol=tol)
+
+
+def _plain_logprobs(model, batch, temperature):
+    """Row by row: model(prompt + response) with no padding at all, log_softmax(logits / T) at the
+    position before each response token, [B, T] with 0 at padding."""
+    out = torch.zeros(batch["response_mask"].shape)
+    for i in range(out.shape[0]):
+        q = batch["prompt_ids"][i][batch["prompt_mask"][i]]
+        o = batch["response_ids"][i][batch["response_mask"][i]]
+        with torch.no_grad():
+            logits = model(input_ids=torch.cat([q, o])[None]).logits[0].float()
+        lp = torch.log_softmax(logits / temperature, -1)
+        out[i, :len(o)] = lp[len(q) - 1 + torch.arange(len(o)), o]
+    return out
+
+
+@pytest.mark.parametrize("budget", [10_000, 12])
+def test_response_logprobs_equal_a_plain_forward_at_every_response_position(tiny_model, budget):
+    """An off-by-one in the shift (position plen - 1 + t predicts token t), a row packed with the wrong
+    prompt or a misplaced padding makes these differ. Budget 12: one or two rows per micro-batch."""
+    model = copy.deepcopy(tiny_model).eval()
+    batch = _random_batch()
+    args = train.Args(micro_batch_tokens=budget, micro_batch_rows=64, temperature=0.8, logit_chunk=5)
+    lp = train.batch_logprobs(model, batch, args, contextlib.nullcontext())
+    torch.testing.assert_close(lp, _plain_logprobs(model, batch, 0.8), atol=2e-6, rtol=1e-5)
+    assert (lp[~batch["response_mask"]] == 0).all()
+
+
+def test_micro_batches_by_token_budget():
+    lengths = [5, 30, 7, 30, 12, 3, 29, 8]
+    plans = train.plan_micro_batches(lengths, max_tokens=60, max_rows=3)
+    assert sorted(i for p in plans for i in p) == list(range(8))  # every row once
+    for p in plans:
+        assert len(p) <= 3 and (len(p) == 1 or len(p) * max(lengths[i] for i in p) <= 60)
+    assert [lengths[i] for p in plans for i in p] == sorted(lengths, reverse=True)  # longest first
+    assert train.plan_micro_batches([100, 2], max_tokens=50, max_rows=8) == [[0], [1]]  # too long: alone
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,7 +252,6 @@ def _grads(model, batch, args, rows_per_rank):
     """Summed gradients of the batch's rows split into 'ranks' of rows_per_rank rows, each with the global normaliser."""
     model.zero_grad(set_to_none=True)
     N = train.loss_normaliser(batch["response_mask"], batch["weight"], args.loss_agg, args.max_new_tokens)
-    import contextlib
     for s in range(0, batch["A"].shape[0], rows_per_rank):
         part = {k: v[s:s + rows_per_rank] for k, v in batch.items()}
         train.accumulate_gradients(model, part, N, args, 1, contextlib.nullcontext())
@@ -138,20 +259,49 @@ def _grads(model, batch, args, rows_per_rank):
 
 
 @pytest.mark.parametrize("agg,objective", [("token-mean", "grpo"), ("seq-mean", "gspo"), ("max-len", "grpo")])
-def test_gradient_independent_of_micro_batch_and_ranks(tiny_model, agg, objective):
+def test_gradient_independent_of_micro_batches_and_ranks(tiny_model, agg, objective):
+    """Rows split over 'ranks' and packed into micro-batches by rows or by a token budget (sorted by
+    length): the gradient is the one-micro-batch gradient, because every part divides by the global
+    normaliser (a per-micro-batch mean, or a seq-mean divided by the micro-batch's rows, fails this)."""
     model = copy.deepcopy(tiny_model).train()
     batch = _random_batch()
-    import contextlib
-    lp = train.batch_logprobs(model, batch, train.Args(micro_batch_rows=8), contextlib.nullcontext())
+    lp = train.batch_logprobs(model, batch, train.Args(), contextlib.nullcontext())
     g = torch.Generator().manual_seed(1)
     batch["old_logp"] = (lp + 0.3 * torch.randn(lp.shape, generator=g)) * batch["response_mask"]  # ratios != 1: some clip
     base = dict(loss_agg=agg, objective=objective, max_new_tokens=6, temperature=0.8, logit_chunk=7)
     full = _grads(model, batch, train.Args(micro_batch_rows=8, **base), rows_per_rank=8)
-    for micro, ranks in [(1, 8), (4, 8), (3, 4), (1, 2)]:
-        other = _grads(model, batch, train.Args(micro_batch_rows=micro, **base), rows_per_rank=ranks)
+    for rows, tokens, ranks in [(1, 10_000, 8), (4, 10_000, 8), (3, 10_000, 4), (1, 10_000, 2), (64, 20, 8),
+                                (64, 12, 4), (2, 25, 8)]:
+        other = _grads(model, batch, train.Args(micro_batch_rows=rows, micro_batch_tokens=tokens, **base), ranks)
         for a, b in zip(full, other):
             torch.testing.assert_close(a, b, atol=2e-7, rtol=1e-4)
     assert sum(float(a.abs().sum()) for a in full) > 0
+
+
+def test_second_epoch_uses_the_stored_old_logprobs(tiny_model, monkeypatch):
+    """--epochs 2: the second epoch's ratio is pi / pi_old with the log-probs stored before the first
+    epoch; recomputing them (ratio 1 again, nothing clipped, no trust region) fails this."""
+    model = copy.deepcopy(tiny_model).train()
+    batch = _random_batch()
+    args = train.Args(epochs=2, group_size=2, mini_batch_prompts=4, temperature=0.8, lr=1e-2)  # 8 rows: 1 mini-batch
+    batch["old_logp"] = train.batch_logprobs(model, batch, args, contextlib.nullcontext())
+    stored = batch["old_logp"].clone()
+    seen, real = [], train.policy_loss
+
+    def spy(logp, old_logp, *a, **k):
+        seen.append((logp.detach().clone(), old_logp.clone()))
+        return real(logp, old_logp, *a, **k)
+    monkeypatch.setattr(train, "policy_loss", spy)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    out = train.update_policy(model, opt, batch, args, 1, args.lr, contextlib.nullcontext)
+    assert len(seen) == 2 and out["updates"] == 2 and out["skipped"] == 0
+    (lp1, old1), (lp2, old2) = seen
+    mask = batch["response_mask"][:, :lp1.shape[1]]
+    rows = [i for p in train.plan_micro_batches(train.row_lengths(batch), 10**9, 64) for i in p]
+    torch.testing.assert_close(old1, stored[rows][:, :lp1.shape[1]])
+    torch.testing.assert_close(lp1, old1, atol=1e-5, rtol=0)  # the first epoch starts at ratio 1
+    assert torch.equal(old2, old1)  # the second epoch still divides by the stored old policy
+    assert (lp2 - old2)[mask[rows]].abs().max() > 1e-3  # while the policy has moved
 
 
 def test_nonfinite_gradient_skips_the_update(tiny_model):
@@ -230,6 +380,38 @@ def _stable(rows):
     return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
 
 
+def _checkpoint_tensors(ckpt: str, scratch: str) -> tuple[dict, dict]:
+    """(the exported model.safetensors, the sharded state/ read back into one flat dict of tensors)."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(os.path.join(ckpt, "state"), scratch)
+    flat = {}
+
+    def walk(prefix, x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(f"{prefix}/{k}", v)
+        elif isinstance(x, (list, tuple)):
+            for k, v in enumerate(x):
+                walk(f"{prefix}/{k}", v)
+        else:
+            flat[prefix] = x
+    walk("", torch.load(scratch, weights_only=False))
+    return load_file(os.path.join(ckpt, "model.safetensors")), flat
+
+
+def _assert_same_checkpoint(a: str, b: str, scratch):
+    """Bit for bit: the exported weights, and the model and every optimizer state (step, exp_avg, exp_avg_sq)."""
+    (wa, sa), (wb, sb) = _checkpoint_tensors(a, str(scratch / "a.pt")), _checkpoint_tensors(b, str(scratch / "b.pt"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert sa.keys() == sb.keys() and any("exp_avg_sq" in k for k in sa)
+    for k in sa:
+        same = torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k]
+        assert same, k
+    for k, w in wa.items():  # the export holds the trained model, as the sharded state does
+        assert torch.equal(w, sa[f"/model/{k}"])
+
+
 def test_resume_continues_exactly(warm_dir, tmp_path):
     extra = ["--epochs", "2", "--save-every", "2", "--method", "tempo", "--max-new-tokens", "4"]
     straight = train.train(train.parse_args(_small(tmp_path / "a", warm_dir, "--steps", "4", *extra)))
@@ -240,11 +422,7 @@ def test_resume_continues_exactly(warm_dir, tmp_path):
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert _stable(a) == _stable(b)
     assert any(r["adv_abs_mean"] > 0 for r in a) and any(r["grad_norm"] > 0 for r in a)  # it did train
-    from safetensors.torch import load_file
-    wa, wb = (load_file(os.path.join(train.latest_checkpoint(str(tmp_path / x)), "model.safetensors")) for x in "ab")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    oa, ob = (torch.load(os.path.join(train.latest_checkpoint(str(tmp_path / x)), "optimizer.pt")) for x in "ab")
-    assert all(torch.equal(oa["state"][k]["exp_avg_sq"], ob["state"][k]["exp_avg_sq"]) for k in oa["state"])
+    _assert_same_checkpoint(*(train.latest_checkpoint(str(tmp_path / x)) for x in "ab"), tmp_path)
     assert sorted(n for n in os.listdir(tmp_path / "b") if n.startswith("ckpt")) == ["ckpt-000004"]  # keep_last 1
     png = train.plot_runs([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "runs.png"))
     assert os.path.getsize(png) > 10_000
@@ -262,6 +440,57 @@ def test_nonfinite_loss_is_skipped_then_stops(tiny_model_dir, tmp_path, monkeypa
         train.train(args)
     rows = train.read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2] and all(r["skipped_updates"] == 2 for r in rows)
+
+
+def test_kl_at_low_temperature_trains(warm_dir, tmp_path):
+    """The issue's reproduction: the warm-started model at temperature 0.1 gives the pad token a log-prob
+    near -120 (logits / 0.1), exp(ref - logp) overflowed at padding, every update was skipped and the run
+    stopped after 3 steps (RuntimeError); approx_kl was NaN on every step even without KL."""
+    args = train.parse_args(_small(tmp_path, warm_dir, "--steps", "3", "--kl-coef", "0.05", "--temperature", "0.1",
+                                   "--save-every", "0"))
+    train.train(args)
+    rows = train.read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["skipped_updates"] == 0 for r in rows)
+    assert all(math.isfinite(r[k]) for r in rows for k in ("loss", "grad_norm", "approx_kl", "kl_ref"))
+
+
+def test_reference_is_frozen_in_eval_mode_and_at_the_policys_precision(warm_dir, tmp_path, monkeypatch):
+    """Every reference forward sees a frozen model in eval mode; the reference never changes; and it runs at
+    the policy's precision (fp32 weights under the same bf16 autocast), so before the first update its
+    log-probs equal the policy's: KL 0 on step 1's single update (a bf16-weights reference fails this)."""
+    seen, real = [], train.batch_logprobs
+
+    def spy(model, batch, args, ctx):
+        seen.append((model, model.training, any(p.requires_grad for p in model.parameters()),
+                     any(m.training for m in model.modules())))
+        return real(model, batch, args, ctx)
+    monkeypatch.setattr(train, "batch_logprobs", spy)  # old log-probs are the sampler's: every call is the reference's
+    args = train.parse_args(_small(tmp_path, warm_dir, "--steps", "2", "--kl-coef", "0.05", "--dtype", "bf16",
+                                   "--recompute-logprobs", "never", "--mini-batch-prompts", "8", "--save-every", "0"))
+    train.train(args)
+    assert len(seen) == 2 and all(s[0] is seen[0][0] for s in seen)
+    assert not any(training or grad or any_training for _, training, grad, any_training in seen)
+    initial = rollout.load_model_and_tokenizer(warm_dir)[0].state_dict()
+    assert all(torch.equal(v, initial[k]) for k, v in seen[0][0].state_dict().items())
+    rows = train.read_metrics(tmp_path)
+    assert rows[0]["kl_ref"] < 1e-6 < rows[1]["kl_ref"]
+    assert rows[0]["old_logp_diff_max"] > 0 and math.isfinite(rows[0]["old_logp_diff_mean"])  # bf16 decode vs update
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_export_is_what_from_pretrained_loads(tiny_tokenizer, tmp_path, tied):
+    """export_pretrained's hand-written safetensors (header first, then one tensor at a time) load with
+    from_pretrained into the same model, tied head (written once, as save_pretrained does) or not."""
+    from transformers import AutoModelForCausalLM
+    model = rollout.build_tiny_model(tiny_tokenizer, hidden=32, layers=1, seed=3)
+    if not tied:
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() * 2)
+    train.export_pretrained(model, tiny_tokenizer, str(tmp_path), train.Dist())
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tied
+    ref = model.state_dict()
+    assert loaded.state_dict().keys() == ref.keys() and all(torch.equal(v, ref[k]) for k, v in loaded.state_dict().items())
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, tmp_path):
@@ -290,14 +519,28 @@ TORCHRUN = {  # one launch per method, each also covering other options; plus FS
 }
 
 
+def _assert_same_metrics(one, two, skip=("update_pad_ratio",)):
+    """Per-step metrics of a 1-process and a 2-process run agree to float tolerance (sums over different
+    batch shapes round differently). Only how rows pack into micro-batches differs, hence `skip`."""
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(_stable(one), _stable(two)):
+        assert a.keys() == b.keys()
+        for k in a:
+            if k not in skip:
+                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (a["step"], k, a[k], b[k])
+
+
 @pytest.mark.parametrize("name", list(TORCHRUN))
-def test_torchrun_two_processes_gloo(name, warm_dir, tmp_path):
-    out = tmp_path / name
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-           *_small(out, warm_dir, "--steps", "2", "--save-every", "2", "--val-every", "2", "--val-limit", "16",
-                   "--sample-every", "1"), *TORCHRUN[name]]
+def test_torchrun_two_processes_gloo_equal_one_process(name, warm_dir, tmp_path):
+    """2-process gloo run (DDP, or FSDP2) per method; its per-step metrics (reward, response length, loss,
+    grad norm, KL, validation, ...) equal those of the same run in one process: the sampler is keyed by the
+    prompt's place in the step and a mini-batch holds the same prompts on any number of ranks."""
+    flags = [*_small(tmp_path / "two", warm_dir, "--steps", "2", "--save-every", "2", "--val-every", "2",
+                     "--val-limit", "16", "--sample-every", "1"), *TORCHRUN[name]]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *flags]
     res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    out = tmp_path / "two"
     rows = train.read_metrics(out)
     assert [r["step"] for r in rows] == [0, 1, 2] and "val_acc" in rows[0] and "val_acc" in rows[2]
     for r in rows[1:]:
@@ -310,6 +553,126 @@ def test_torchrun_two_processes_gloo(name, warm_dir, tmp_path):
     initial = AutoModelForCausalLM.from_pretrained(warm_dir)
     changed = [not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), initial.state_dict().values())]
     assert any(changed)
+    one = [f.replace(str(out), str(tmp_path / "one")) for f in flags if f != "--fsdp"]
+    train.train(train.parse_args(one))
+    _assert_same_metrics(train.read_metrics(tmp_path / "one"), rows)
+
+
+GRADS = """
+import contextlib
+import sys
+import torch
+import rollout
+import train
+
+batch_file, out_file, fsdp, tied = sys.argv[1], sys.argv[2], sys.argv[3] == "fsdp", sys.argv[4] == "tied"
+d = train.setup_distributed("cpu")
+args = train.Args(**torch.load(batch_file)["args"], fsdp=fsdp)
+tok = rollout.build_tiny_tokenizer()
+with train.parameters_on_meta():  # every rank: no weights in memory; rank 0 alone builds them and broadcasts
+    model = rollout.build_tiny_model(tok, hidden=64, layers=2)
+full = rollout.build_tiny_model(tok, hidden=64, layers=2) if d.rank == 0 else None
+if not tied:
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight))
+    if full is not None:
+        full.lm_head.weight = torch.nn.Parameter(full.lm_head.weight.detach() * 2)
+model = train.place_model(model, d, args, torch.float32, full and full.state_dict(), load=True, trainable=True)
+batch = torch.load(batch_file)["batch"]
+rows = [r for p in train.rank_places(d.rank, d.world, 4, 4) for r in range(2 * p, 2 * p + 2)]  # this rank's groups
+mine = {k: v[rows] for k, v in batch.items()}
+N = torch.tensor([train.loss_normaliser(mine["response_mask"], mine["weight"], args.loss_agg, args.max_new_tokens)])
+N = float(train.all_reduce(N.double()))
+train.accumulate_gradients(model, mine, N, args, d.world, contextlib.nullcontext())
+whole = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
+named = list(train.unwrap(model).named_parameters())
+grads = {n: whole(p.grad).clone() for n, p in named}
+opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+train.apply_update(model, opt, args.lr, args.grad_clip, True)
+params = {n: whole(p.detach()).clone() for n, p in named}
+if d.rank == 0:
+    hf = train.unwrap(model)
+    torch.save({"grads": grads, "params": params, "tied": hf.lm_head.weight is hf.model.embed_tokens.weight}, out_file)
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("mode", ["ddp-tied", "fsdp-tied", "fsdp-untied", "ddp-untied"])
+def test_one_rank_and_two_ranks_make_the_same_update(tiny_tokenizer, tmp_path, mode):
+    """2 gloo ranks (DDP or FSDP2; LM head tied to the embeddings or not), each with its share of the
+    mini-batch and the global normaliser, against one process with all of it: the gradients and the
+    parameters after one AdamW step agree to 1e-5. Removing `loss * world` (DDP and FSDP average over
+    ranks) halves the gradients and fails this; so does a head whose gradient misses FSDP2's reduction.
+    The models are built on the meta device everywhere and filled from rank 0 by broadcast."""
+    args = dict(group_size=2, mini_batch_prompts=4, temperature=0.8, lr=1e-3, micro_batch_tokens=20, logit_chunk=7,
+                kl_coef=0.05, max_new_tokens=6)
+    batch = _random_batch()
+    one = rollout.build_tiny_model(tiny_tokenizer, hidden=64, layers=2).train()
+    if mode.endswith("untied"):
+        one.config.tie_word_embeddings = False
+        one.lm_head.weight = torch.nn.Parameter(one.lm_head.weight.detach() * 2)
+    lp = train.batch_logprobs(one, batch, train.Args(**args), contextlib.nullcontext())
+    g = torch.Generator().manual_seed(2)
+    batch["old_logp"] = (lp + 0.2 * torch.randn(lp.shape, generator=g)) * batch["response_mask"]
+    batch["ref_logp"] = (lp + 0.2 * torch.randn(lp.shape, generator=g)) * batch["response_mask"]
+    torch.save({"batch": batch, "args": args}, tmp_path / "batch.pt")
+    script = tmp_path / "grads.py"
+    script.write_text(GRADS)
+    fsdp, tied = mode.split("-")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(tmp_path / "batch.pt"), str(tmp_path / "two.pt"), fsdp, tied],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert (tmp_path / "two.pt").exists(), res.stdout[-2000:] + res.stderr[-4000:]
+    two = torch.load(tmp_path / "two.pt")
+    assert two["tied"] == (tied == "tied")
+    a = train.Args(**args)
+    N = train.loss_normaliser(batch["response_mask"], batch["weight"], a.loss_agg, a.max_new_tokens)
+    train.accumulate_gradients(one, batch, N, a, 1, contextlib.nullcontext())
+    grads = {n: p.grad.clone() for n, p in one.named_parameters()}
+    opt = torch.optim.AdamW(one.parameters(), lr=a.lr, weight_decay=a.weight_decay)
+    train.apply_update(one, opt, a.lr, a.grad_clip, True)
+    assert grads.keys() == two["grads"].keys() and sum(float(v.abs().sum()) for v in grads.values()) > 0
+    for n in grads:
+        torch.testing.assert_close(two["grads"][n], grads[n], atol=1e-6, rtol=1e-5, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(two["params"][n], dict(one.named_parameters())[n].detach(), atol=1e-5, rtol=1e-5)
+
+
+RESUME = """
+import sys
+import train
+
+base = sys.argv[1:]
+for mode in ("ddp", "fsdp"):
+    flags = base + (["--fsdp"] if mode == "fsdp" else [])
+    out = lambda name: ["--out", f"{OUT}/{mode}-{name}"]  # noqa: E731
+    train.train(train.parse_args(flags + out("straight") + ["--steps", "4"]))
+    train.train(train.parse_args(flags + out("resumed") + ["--steps", "2"]))
+    train.train(train.parse_args(flags + out("resumed") + ["--steps", "4", "--resume"]))
+"""
+
+
+def test_torchrun_resume_continues_exactly_ddp_and_fsdp2(warm_dir, tmp_path):
+    """N + N steps == 2N straight under torchrun, DDP and FSDP2: metrics, exported weights and the sharded
+    model and optimizer state, bit for bit; and the export loads as --model (one process, no FSDP)."""
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME.replace("{OUT}", str(tmp_path)))
+    flags = _small(tmp_path / "unused", warm_dir, "--epochs", "2", "--save-every", "2", "--method", "tempo",
+                   "--max-new-tokens", "4", "--kl-coef", "0.05")
+    flags = flags[:flags.index("--out")] + flags[flags.index("--out") + 2:]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), *flags], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    for mode in ("ddp", "fsdp"):
+        a, b = train.read_metrics(tmp_path / f"{mode}-straight"), train.read_metrics(tmp_path / f"{mode}-resumed")
+        assert [r["step"] for r in b] == [1, 2, 3, 4] and _stable(a) == _stable(b)
+        assert any(r["grad_norm"] > 0 for r in a)
+        ckpts = [train.latest_checkpoint(str(tmp_path / f"{mode}-{x}")) for x in ("straight", "resumed")]
+        _assert_same_checkpoint(*ckpts, tmp_path)
+    ddp = train.read_metrics(tmp_path / "ddp-straight")
+    _assert_same_metrics(ddp, train.read_metrics(tmp_path / "fsdp-straight"))
+    ckpt = train.latest_checkpoint(str(tmp_path / "fsdp-straight"))
+    train.train(train.parse_args(_small(tmp_path / "again", ckpt, "--steps", "1", "--save-every", "0")))
 
 
 UNEVEN = """
