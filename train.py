@@ -981,10 +981,7 @@ def progress_bar(run: Run):
 # 8. Arguments: presets, the command line, checks (before anything is loaded)
 
 
-# The demo's settings. NOTES' recipe (32 prompts x 8 at lr 3e-4 from a 30% warm start) did not learn
-# here (greedy accuracy 0.28 -> 0.20 in 200 steps, also with a plain 20-line GRPO loop); measured on this
-# machine from the 30% warm start: 32 x 8 at lr 1e-4 +0.08..0.13 in 200-300 steps (noisy), 64 x 8 at
-# lr 2e-4 +0.15 in 200 steps (0.28 -> 0.43, climbing steadily). Flags given on the command line still win.
+# The demo's settings (README "Running it" has the runs that chose them). Flags given on the command line win.
 DEMO = dict(model="tiny", tiny_hidden=128, tiny_layers=4, task="add", train_limit=None, val_limit=500,
             group_size=8, prompts_per_step=64, mini_batch_prompts=64, micro_batch_rows=512, max_new_tokens=8,
             lr=2e-4, warmup_steps=10, steps=200, val_every=50, save_every=200, sample_every=50,

@@ -1,7 +1,7 @@
 """advantages.py against trie.py and against an independent reading of SPEC 1-5, plus identities.
 
 Layers: SPEC 3's worked example by hand; a third implementation (`ref_*` below: plain loops over
-rows and tokens, prefix sets found by slicing, written from SPEC.md only, not calling trie.py);
+rows and tokens, prefix sets found by slicing, written from README's SPEC section only, not calling trie.py);
 fast vs trie vs reference on random batches (hypothesis, small vocabularies so that branches are
 frequent; G = 1, equal rewards, identical, empty and strict-prefix responses, padding ids that are
 real ids); identities (telescoping, branch gate, td_weight = 0, TreeAdv's sum rule); HEPO by hand;
