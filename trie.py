@@ -2,9 +2,9 @@
 
 Implements SPEC sections 1 (GRPO baseline mu, sigma), 2 (the prefix trie, V(s), branch nodes),
 3 (TEMPO token advantage) and 5 (TreeAdv redistributed advantage) for one group of G responses,
-plus tree statistics (SPEC 8) and `show()`, which prints a small tree for teaching. A batch wrapper
-at the bottom cuts padded [B, T] tensors into groups with the mask and runs the per-group code;
-the tests and `benchmarks/bench_advantages.py` compare it with the fast `advantages.py`.
+plus tree statistics (SPEC 8) and `show()`, which prints a small tree for teaching. It is plain Python
+on lists: `tests/trie_batch.py` runs it group by group over padded [B, T] tensors, and the tests and
+`benchmarks/bench_advantages.py` compare it with the fast, vectorised `advantages.py`.
 
 Departures from the papers (all from SPEC): a response that ends at a node leaves the tree there
 (END is its own child), decided from the mask and never from a padding id; a group of one has
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-
-import torch
 
 END = "<end>"  # children key for "the response ends here"; a str never equals an int token id
 
@@ -108,7 +106,7 @@ def tempo_group(responses: list[list[int]], rewards: list[float], eps: float = 1
 
     delta_{i,t} = V(s_{t+1}) - V(s_t) is 0 unless s_t is a branch node. scale_td=False leaves the TD
     term undivided: A = (r_i - mu)/(sigma + eps) + w * delta (SPEC 8). `sigma` overrides the group's
-    std (the batch wrapper passes the batch std, or sigma=1 with eps=0 for no scaling).
+    std (tests/trie_batch.py passes the batch std, or sigma=1 with eps=0 for no scaling).
     """
     if all_equal(rewards):
         return [[0.0] * len(o) for o in responses]
@@ -213,90 +211,6 @@ def show(root: Node, decode=None, mu: float | None = None, sigma: float | None =
             walk(seg_end, prefix + ("    " if last else "|   "))
 
     walk(root, "")
-
-
-# ----------------------------------------------------------------------------------------------
-# Batch wrapper over padded tensors (rows g*G .. g*G+G-1 answer prompt g), for comparisons
-
-
-def split_groups(responses, mask, rewards, group_size: int):
-    """Cut each row at its mask (padding ids are never looked at) and group rows G at a time."""
-    lengths = mask.sum(1).tolist()
-    rows = [row[:n] for row, n in zip(responses.tolist(), lengths)]
-    r = [float(x) for x in rewards.tolist()]
-    G = group_size
-    return [(rows[g:g + G], r[g:g + G]) for g in range(0, len(rows), G)]
-
-
-def _batch_sigma(rewards: list[float], scale: str, group: list[float], eps: float):
-    """(sigma, eps) for one group under scale 'group' | 'batch' | 'none' (a group of one keeps sigma=1)."""
-    if scale == "none":
-        return 1.0, 0.0
-    if scale == "batch" and len(group) >= 2:
-        B = len(rewards)
-        m = sum(rewards) / B
-        return (math.sqrt(sum((x - m) ** 2 for x in rewards) / (B - 1)) if B >= 2 else 1.0), eps
-    return None, eps
-
-
-def _pad(per_row: list[list[float]], like, dtype):
-    out = torch.zeros(like.shape, dtype=dtype)
-    for i, row in enumerate(per_row):
-        out[i, :len(row)] = torch.tensor(row, dtype=dtype)
-    return out
-
-
-def tempo_batch(responses, mask, rewards, group_size: int, eps: float = 1e-6, td_weight: float = 1.0,
-                scale: str = "group", scale_td: bool = True):
-    """TEMPO advantages [B, T] (float32, zeros at padding) computed group by group with the trie."""
-    all_r = [float(x) for x in rewards.tolist()]
-    rows = []
-    for group, r in split_groups(responses, mask, rewards, group_size):
-        sigma, e = _batch_sigma(all_r, scale, r, eps)
-        rows += tempo_group(group, r, e, td_weight, sigma, scale_td)
-    return _pad(rows, responses, torch.float64).float()
-
-
-def treeadv_batch(responses, mask, rewards, group_size: int, eps: float = 1e-6, scale: str = "group"):
-    """TreeAdv advantages [B, T] (float32, zeros at padding) computed group by group with the trie."""
-    all_r = [float(x) for x in rewards.tolist()]
-    rows = []
-    for group, r in split_groups(responses, mask, rewards, group_size):
-        sigma, e = _batch_sigma(all_r, scale, r, eps)
-        rows += treeadv_group(group, r, e, sigma)
-    return _pad(rows, responses, torch.float64).float()
-
-
-def prefix_counts_batch(responses, mask, group_size: int):
-    """n(s_{t+1}) as [B, T] int64 (0 at padding)."""
-    rows = []
-    for group, _ in split_groups(responses, mask, torch.zeros(responses.shape[0]), group_size):
-        rows += prefix_counts_group(group)
-    return _pad(rows, responses, torch.int64)
-
-
-def diagnostics_batch(responses, mask, rewards, group_size: int, eps: float = 1e-6) -> dict:
-    """The SPEC 8 numbers for a batch, with the same keys as advantages.branch_diagnostics."""
-    tokens = branch_tokens = 0
-    first, unique = [], []
-    td_abs = tempo_abs = 0.0
-    for group, r in split_groups(responses, mask, rewards, group_size):
-        st = tree_stats(build_trie(group, r), group)
-        tokens += st["tokens"]
-        branch_tokens += st["branch_tokens"]
-        first += st["first_divergence"]
-        unique += st["unique_depth"]
-        A_tempo = tempo_group(group, r, eps)
-        A_grpo = tempo_group(group, r, eps, td_weight=0.0)
-        for a_row, g_row in zip(A_tempo, A_grpo):
-            td_abs += sum(abs(a - g) for a, g in zip(a_row, g_row))
-            tempo_abs += sum(abs(a) for a in a_row)
-    return dict(
-        branch_token_frac=branch_tokens / tokens if tokens else 0.0,
-        first_divergence_depth=sum(first) / len(first) if first else float("nan"),
-        unique_depth=sum(unique) / len(unique) if unique else float("nan"),
-        td_share=td_abs / tempo_abs if tempo_abs > 0 else 0.0,
-    )
 
 
 if __name__ == "__main__":

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import advantages  # noqa: E402
 import evaluate  # noqa: E402  (the Args -> argparse helper)
-import trie  # noqa: E402
+import trie_batch  # noqa: E402  (trie.py run group by group over a padded batch)
 
 
 @dataclass
@@ -102,7 +103,7 @@ def main(args: Args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     fast = {"tempo": advantages.tempo_advantages, "treeadv": advantages.treeadv_advantages}[args.method]
-    slow = {"tempo": trie.tempo_batch, "treeadv": trie.treeadv_batch}[args.method]
+    slow = {"tempo": trie_batch.tempo_batch, "treeadv": trie_batch.treeadv_batch}[args.method]
     print(f"{args.method} advantages, B={args.B}; trie: median of 3 on the first {args.trie_prompts} prompts "
           f"(tokens/s on that subset); fast: whole batch, median of {args.repeats}; "
           f"torch threads={torch.get_num_threads()}")

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import advantages as adv
 import trie
+import trie_batch
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -222,7 +223,7 @@ def test_tempo_three_ways(batch, scale, td_weight, scale_td):
     T = responses.shape[1]
     fast = adv.tempo_advantages(responses, mask, rewards, G, td_weight=td_weight, scale=scale,
                                 scale_td=scale_td)
-    slow = trie.tempo_batch(responses, mask, rewards, G, td_weight=td_weight, scale=scale,
+    slow = trie_batch.tempo_batch(responses, mask, rewards, G, td_weight=td_weight, scale=scale,
                             scale_td=scale_td)
     ref = padded(reference(responses, mask, rewards, G, scale=scale, td_weight=td_weight,
                            scale_td=scale_td)["tempo"], T).float()
@@ -240,14 +241,14 @@ def test_treeadv_grpo_counts_three_ways(batch, scale):
     ref = reference(responses, mask, rewards, G, scale=scale)
     fast = adv.treeadv_advantages(responses, mask, rewards, G, scale=scale)
     torch.testing.assert_close(fast, padded(ref["treeadv"], T).float(), **TOL)
-    torch.testing.assert_close(trie.treeadv_batch(responses, mask, rewards, G, scale=scale),
+    torch.testing.assert_close(trie_batch.treeadv_batch(responses, mask, rewards, G, scale=scale),
                                padded(ref["treeadv"], T).float(), **TOL)
     torch.testing.assert_close(adv.grpo_advantages(rewards, G, scale=scale),
                                torch.tensor(ref["grpo"], dtype=torch.float32), **TOL)
     counts = adv.prefix_counts(responses, mask, G)
     assert counts.dtype == torch.int64
     assert counts.tolist() == padded(ref["counts"], T, torch.int64).tolist()
-    assert trie.prefix_counts_batch(responses, mask, G).tolist() == counts.tolist()
+    assert trie_batch.prefix_counts_batch(responses, mask, G).tolist() == counts.tolist()
 
 
 @FAST
@@ -255,7 +256,7 @@ def test_treeadv_grpo_counts_three_ways(batch, scale):
 def test_diagnostics_three_ways(batch):
     responses, mask, rewards, G = batch
     fast = adv.branch_diagnostics(responses, mask, rewards, G)
-    slow = trie.diagnostics_batch(responses, mask, rewards, G)
+    slow = trie_batch.diagnostics_batch(responses, mask, rewards, G)
     ref = ref_diagnostics(responses, mask, rewards, G)
     assert set(fast) == set(ref) == set(slow)
     for key in ref:
@@ -304,9 +305,9 @@ def test_sampled_like_batch_matches_trie():
     for G in (1, 3, 8):
         responses, mask, rewards = sampled_like_batch(4 * G, G, 300, 20, seed=G)
         torch.testing.assert_close(adv.tempo_advantages(responses, mask, rewards, G),
-                                   trie.tempo_batch(responses, mask, rewards, G), **TOL)
+                                   trie_batch.tempo_batch(responses, mask, rewards, G), **TOL)
         torch.testing.assert_close(adv.treeadv_advantages(responses, mask, rewards, G),
-                                   trie.treeadv_batch(responses, mask, rewards, G), **TOL)
+                                   trie_batch.treeadv_batch(responses, mask, rewards, G), **TOL)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,7 +346,7 @@ def test_edge_cases_explicit():
     assert (adv.hepo_advantages(torch.rand(6, 2), torch.ones(6, 2, dtype=torch.bool), tenth, 3, rho=1.0)
             == 0).all()
     assert (adv.tempo_advantages(responses, mask, torch.full((8,), 0.7), 2, scale="batch") == 0).all()
-    torch.testing.assert_close(A, trie.tempo_batch(responses, mask, rewards, 2), **TOL)
+    torch.testing.assert_close(A, trie_batch.tempo_batch(responses, mask, rewards, 2), **TOL)
 
 
 def test_group_of_one_and_empty_shapes():

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import trie
+import trie_batch
 
 # SPEC 3's worked example: A=0, B=1, x=2, y=3, '.'=4
 EX_GROUP = [[0, 2, 4, 4], [0, 2, 4, 4], [0, 3, 4, 4], [1, 4, 4, 4]]
@@ -141,9 +142,9 @@ def test_batch_wrapper_cuts_padding_with_the_mask():
     responses = torch.tensor([[7, 8, 9, 9], [7, 8, 9, 7]])
     mask = torch.tensor([[True, True, False, False], [True, True, True, False]])
     rewards = torch.tensor([0.0, 1.0])
-    A = trie.tempo_batch(responses, mask, rewards, 2)
+    A = trie_batch.tempo_batch(responses, mask, rewards, 2)
     expected = trie.tempo_group([[7, 8], [7, 8, 9]], [0.0, 1.0])
     assert A.dtype == torch.float32
     assert A[0, :2].tolist() == pytest.approx(expected[0]) and A[0, 2:].tolist() == [0.0, 0.0]
     assert A[1, :3].tolist() == pytest.approx(expected[1]) and A[1, 3].item() == 0.0
-    assert trie.prefix_counts_batch(responses, mask, 2).tolist() == [[2, 2, 0, 0], [2, 2, 1, 0]]
+    assert trie_batch.prefix_counts_batch(responses, mask, 2).tolist() == [[2, 2, 0, 0], [2, 2, 1, 0]]
