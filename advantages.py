@@ -17,9 +17,10 @@ members of D(s_t) are the sorted positions k(t) .. G-1 with k(t) = #{j : lcp(i, 
 searchsorted), so n(s_t) = G - k(t) and the reward sum of D(s_t) is a suffix sum over the sorted
 rewards. TEMPO needs V only where it changes: delta_{i,t} != 0 only at t = some lcp(i, j) < len_i
 (SPEC 3's branch gate), at most G - 1 places a row, so it writes A_i everywhere and overwrites
-those. TreeAdv and prefix_counts read k(t) for every token (one searchsorted over [B, T]). lcp values are found by comparing the G(G-1)/2 pairs of each group over windows of
-doubling width that stop once every pair has diverged: a loop of at most log2(T) steps, never
-over tokens or rows. Memory is O(B*G + B*T); nothing is B*T*T or B*B*T.
+those. TreeAdv and prefix_counts read k(t) for every token (one searchsorted over [B, T]). lcp values
+are found by comparing the G(G-1)/2 pairs of each group over windows of doubling width that stop once
+every pair has diverged: a loop of at most log2(T) steps, never over tokens or rows. Memory is
+O(B*G + B*T); nothing is B*T*T or B*B*T.
 
 Departures from the papers (all from SPEC): the END of a response counts as a child (a truncated
 response that is a strict prefix of a sibling leaves at its own end); a group of one has mu = 0 and
@@ -27,6 +28,8 @@ sigma = 1 under every scale; a group of two or more with equal rewards gets exac
 TEMPO's TD term has a weight (1.0 = the paper) and an unscaled form (scale_td=False, SPEC 8);
 scale="batch" takes sigma over the whole batch and keeps mu per group (as TRL does); HEPO breaks
 entropy ties by position.
+
+Input checks (a ValueError naming the argument, before any work) sit at the bottom of the file.
 
 Benchmark against trie.py: `python benchmarks/bench_advantages.py` (tokens/s, CPU and CUDA).
 """
@@ -38,80 +41,6 @@ import numbers
 import torch
 
 SCALES = ("group", "batch", "none")
-
-
-# ----------------------------------------------------------------------------------------------
-# Input checks: every bad input is a ValueError naming the argument, before any work
-
-
-def _acc_dtype(device: torch.device) -> torch.dtype:
-    """float64 for sums and means, except on MPS, which has no float64."""
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
-def _check_group_size(group_size, B: int, rows: str = "rewards") -> int:
-    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < 1:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-    if B == 0:
-        raise ValueError(f"{rows} is empty: the batch needs at least one row")
-    if B % group_size:
-        raise ValueError(f"group_size={group_size} does not divide the batch size B={B}")
-    return int(group_size)
-
-
-def _check_rewards(rewards, B: int | None, device) -> torch.Tensor:
-    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
-        raise ValueError(f"rewards must be a 1-D tensor [B], got "
-                         f"{tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards)}")
-    if rewards.is_complex():
-        raise ValueError("rewards must be real, got a complex tensor")
-    if B is not None and rewards.shape[0] != B:
-        raise ValueError(f"rewards has {rewards.shape[0]} rows but responses/mask have {B}")
-    acc = _acc_dtype(torch.device(device) if device is not None else rewards.device)
-    r = rewards.detach().to(device=device, dtype=acc)
-    if not torch.isfinite(r).all():
-        raise ValueError("rewards contains non-finite values (nan or inf)")
-    return r
-
-
-def _check_scalar(name: str, value, lo: float = -math.inf, hi: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or not lo <= value <= hi:
-        raise ValueError(f"{name} must be a finite number in [{lo}, {hi}], got {value!r}")
-    return float(value)
-
-
-def _check_scale(scale) -> str:
-    if scale not in SCALES:
-        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-    return scale
-
-
-def _check_tokens(responses, mask) -> torch.Tensor:
-    """responses [B, T] integer ids, mask [B, T] bool prefix mask; returns mask as bool on responses' device."""
-    if not isinstance(responses, torch.Tensor) or responses.dim() != 2:
-        raise ValueError("responses must be a 2-D tensor [B, T] of token ids")
-    if responses.is_floating_point() or responses.is_complex() or responses.dtype == torch.bool:
-        raise ValueError(f"responses must hold integer token ids, got dtype {responses.dtype}")
-    if not isinstance(mask, torch.Tensor) or mask.shape != responses.shape:
-        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask)
-        raise ValueError(f"mask must be a tensor of the same shape as responses "
-                         f"{tuple(responses.shape)}, got {shape}")
-    return _check_prefix_mask(mask, responses.device)
-
-
-def _check_prefix_mask(mask, device) -> torch.Tensor:
-    if mask.dtype != torch.bool:
-        if mask.is_floating_point() or mask.is_complex() or not ((mask == 0) | (mask == 1)).all():
-            raise ValueError(f"mask must be bool (or 0/1 integers), got dtype {mask.dtype}")
-        mask = mask.bool()
-    mask = mask.to(device)
-    bad = (mask[:, 1:] & ~mask[:, :-1]).any(1)  # [B] a True right after a False
-    if bad.any():
-        row = int(bad.nonzero()[0])
-        raise ValueError(f"mask must be a prefix mask (True then False) in every row; row {row} "
-                         f"has a real token after padding")
-    return mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,10 +210,7 @@ def tempo_advantages(responses: torch.Tensor, mask: torch.Tensor, rewards: torch
     scale_td=False: A = (r_i - mu)/(sigma + eps) + w * delta (the TD term unscaled, SPEC 8).
     Built as A_i on every valid token, then the branch events written in (SPEC 3's branch gate).
     """
-    mask = _check_tokens(responses, mask)
-    r = _check_rewards(rewards, responses.shape[0], responses.device)
-    G = _check_group_size(group_size, r.shape[0])
-    eps, scale = _check_scalar("eps", eps, 0.0), _check_scale(scale)
+    mask, r, G, eps, scale = _check_batch(responses, mask, rewards, group_size, eps, scale)
     td_weight = _check_scalar("td_weight", td_weight)
     A_i, event, col, A_event = _tempo_events(responses, mask, r, G, eps, td_weight, scale,
                                              bool(scale_td))
@@ -337,10 +263,7 @@ def treeadv_advantages(responses: torch.Tensor, mask: torch.Tensor, rewards: tor
     [B, T] float32, zeros at padding. A token no other row shares has V(s_{t+1}) = r_i and keeps A_i.
     Summed over the rows sharing a token this gives the sum of their GRPO advantages (SPEC 5a).
     """
-    mask = _check_tokens(responses, mask)
-    r = _check_rewards(rewards, responses.shape[0], responses.device)
-    G = _check_group_size(group_size, r.shape[0])
-    eps, scale = _check_scalar("eps", eps, 0.0), _check_scale(scale)
+    mask, r, G, eps, scale = _check_batch(responses, mask, rewards, group_size, eps, scale)
     mu, denom = _baseline(r, G, eps, scale)
     lcp_sorted, V_from = _prefix_sets(responses, mask, r, G)  # [B, G], [B, G+1]
     Ahat_from = ((V_from - mu[:, None]) / denom[:, None]).float()  # [B, G+1] per prefix set
@@ -363,10 +286,7 @@ def branch_diagnostics(responses: torch.Tensor, mask: torch.Tensor, rewards: tor
     td_share: sum |A_tempo - A_grpo| / sum |A_tempo| over valid tokens (0 if the denominator is 0).
     All from the branch events alone: off them A_tempo = A_grpo = A_i.
     """
-    mask = _check_tokens(responses, mask)
-    r = _check_rewards(rewards, responses.shape[0], responses.device)
-    G = _check_group_size(group_size, r.shape[0])
-    eps = _check_scalar("eps", eps, 0.0)
+    mask, r, G, eps, _ = _check_batch(responses, mask, rewards, group_size, eps, "group")
     A_i, event, lcp_sorted, A_event = _tempo_events(responses, mask, r, G, eps, 1.0, "group", True)
     lengths = lcp_sorted[:, -1]  # [B]
     n_tokens = int(lengths.sum())
@@ -385,3 +305,85 @@ def branch_diagnostics(responses: torch.Tensor, mask: torch.Tensor, rewards: tor
         unique_depth=unique,
         td_share=td_abs / tempo_abs if tempo_abs > 0 else 0.0,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks: every bad input is a ValueError naming the argument, before any work
+
+
+def _acc_dtype(device: torch.device) -> torch.dtype:
+    """float64 for sums and means, except on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _check_batch(responses, mask, rewards, group_size, eps, scale):
+    """The checks every tree function starts with: (mask as bool, rewards in the accumulation dtype, G, eps, scale)."""
+    mask = _check_tokens(responses, mask)
+    r = _check_rewards(rewards, responses.shape[0], responses.device)
+    G = _check_group_size(group_size, r.shape[0])
+    return mask, r, G, _check_scalar("eps", eps, 0.0), _check_scale(scale)
+
+
+def _check_group_size(group_size, B: int, rows: str = "rewards") -> int:
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if B == 0:
+        raise ValueError(f"{rows} is empty: the batch needs at least one row")
+    if B % group_size:
+        raise ValueError(f"group_size={group_size} does not divide the batch size B={B}")
+    return int(group_size)
+
+
+def _check_rewards(rewards, B: int | None, device) -> torch.Tensor:
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
+        raise ValueError(f"rewards must be a 1-D tensor [B], got "
+                         f"{tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards)}")
+    if rewards.is_complex():
+        raise ValueError("rewards must be real, got a complex tensor")
+    if B is not None and rewards.shape[0] != B:
+        raise ValueError(f"rewards has {rewards.shape[0]} rows but responses/mask have {B}")
+    acc = _acc_dtype(torch.device(device) if device is not None else rewards.device)
+    r = rewards.detach().to(device=device, dtype=acc)
+    if not torch.isfinite(r).all():
+        raise ValueError("rewards contains non-finite values (nan or inf)")
+    return r
+
+
+def _check_scalar(name: str, value, lo: float = -math.inf, hi: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or not lo <= value <= hi:
+        raise ValueError(f"{name} must be a finite number in [{lo}, {hi}], got {value!r}")
+    return float(value)
+
+
+def _check_scale(scale) -> str:
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    return scale
+
+
+def _check_tokens(responses, mask) -> torch.Tensor:
+    """responses [B, T] integer ids, mask [B, T] bool prefix mask; returns mask as bool on responses' device."""
+    if not isinstance(responses, torch.Tensor) or responses.dim() != 2:
+        raise ValueError("responses must be a 2-D tensor [B, T] of token ids")
+    if responses.is_floating_point() or responses.is_complex() or responses.dtype == torch.bool:
+        raise ValueError(f"responses must hold integer token ids, got dtype {responses.dtype}")
+    if not isinstance(mask, torch.Tensor) or mask.shape != responses.shape:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask)
+        raise ValueError(f"mask must be a tensor of the same shape as responses "
+                         f"{tuple(responses.shape)}, got {shape}")
+    return _check_prefix_mask(mask, responses.device)
+
+
+def _check_prefix_mask(mask, device) -> torch.Tensor:
+    if mask.dtype != torch.bool:
+        if mask.is_floating_point() or mask.is_complex() or not ((mask == 0) | (mask == 1)).all():
+            raise ValueError(f"mask must be bool (or 0/1 integers), got dtype {mask.dtype}")
+        mask = mask.bool()
+    mask = mask.to(device)
+    bad = (mask[:, 1:] & ~mask[:, :-1]).any(1)  # [B] a True right after a False
+    if bad.any():
+        row = int(bad.nonzero()[0])
+        raise ValueError(f"mask must be a prefix mask (True then False) in every row; row {row} "
+                         f"has a real token after padding")
+    return mask

@@ -638,7 +638,7 @@ def evaluate(model, tokenizer, bench: str, examples: list[dict], *, n: int = 1, 
         kv_budget = rollout.default_kv_budget(model, rows=batch_size * n)
     cfg = rollout.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, top_k=0,
                                  kv_budget=kv_budget, compile=compile_decode)
-    eos, pad = _eos_ids(model, tokenizer), tokenizer.pad_token_id
+    eos, pad = rollout.eos_token_ids(model, tokenizer), tokenizer.pad_token_id
 
     was_training, t0, rows = model.training, time.time(), []
     model.eval()
@@ -682,14 +682,6 @@ def _scored_rows(bench: str, examples: list[dict], prompts: list, idx: list[int]
             row["truncated"].append(not finished[r])
         rows.append(row)
     return rows
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    """The tokenizer's EOS, the model's generation EOS (Qwen3: <|im_end|> and <|endoftext|>)."""
-    ids = {tokenizer.eos_token_id}
-    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids |= set(gen) if isinstance(gen, (list, tuple)) else {gen}
-    return sorted(i for i in ids if i is not None)
 
 
 def _check_evaluate_args(bench, examples, n, temperature, max_new_tokens, batch_size) -> None:
@@ -1037,7 +1029,7 @@ class Args:
     device: str = "auto"
     """cuda, cuda:N, cpu, ... (auto: this rank's GPU if there is one)"""
     dtype: str = "auto"
-    """float32, bfloat16 or float16 (auto: bfloat16 on GPU, float32 on CPU)"""
+    """fp32, bf16 or fp16 (auto: bf16 on GPU, fp32 on CPU)"""
     seed: int = 0
     """seed of the sampler and of random draws"""
     progress: bool = True
@@ -1128,6 +1120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> Args:
     """Parse and check every argument (a ValueError naming the flag) before anything loads."""
+    import rollout  # its dtype names (rollout imports torch; this module does not, at import time)
     args = Args(**vars(build_parser().parse_args(argv)))
     benches = args.bench.split(",")
     for name in benches:
@@ -1150,8 +1143,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
         raise ValueError(f"--n {args.n}: greedy decoding gives identical samples; set --temperature > 0")
     if not 0 <= args.seed < 2 ** 63:
         raise ValueError(f"--seed {args.seed}: must be in [0, 2^63)")
-    if args.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype {args.dtype}: choose auto, float32, bfloat16 or float16")
+    if args.dtype != "auto" and args.dtype not in rollout.DTYPES:
+        raise ValueError(f"--dtype {args.dtype}: choose auto, {', '.join(rollout.DTYPES)}")
     if not re.fullmatch(r"auto|cpu|mps|(?:cuda|xpu)(?::\d+)?", args.device):
         raise ValueError(f"--device {args.device}: expected auto, cpu, cuda, cuda:N, mps or xpu")
     _check_out(args.out)
@@ -1188,8 +1181,7 @@ def _device_and_dtype(args: Args, torch) -> tuple[str, object]:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if int(device.partition(":")[2] or 0) >= count:
             raise ValueError(f"--device {args.device}: this machine has {count} CUDA device(s)")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        args.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    dtype = rollout.DTYPES.get(args.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
     return device, dtype
 
 

@@ -1,11 +1,6 @@
 """rollout.py: load a causal LM and sample groups of responses from it (flat, or as an entropy-forked tree).
 
-Part 1 loads models: a Hugging Face hub id, a local directory, a checkpoint that train.py wrote, or
-`tiny`, a random Qwen3 of 80k-400k parameters with a character tokenizer built offline with the
-`tokenizers` library. The tiny model is what the tests, the CPU demo and the study run on; nothing
-here touches the network unless a hub id is given.
-
-Part 2 samples: `sample(model, prompts, G, SamplingConfig(...))` returns a `Rollout` of P*G leaves.
+Part 1 samples: `sample(model, prompts, G, SamplingConfig(...))` returns a `Rollout` of P*G leaves.
 The sampling distribution is exactly log_softmax(logits / T) restricted to top-k, then top-p, and
 renormalised; nothing from `generate` or a shipped generation_config takes part. Randomness is
 counter-based (see `counter_uniform`): a token is a pure function of (seed, prompt key, leaf, position),
@@ -19,7 +14,7 @@ rows are scheduled in.
   fork. Exactly G leaves per prompt, each returned as its full token sequence (shared prefix repeated),
   so trie.py/advantages.py see the shared prefixes as they are.
 
-Part 3 is the decode engine both samplers run on, built for the paper's scale (224 rows of up to
+Part 2 is the decode engine both samplers run on, built for the paper's scale (224 rows of up to
 1,024 + 2,048 tokens per GPU):
 - The KV cache is ours, not transformers' DynamicCache: per layer K and V of [S slots, KV heads, L,
   head_dim] in the compute dtype (bf16 under autocast, keys included), L = longest prompt +
@@ -48,6 +43,11 @@ them with a paged-attention kernel; in plain PyTorch, attention over pages would
 into a contiguous tensor, a copy of the whole cache every step, which is the cost this engine exists
 to remove. Slots keep every row contiguous, so attention reads the cache in place.
 
+Part 3 loads models: a Hugging Face hub id, a local directory, a checkpoint that train.py wrote, or
+`tiny`, a random Qwen3 of a few hundred thousand parameters with a character tokenizer built offline with
+the `tokenizers` library. The tiny model is what the tests, the CPU demo and the study run on; nothing
+here touches the network unless a hub id is given. Input checks come last.
+
 Benchmarks (flat vs `generate`, tree vs flat, the paper-shaped case): `python benchmarks/bench_rollout.py`.
 """
 from __future__ import annotations
@@ -62,89 +62,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-
-# ----------------------------------------------------------------------------------------------
-# Models: the tiny offline Qwen3, and loading anything else
-
-PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-# ChatML, as Qwen3's template renders it without a system prompt or thinking switch.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def build_tiny_tokenizer():
-    """A character-level tokenizer over printable ASCII plus Qwen3's three special tokens.
-
-    Left padding is passed to the constructor because transformers 5.x drops an attribute set
-    afterwards when the tokenizer is saved.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = [c for c in string.printable if c not in "\r\x0b\x0c"]  # 97 characters incl. space, \t, \n
-    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS] + chars)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS, pad_token=PAD, bos_token=None, padding_side="left",
-        chat_template=CHAT_TEMPLATE, additional_special_tokens=[BOS],
-    )
-
-
-def build_tiny_model(tokenizer, hidden: int = 64, layers: int = 2, seed: int = 0):
-    """A random Qwen3 sized for a laptop CPU: hidden 64 x 2 layers is 80k parameters, 128 x 4 about 600k."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
-        max_position_embeddings=40_960, tie_word_embeddings=True,  # Qwen3's context
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen3ForCausalLM(config)
-    # Sampling settings come from our arguments only; a shipped generation_config must not leak in.
-    model.generation_config.do_sample = False
-    return model
-
-
-def load_model_and_tokenizer(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                             tiny_hidden: int = 64, tiny_layers: int = 2, seed: int = 0):
-    """`name` is `tiny`, a local directory (a train.py checkpoint included) or a hub id.
-
-    A hub id that cannot be reached fails fast with a message naming `--model PATH` and
-    HF_HUB_OFFLINE, instead of transformers' retry loop and traceback.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if name == "tiny":
-        tokenizer = build_tiny_tokenizer()
-        model = build_tiny_model(tokenizer, tiny_hidden, tiny_layers, seed)
-        return model.to(device=device, dtype=dtype), tokenizer
-    if not os.path.isdir(name) and ("/" not in name or name.startswith((".", "/"))):
-        raise ValueError(f"--model {name!r}: no such directory, and not a hub id of the form owner/name")
-    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-    if os.path.isdir(name) and not (os.path.isfile(os.path.join(name, "config.json"))
-                                    and any(os.path.isfile(os.path.join(name, f)) for f in tokenizer_files)):
-        raise ValueError(f"--model {name!r}: not a saved model: a model directory holds config.json, the weights "
-                         "and the tokenizer's files (tokenizer.json or tokenizer_config.json)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    except OSError as e:
-        raise SystemExit(
-            f"could not load model {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}).\n"
-            "Offline? Download it elsewhere and pass --model PATH to the local directory "
-            "(set HF_HUB_OFFLINE=1 to fail at once instead of retrying)."
-        ) from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device), tokenizer
-
 
 # ----------------------------------------------------------------------------------------------
 # Sampling: what is asked for, and what comes back
@@ -845,6 +762,98 @@ def default_kv_budget(model, rows: int, optimizer=None, fraction: float = 0.9) -
                                 for group in optimizer.param_groups for p in group["params"] if p.requires_grad)
     step = 24 * rows * model.config.get_text_config().vocab_size
     return max(0, int(fraction * (free - pending_adamw - step)) // kv_bytes_per_position(model))
+
+
+# ----------------------------------------------------------------------------------------------
+# Models: the tiny offline Qwen3, and loading anything else
+
+PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # every entry point's --dtype names
+# ChatML, as Qwen3's template renders it without a system prompt or thinking switch.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_tokenizer():
+    """A character-level tokenizer over printable ASCII plus Qwen3's three special tokens.
+
+    Left padding is passed to the constructor because transformers 5.x drops an attribute set
+    afterwards when the tokenizer is saved.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\r\x0b\x0c"]  # 97 characters incl. space, \t, \n
+    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS] + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, pad_token=PAD, bos_token=None, padding_side="left",
+        chat_template=CHAT_TEMPLATE, additional_special_tokens=[BOS],
+    )
+
+
+def build_tiny_model(tokenizer, hidden: int = 64, layers: int = 2, seed: int = 0):
+    """A random Qwen3 sized for a laptop CPU (Qwen3's attention layout: 4 heads, 2 KV heads)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+        max_position_embeddings=40_960, tie_word_embeddings=True,  # Qwen3's context
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(config)
+    # Sampling settings come from our arguments only; a shipped generation_config must not leak in.
+    model.generation_config.do_sample = False
+    return model
+
+
+def load_model_and_tokenizer(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                             tiny_hidden: int = 64, tiny_layers: int = 2, seed: int = 0):
+    """`name` is `tiny`, a local directory (a train.py checkpoint included) or a hub id.
+
+    A hub id that cannot be reached fails fast with a message naming `--model PATH` and
+    HF_HUB_OFFLINE, instead of transformers' retry loop and traceback.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name == "tiny":
+        tokenizer = build_tiny_tokenizer()
+        model = build_tiny_model(tokenizer, tiny_hidden, tiny_layers, seed)
+        return model.to(device=device, dtype=dtype), tokenizer
+    if not os.path.isdir(name) and ("/" not in name or name.startswith((".", "/"))):
+        raise ValueError(f"--model {name!r}: no such directory, and not a hub id of the form owner/name")
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if os.path.isdir(name) and not (os.path.isfile(os.path.join(name, "config.json"))
+                                    and any(os.path.isfile(os.path.join(name, f)) for f in tokenizer_files)):
+        raise ValueError(f"--model {name!r}: not a saved model: a model directory holds config.json, the weights "
+                         "and the tokenizer's files (tokenizer.json or tokenizer_config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except OSError as e:
+        raise SystemExit(
+            f"could not load model {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}).\n"
+            "Offline? Download it elsewhere and pass --model PATH to the local directory "
+            "(set HF_HUB_OFFLINE=1 to fail at once instead of retrying)."
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device), tokenizer
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Where a response ends: the tokenizer's EOS and the model's generation EOS (Qwen3: <|im_end|>, <|endoftext|>)."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen) if isinstance(gen, (list, tuple)) else {gen}
+    return sorted(i for i in ids if i is not None)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -912,7 +912,7 @@ def start_run(args: Args, d: Dist | None = None, model=None, tokenizer=None) -> 
     recompute = args.recompute_logprobs == "always" or (args.recompute_logprobs == "auto" and (
         compute_dtype != torch.float32 or args.top_p < 1 or args.top_k > 0))
     return Run(args=args, d=d, model=model, ref=ref, optimizer=optimizer, tokenizer=tokenizer, train_ex=train_ex,
-               prompts=prompts, val_ex=val_ex, cfg=sampling_config(args), eos_ids=eos_token_ids(unwrap(model), tokenizer),
+               prompts=prompts, val_ex=val_ex, cfg=sampling_config(args), eos_ids=rollout.eos_token_ids(unwrap(model), tokenizer),
                ctx=lambda: autocast(model, d, compute_dtype), recompute_old=recompute, start=start,
                t_run=time.time() - wall0, nonfinite_run=nonfinite_run)
 
@@ -1132,14 +1132,6 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 def _fsdp_modules(model) -> list:
     from torch.distributed.fsdp import FSDPModule
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """Where a response ends: the tokenizer's EOS and the model's generation EOS (Qwen3: <|im_end|>, <|endoftext|>)."""
-    ids = {tokenizer.eos_token_id}
-    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids |= set(gen) if isinstance(gen, (list, tuple)) else {gen}
-    return sorted(i for i in ids if i is not None)
 
 
 def unwrap(model):

@@ -48,7 +48,7 @@ holds after the training state, at 2,048 and 8,192 new tokens (printed, not meas
 Run from the repository root:
     python benchmarks/bench_rollout.py                        # all; tree: 64x2, 128x4, warm; tau 0.5 (default), 1.0, 0.3, 0.1
     python benchmarks/bench_rollout.py --sections tree --models warm --compile
-    python benchmarks/bench_rollout.py --sections tree paper --device cuda --dtype bfloat16
+    python benchmarks/bench_rollout.py --sections tree paper --device cuda --dtype bf16
 """
 from __future__ import annotations
 
@@ -83,8 +83,8 @@ class Args:
     """timed runs per sampler (seeds 0..repeats-1), after one warm-up"""
     device: str = "cpu"
     """cpu or cuda"""
-    dtype: str = "float32"
-    """model dtype: float32 or bfloat16"""
+    dtype: str = "fp32"
+    """model dtype: fp32 or bf16"""
     threads: int = 2
     """torch CPU threads"""
     warm_dir: str = "runs/bench-rollout-warm"
@@ -129,7 +129,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
 
 def load(name: str, args: Args):
     """(model, tokenizer, label) for one --models entry."""
-    dtype = getattr(torch, args.dtype)
+    dtype = rollout.DTYPES[args.dtype]
     if name == "warm":
         import study  # benchmarks/study.py, beside this file: its seed-0 warm start is the recipe
         import train
@@ -251,7 +251,7 @@ def qwen3_1_7b_shaped(layers: int, vocab: int, intermediate: int, args: Args):
         torch.manual_seed(0)
         model = Qwen3ForCausalLM(config)
     model.generation_config.do_sample = False
-    return model.to(args.device, getattr(torch, args.dtype)).eval()
+    return model.to(args.device, rollout.DTYPES[args.dtype]).eval()
 
 
 def random_prompts(lengths: list[int], vocab: int) -> list[list[int]]:
