@@ -1005,6 +1005,7 @@ def resume_run(args: Args, d: Dist, compute_dtype: torch.dtype, model=None, toke
     complete and loads, or None when OUT holds no run at all (a fresh start). Never deletes anything: a
     checkpoint that fails is skipped with the reason, and a run with no usable checkpoint stops with a message.
     On success the flags are checked against OUT/config.json and the logs trimmed to the checkpoint's step."""
+    from torch.distributed.checkpoint.api import CheckpointException
     changed = check_resume_config(args)
     candidates = resumable_checkpoints(args.out)
     for ckpt in candidates:
@@ -1013,8 +1014,9 @@ def resume_run(args: Args, d: Dist, compute_dtype: torch.dtype, model=None, toke
             optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
             state = load_training_state(ckpt, policy, optimizer, d)
             error = None
-        except (OSError, RuntimeError, ValueError, KeyError, EOFError) as e:  # a damaged file, whatever the reader
-            error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        except (Exception, CheckpointException) as e:  # a damaged file raises what its reader raises (DCP's
+            text = str(e).strip()                         # CheckpointException is a BaseException)
+            error = f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
         failed = all_reduce(torch.tensor([float(error is not None)], device=d.device), dist.ReduceOp.MAX).item()
         if failed:  # every rank moves on together, whichever rank could not read its part
             print0(f"skipped {ckpt}: loading failed" + (f" ({error})" if error else " on another rank"))
@@ -1988,11 +1990,11 @@ def main(argv: list[str] | None = None):
     return train(args)
 
 
-if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def cli(argv: list[str] | None = None) -> int:
+    """`python train.py ...`: main, with a user error or a stopped run as one line on stderr; the exit code."""
     code = 0
     try:
-        main()
+        main(argv)
     except UserError as e:  # the user's to fix: one line naming the flag or file, argparse's exit code
         print(f"train.py: error: {e}", file=sys.stderr, flush=True)
         code = 2
@@ -2002,4 +2004,9 @@ if __name__ == "__main__":
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(cli())
