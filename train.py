@@ -68,10 +68,15 @@ Checkpoints: OUT/ckpt-NNNNNN/ holds state/ (model and optimizer, sharded: every 
 part with torch.distributed.checkpoint, and --resume reads it back on any world size), model.safetensors
 + config + tokenizer (loadable with `from_pretrained` and as `--model`; rank 0 writes it one tensor at a
 time, each gathered from its shards just before, so no rank holds the whole model), rng-rank{r}.pt and
-trainer_state.json (step, data position, wall clock). All of it is written to a .tmp directory and
-renamed with os.replace, then OUT/latest is replaced atomically, so a crash mid-write leaves the
-previous checkpoint intact. SIGTERM and Ctrl-C finish the current step, save, and exit 0; `--resume`
-continues exactly (N + N steps == 2N straight).
+trainer_state.json (step, data position, wall clock). All of it is written to a .tmp directory, sealed
+with COMPLETE.json (the step and every file's size, written last) and renamed with os.replace; OUT/latest
+then names it. Older checkpoints are deleted only after that, so a crash mid-write leaves the previous
+one intact. `--resume` takes the newest checkpoint that is sealed, unchanged since and loads (skipping the
+others with the reason), refuses flags that change the experiment (RESUME_FREE lists those that may
+change), trims the logs to its step, and never deletes anything. SIGTERM and Ctrl-C finish the current
+step, save, and exit 0; `--resume` continues exactly (N + N steps == 2N straight). A weight that turns inf
+or NaN stops the run before anything of it is saved; a collective that times out (--dist-timeout) stops
+it with the step and phase each rank was in.
 
 Departures: dual clip also applies to the GSPO-token ratio in the shared loss (SPEC 6); warmup counts
 RL steps; `--shuffle-rewards` (a control, not in the papers) permutes the rewards over the step's rows.
@@ -1211,7 +1216,8 @@ def check_args(args: Args, world_size: int = 1) -> None:
     choose("recompute-logprobs", args.recompute_logprobs, RECOMPUTE)
     choose("dtype", args.dtype, ("auto", "bf16", "fp32"))
     choose("bench-shape", args.bench_shape, ("tiny", "0.6b", "1.7b"))
-    need(args.tiny_hidden % 8 == 0, f"--tiny-hidden {args.tiny_hidden}: must be a multiple of 8 (4 heads of an even size)")
+    need(args.tiny_hidden % 8 == 0,
+         f"--tiny-hidden {args.tiny_hidden}: must be a multiple of 8 (4 heads of an even size)")
     need(args.method == "tempo" or (args.td_weight == 1.0 and args.scale_td),
          "--td-weight / --no-scale-td apply to --method tempo only")
     need(not args.unique_segments or args.method == "treeadv", "--unique-segments is TreeAdv's mode: use --method treeadv")
@@ -1249,11 +1255,11 @@ def check_args(args: Args, world_size: int = 1) -> None:
          "--demo runs in one process on a synthetic task (add or chain), whose rows carry the target `solution`")
     for flag, path in (("--data", args.data), ("--val-data", args.val_data)):
         need(path is None or os.path.isfile(path), f"{flag} {path!r}: no such file")
-    need(args.model == "tiny" or not os.path.isdir(args.model) or os.path.isfile(os.path.join(args.model, "config.json")),
-         f"--model {args.model}: the directory has no config.json (not a saved model)")
+    need(args.model == "tiny" or not os.path.isdir(args.model)
+         or os.path.isfile(os.path.join(args.model, "config.json")), f"--model {args.model}: the directory has no config.json (not a saved model)")
     need(not args.resume_override or args.resume, "--resume-override applies to --resume only")
     need(not os.path.isfile(args.out), f"--out {args.out}: a file, not a directory")
-    holds_run = os.path.exists(os.path.join(args.out, "metrics.jsonl"))
+    holds_run = os.path.exists(os.path.join(args.out, "metrics.jsonl")) or bool(checkpoint_dirs(args.out))
     need(not holds_run or args.resume or args.overwrite,
          f"--out {args.out} already holds a run: pass --resume to continue it, --overwrite, or another --out")
 

@@ -68,7 +68,8 @@ def test_resume_without_latest_deletes_nothing(run, capsys):
     os.remove(out / "latest")
     resume("--steps", "2")
     assert f"resumed from {out / 'ckpt-000002'} at step 2" in capsys.readouterr().out
-    assert _ckpts(out) == ["ckpt-000001", "ckpt-000002"] and _steps(out) == [1, 2] and _steps(out, "samples.jsonl") == [1, 2]
+    assert _ckpts(out) == ["ckpt-000001", "ckpt-000002"]
+    assert _steps(out) == [1, 2] and _steps(out, "samples.jsonl") == [1, 2]
 
 
 def test_resume_after_the_newest_checkpoint_was_deleted_redoes_its_step_exactly(run, base, capsys):
@@ -264,18 +265,19 @@ def test_torchrun_user_error_is_one_line_per_rank(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. A hung rank ends the run, naming the phase (about a minute: two processes start, then a 6 s timeout)
+# 7. A hung rank ends the run, naming the phase. About a minute: two processes start, and the timeout is 15 s
+#    (it also bounds the setup's barriers, which wait for rank 0 to read the model: less is flaky on a busy CPU)
 
 
 def test_a_hung_rank_ends_the_run_naming_the_phase(tmp_path, tiny_model_dir):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-           *_flags(tmp_path / "o", tiny_model_dir, "--steps", "3", "--dist-timeout", "0.1")]
+           *_flags(tmp_path / "o", tiny_model_dir, "--steps", "3", "--dist-timeout", "0.25")]
     t = time.time()
     res = subprocess.run(cmd, cwd=ROOT, env={**ENV, "TRAIN_TEST_HANG": "1:2"}, capture_output=True, text=True,
                          timeout=300)
     out = res.stdout + res.stderr
     assert res.returncode != 0 and "TRAIN_TEST_HANG: hanging at step 2" in out, out[-3000:]
     assert ("train.py: stopped: rank 0, step 2, phase advantages (gathering every rank's rollout): a collective "
-            "waited longer than --dist-timeout 0.1 min") in out, out[-3000:]
+            "waited longer than --dist-timeout 0.25 min") in out, out[-3000:]
     assert _steps(tmp_path / "o") == [1] and train.latest_checkpoint(str(tmp_path / "o")).endswith("ckpt-000001")
     assert time.time() - t < 240
