@@ -857,7 +857,7 @@ def checkpoint_step(run: Run, step: int) -> bool:
         save_checkpoint(args.out, done, run.model, run.optimizer, run.tokenizer, state, d, args.keep_last)
     if run.nonfinite_run >= args.max_nonfinite:
         raise StopRun(f"{run.nonfinite_run} steps in a row had a non-finite loss or gradient; stopping "
-                           f"(see {os.path.join(args.out, 'metrics.jsonl')}; try a lower --lr)")
+                      f"(see {os.path.join(args.out, 'metrics.jsonl')}; try a lower --lr)")
     if stop:
         print0(f"stopped at step {done}" + (f"; continue with --resume --out {args.out}" if args.save_every else ""))
     return stop
@@ -948,7 +948,7 @@ def collective_errors(args: Args):
         text = str(e)
         timed_out = bool(re.search(r"timed out|timeout", text, re.I))
         lost = isinstance(e, getattr(dist, "DistError", ())) or re.search(
-            r"connection (closed|reset)|broken pipe|gloo|nccl", text, re.I)
+            r"connection (closed|reset)|broken pipe", text, re.I)
         if isinstance(e, StopRun) or not dist.is_initialized() or not (timed_out or lost):
             raise
         where = f"rank {dist.get_rank()}, step {PHASE['step']}, phase {PHASE['name']}"
@@ -1255,8 +1255,9 @@ def check_args(args: Args, world_size: int = 1) -> None:
          "--demo runs in one process on a synthetic task (add or chain), whose rows carry the target `solution`")
     for flag, path in (("--data", args.data), ("--val-data", args.val_data)):
         need(path is None or os.path.isfile(path), f"{flag} {path!r}: no such file")
-    need(args.model == "tiny" or not os.path.isdir(args.model)
-         or os.path.isfile(os.path.join(args.model, "config.json")), f"--model {args.model}: the directory has no config.json (not a saved model)")
+    model_dir = args.model != "tiny" and os.path.isdir(args.model)
+    need(not model_dir or os.path.isfile(os.path.join(args.model, "config.json")),
+         f"--model {args.model}: the directory has no config.json (not a saved model)")
     need(not args.resume_override or args.resume, "--resume-override applies to --resume only")
     need(not os.path.isfile(args.out), f"--out {args.out}: a file, not a directory")
     holds_run = os.path.exists(os.path.join(args.out, "metrics.jsonl")) or bool(checkpoint_dirs(args.out))

@@ -245,6 +245,15 @@ def test_user_errors_are_one_line_naming_the_flag(argv, flag, tmp_path, capsys, 
     assert err.startswith(f"train.py: error: {flag}") and err.count("\n") == 1, err
 
 
+def test_a_bad_data_row_is_one_line_naming_file_and_line(tmp_path, capsys):
+    """--data goes through evaluate.load_examples' checks (every row, by file and line), as a user error."""
+    data = tmp_path / "add.jsonl"
+    data.write_text('{"question": "1+1", "answer": "2"}\n{"question": \n')
+    assert train.cli(["--model", "tiny", "--task", "add", "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"train.py: error: --data {data}: line 2") and err.count("\n") == 1, err
+
+
 def test_command_line_device_cuda_without_cuda_is_one_line(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA is there")
