@@ -68,10 +68,15 @@ Checkpoints: OUT/ckpt-NNNNNN/ holds state/ (model and optimizer, sharded: every 
 part with torch.distributed.checkpoint, and --resume reads it back on any world size), model.safetensors
 + config + tokenizer (loadable with `from_pretrained` and as `--model`; rank 0 writes it one tensor at a
 time, each gathered from its shards just before, so no rank holds the whole model), rng-rank{r}.pt and
-trainer_state.json (step, data position, wall clock). All of it is written to a .tmp directory and
-renamed with os.replace, then OUT/latest is replaced atomically, so a crash mid-write leaves the
-previous checkpoint intact. SIGTERM and Ctrl-C finish the current step, save, and exit 0; `--resume`
-continues exactly (N + N steps == 2N straight).
+trainer_state.json (step, data position, wall clock). All of it is written to a .tmp directory, sealed
+with COMPLETE.json (the step and every file's size, written last) and renamed with os.replace; OUT/latest
+then names it. Older checkpoints are deleted only after that, so a crash mid-write leaves the previous
+one intact. `--resume` takes the newest checkpoint that is sealed, unchanged since and loads (skipping the
+others with the reason), refuses flags that change the experiment (RESUME_FREE lists those that may
+change), trims the logs to its step, and never deletes anything. SIGTERM and Ctrl-C finish the current
+step, save, and exit 0; `--resume` continues exactly (N + N steps == 2N straight). A weight that turns inf
+or NaN stops the run before anything of it is saved; a collective that times out (--dist-timeout) stops
+it with the step and phase each rank was in.
 
 Departures: dual clip also applies to the GSPO-token ratio in the shared loss (SPEC 6); warmup counts
 RL steps; `--shuffle-rewards` (a control, not in the papers) permutes the rewards over the step's rows.
@@ -95,6 +100,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -115,6 +121,15 @@ METHODS = ("grpo", "tempo", "treeadv", "hepo")
 OBJECTIVES = ("grpo", "gspo")
 LOSS_AGGS = ("token-mean", "seq-mean", "max-len")
 RECOMPUTE = ("auto", "always", "never")
+
+
+class UserError(ValueError):
+    """A problem with the flags, the data files or the run directory: `train.py: error: ...` on one line, exit 2."""
+
+
+class StopRun(RuntimeError):
+    """The run cannot go on (non-finite weights, a hung or lost rank, steps that keep failing): one line, exit 1.
+    Nothing of the bad state is saved: the last complete checkpoint stands."""
 
 
 # ==============================================================================================
@@ -241,7 +256,9 @@ class Args:
     out: str | None = None
     """run directory: metrics.jsonl, samples.jsonl, config.json, checkpoints, plot (default runs/METHOD-TASK)"""
     resume: bool = False
-    """continue from OUT's latest checkpoint (a fresh start if there is none)"""
+    """continue from OUT's newest complete checkpoint (a fresh start if OUT holds no run; never deletes anything)"""
+    resume_override: bool = False
+    """--resume even where the flags differ from OUT/config.json (beyond RESUME_FREE); the changes are recorded"""
     overwrite: bool = False
     """allow an OUT that already holds a run (its files are replaced)"""
     val_every: int = 5
@@ -587,8 +604,20 @@ def apply_update(model, optimizer, lr: float, grad_clip: float, loss_finite: boo
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()
+        check_weights_finite(model)
     optimizer.zero_grad(set_to_none=True)
     return float(norm), not ok
+
+
+def check_weights_finite(model) -> None:
+    """StopRun if a weight is inf or NaN on any rank (each checks its own shards under FSDP2). A step from
+    finite gradients can still overflow (a huge --lr); such weights would be saved, then every later step
+    and every resume from them fails. The run stops here, before any checkpoint of this state."""
+    params = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    finite = torch.stack([torch.isfinite(p.detach()).all() for p in params]).float().min().reshape(1)  # [1]
+    if not all_reduce(finite, dist.ReduceOp.MIN).item():
+        raise StopRun(f"step {PHASE['step']}: the optimizer step made weights inf or NaN (is --lr too high?); "
+                      "stopping without saving them: the last complete checkpoint stands")
 
 
 def lr_at(step: int, args: Args) -> float:
@@ -827,8 +856,8 @@ def checkpoint_step(run: Run, step: int) -> bool:
                  "world_size": d.world, "seed": args.seed}
         save_checkpoint(args.out, done, run.model, run.optimizer, run.tokenizer, state, d, args.keep_last)
     if run.nonfinite_run >= args.max_nonfinite:
-        raise RuntimeError(f"{run.nonfinite_run} steps in a row had a non-finite loss or gradient; stopping "
-                           f"(see {os.path.join(args.out, 'metrics.jsonl')}; try a lower --lr)")
+        raise StopRun(f"{run.nonfinite_run} steps in a row had a non-finite loss or gradient; stopping "
+                      f"(see {os.path.join(args.out, 'metrics.jsonl')}; try a lower --lr)")
     if stop:
         print0(f"stopped at step {done}" + (f"; continue with --resume --out {args.out}" if args.save_every else ""))
     return stop
@@ -852,61 +881,120 @@ def train(args: Args, d: Dist | None = None, model=None, tokenizer=None) -> dict
 
     `model`/`tokenizer` may be given (the benchmark's random shapes); otherwise --model is loaded.
     """
-    run = start_run(args, d, model, tokenizer)
-    if run.start == 0 and args.val_every:
-        row = {"step": 0, "wall_s": time.time() - run.t_run, **validate_step(run, 0)}
-        write_metrics(run, row)
-        print0(f"step 0: validation accuracy {row['val_acc']:.3f}")
-    step = run.start
-    with stop_requested_by_signals(), progress_bar(run) as bar:
-        for step in range(run.start, args.steps):
-            clock = Clock(run.d)
-            ro, idx, data = rollout_step(run, step)
-            t_rollout = clock.lap()
-            r, counters, completions = reward_step(run, ro, idx)
-            t_reward = clock.lap()
-            A, weight, diag = advantage_step(run, ro, r, step)
-            t_advantage = clock.lap()
-            upd = update_step(run, ro, A, weight, lr_at(step, args))
-            m = log_step(run, step, ro, r, counters, A, diag, upd,
-                         dict(t_rollout=t_rollout, t_reward=t_reward, t_advantage=t_advantage))
-            write_sample(run, step, idx, completions, r, A)
-            m.update(validate_step(run, step + 1), **data, wall_s=time.time() - run.t_run)
-            write_metrics(run, m)
-            bar.update(1)
-            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", **({"val": f"{m['val_acc']:.3f}"} if "val_acc" in m else {}))
-            if checkpoint_step(run, step):
-                break
+    with collective_errors(args):
+        set_phase("setup", 0)
+        run = start_run(args, d, model, tokenizer)
+        if run.start == 0 and args.val_every:
+            set_phase("validation", 0)
+            row = {"step": 0, "wall_s": time.time() - run.t_run, **validate_step(run, 0)}
+            write_metrics(run, row)
+            print0(f"step 0: validation accuracy {row['val_acc']:.3f}")
+        step = run.start
+        with stop_requested_by_signals(), progress_bar(run) as bar:
+            for step in range(run.start, args.steps):
+                if train_step(run, step, bar):
+                    break
     return {"val_acc": run.val_acc, "steps": step + 1 if args.steps > run.start else run.start, "out": args.out,
             "stopped": STOP["requested"]}
+
+
+def train_step(run: Run, step: int, bar) -> bool:
+    """One RL step, each phase named for the message of a collective that times out; returns whether to stop."""
+    args, clock = run.args, Clock(run.d)
+    set_phase("rollout", step + 1)
+    _test_hang(run.d.rank, step + 1)
+    ro, idx, data = rollout_step(run, step)
+    t_rollout = clock.lap()
+    set_phase("reward")
+    r, counters, completions = reward_step(run, ro, idx)
+    t_reward = clock.lap()
+    set_phase("advantages (gathering every rank's rollout)")
+    A, weight, diag = advantage_step(run, ro, r, step)
+    t_advantage = clock.lap()
+    set_phase("update")
+    upd = update_step(run, ro, A, weight, lr_at(step, args))
+    set_phase("logging")
+    m = log_step(run, step, ro, r, counters, A, diag, upd,
+                 dict(t_rollout=t_rollout, t_reward=t_reward, t_advantage=t_advantage))
+    write_sample(run, step, idx, completions, r, A)
+    set_phase("validation")
+    m.update(validate_step(run, step + 1), **data, wall_s=time.time() - run.t_run)
+    write_metrics(run, m)
+    bar.update(1)
+    bar.set_postfix(reward=f"{m['reward_mean']:.3f}", **({"val": f"{m['val_acc']:.3f}"} if "val_acc" in m else {}))
+    set_phase("checkpoint")
+    return checkpoint_step(run, step)
+
+
+# What this rank is doing, and in which step: named when a collective times out (`collective_errors`).
+PHASE = {"name": "setup", "step": 0}
+
+
+def set_phase(name: str, step: int | None = None) -> None:
+    PHASE["name"] = name
+    if step is not None:
+        PHASE["step"] = step
+
+
+@contextlib.contextmanager
+def collective_errors(args: Args):
+    """A collective that times out (after --dist-timeout) or loses a peer becomes a StopRun naming this rank's
+    phase and step. Why: the backend's own error names a socket or a sequence number, not what the run was
+    doing, and a timeout's cause is usually another rank hung or too slow in that phase (a rank that waits
+    in the gather after the rollout is waiting for another one's rollout). Other errors pass unchanged."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e)
+        timed_out = bool(re.search(r"timed out|timeout", text, re.I))
+        lost = isinstance(e, getattr(dist, "DistError", ())) or re.search(
+            r"connection (closed|reset)|broken pipe", text, re.I)
+        if isinstance(e, StopRun) or not dist.is_initialized() or not (timed_out or lost):
+            raise
+        where = f"rank {dist.get_rank()}, step {PHASE['step']}, phase {PHASE['name']}"
+        cause = (f"a collective waited longer than --dist-timeout {args.dist_timeout:g} min: another rank is hung or "
+                 "slower than that (raise --dist-timeout if it is only slow)" if timed_out
+                 else "another rank failed or was killed (see its message)")
+        raise StopRun(f"{where}: {cause}; {text.splitlines()[0][:200] if text else type(e).__name__}") from e
+
+
+def _test_hang(rank: int, step: int) -> None:
+    """Tests only: TRAIN_TEST_HANG=RANK:STEP makes that rank stop answering at the start of that step (it
+    sleeps until a signal: torchrun's SIGTERM once the others have given up), as a frozen GPU would."""
+    spec = os.environ.get("TRAIN_TEST_HANG")
+    if spec and [int(x) for x in spec.split(":")] == [rank, step]:
+        print(f"[rank {rank}] TRAIN_TEST_HANG: hanging at step {step}", file=sys.stderr, flush=True)
+        deadline = time.time() + 600
+        while not STOP["requested"] and time.time() < deadline:
+            time.sleep(0.1)
 
 
 def start_run(args: Args, d: Dist | None = None, model=None, tokenizer=None) -> Run:
     """Everything before the first step: arguments checked, data, models, optimizer, then the resumed
     state or a fresh OUT. Data comes first: a wrong --task/--data fails in seconds, before a model loads."""
-    d = d or setup_distributed(args.device, args.dist_timeout)
-    check_args(args, d.world)
+    d = checked_and_joined(args, d)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # no "Loading weights" / "Writing model shards" bars between ours
     compute_dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and d.device.type == "cuda") \
         else torch.float32
     torch.manual_seed(args.seed + d.rank)
     random.seed(args.seed + d.rank)
-    train_ex = evaluate.load_examples(args.task, "train", data=args.data, limit=args.train_limit, seed=args.seed)
-    val_ex = evaluate.load_examples(args.task, "test", data=args.val_data, limit=args.val_limit,
-                                    seed=args.seed) if args.val_every else []
-    ckpt = latest_checkpoint(args.out) if args.resume else None
-    model, ref, tokenizer = load_models(args, d, compute_dtype, ckpt, model, tokenizer)
-    train_ex, prompts = training_prompts(args, train_ex, tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    start, wall0, nonfinite_run = 0, 0.0, 0
-    if ckpt:
-        state = load_training_state(ckpt, model, optimizer, d)
-        start, wall0, nonfinite_run = state["step"], state["wall_s"], state["nonfinite_in_a_row"]
-        print0(f"resumed from {ckpt} at step {start}")
-        truncate_metrics(args.out, start, d)
-    else:
+    try:  # every row is checked here, named by file and line: a user error, before a model loads
+        train_ex = evaluate.load_examples(args.task, "train", data=args.data, limit=args.train_limit, seed=args.seed)
+        val_ex = evaluate.load_examples(args.task, "test", data=args.val_data, limit=args.val_limit, seed=args.seed,
+                                        flag="--val-data") if args.val_every else []
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    loaded = resume_run(args, d, compute_dtype, model, tokenizer) if args.resume else None
+    if loaded is None:
+        model, ref, tokenizer = load_models(args, d, compute_dtype, None, model, tokenizer)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        start, wall0, nonfinite_run = 0, 0.0, 0
         prepare_out(args, d, compute_dtype)
+    else:
+        model, ref, tokenizer, optimizer, state = loaded
+        start, wall0, nonfinite_run = state["step"], state["wall_s"], state["nonfinite_in_a_row"]
+    train_ex, prompts = training_prompts(args, train_ex, tokenizer)
     if dist.is_initialized():
         dist.barrier()
     recompute = args.recompute_logprobs == "always" or (args.recompute_logprobs == "auto" and (
@@ -915,6 +1003,39 @@ def start_run(args: Args, d: Dist | None = None, model=None, tokenizer=None) -> 
                prompts=prompts, val_ex=val_ex, cfg=sampling_config(args), eos_ids=rollout.eos_token_ids(unwrap(model), tokenizer),
                ctx=lambda: autocast(model, d, compute_dtype), recompute_old=recompute, start=start,
                t_run=time.time() - wall0, nonfinite_run=nonfinite_run)
+
+
+def resume_run(args: Args, d: Dist, compute_dtype: torch.dtype, model=None, tokenizer=None):
+    """--resume: (policy, reference, tokenizer, optimizer, trainer state) from OUT's newest checkpoint that is
+    complete and loads, or None when OUT holds no run at all (a fresh start). Never deletes anything: a
+    checkpoint that fails is skipped with the reason, and a run with no usable checkpoint stops with a message.
+    On success the flags are checked against OUT/config.json and the logs trimmed to the checkpoint's step."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    changed = check_resume_config(args)
+    candidates = resumable_checkpoints(args.out)
+    for ckpt in candidates:
+        try:
+            policy, ref, tok = load_models(args, d, compute_dtype, ckpt, model, tokenizer)
+            optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+            state = load_training_state(ckpt, policy, optimizer, d)
+            error = None
+        except (Exception, CheckpointException) as e:  # a damaged file raises what its reader raises (DCP's
+            text = str(e).strip()                         # CheckpointException is a BaseException)
+            error = f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
+        failed = all_reduce(torch.tensor([float(error is not None)], device=d.device), dist.ReduceOp.MAX).item()
+        if failed:  # every rank moves on together, whichever rank could not read its part
+            print0(f"skipped {ckpt}: loading failed" + (f" ({error})" if error else " on another rank"))
+            continue
+        print0(f"resumed from {ckpt} at step {state['step']}")
+        if d.rank == 0:
+            trim_logs(args.out, state["step"])
+            write_config(args, d, compute_dtype, changed, state["step"])
+        return policy, ref, tok, optimizer, state
+    if candidates:
+        raise UserError(f"--resume: no checkpoint in {args.out} could be loaded (each is named above, with why); "
+                        "start afresh with --overwrite, or use another --out")
+    print0(f"--resume: {args.out} holds no run yet; starting fresh")
+    return None
 
 
 def sampling_config(args: Args) -> rollout.SamplingConfig:
@@ -933,32 +1054,85 @@ def training_prompts(args: Args, train_ex: list[dict], tokenizer) -> tuple[list[
     if len(keep) < len(prompts):
         print0(f"dropped {len(prompts) - len(keep)} prompts longer than --max-prompt-tokens {args.max_prompt_tokens}")
     if len(keep) < args.prompts_per_step:
-        raise ValueError(f"--prompts-per-step {args.prompts_per_step}: the training set has only {len(keep)} prompts")
+        raise UserError(f"--prompts-per-step {args.prompts_per_step}: the training set has only {len(keep)} prompts")
     return [train_ex[i] for i in keep], [prompts[i] for i in keep]
 
 
 def prepare_out(args: Args, d: Dist, compute_dtype: torch.dtype) -> None:
-    """A fresh run: OUT emptied of an earlier run's files (--overwrite), config.json written (rank 0)."""
+    """A fresh run: OUT emptied of an earlier run's files (check_args let that through only with --overwrite;
+    --resume reaches here only when OUT holds no run, and deletes nothing), config.json written (rank 0)."""
     if d.rank != 0:
         return
     os.makedirs(args.out, exist_ok=True)
-    for name in os.listdir(args.out):  # nothing of an earlier run may be mistaken for this one's
+    for name in [] if args.resume else os.listdir(args.out):  # nothing of an earlier run may pass for this one's
         if name.startswith("ckpt-"):
             shutil.rmtree(os.path.join(args.out, name))
         elif name in ("metrics.jsonl", "samples.jsonl", "latest", "plot.png"):
             os.remove(os.path.join(args.out, name))
-    with open(os.path.join(args.out, "config.json"), "w") as f:
+    write_config(args, d, compute_dtype)
+
+
+def write_config(args: Args, d: Dist, compute_dtype: torch.dtype, changed: dict | None = None, step: int = 0) -> None:
+    """OUT/config.json: the flags of the run (rank 0; replaced atomically). On a resume with --resume-override the
+    changed fields are appended to its `overrides` list with the step they apply from."""
+    path = os.path.join(args.out, "config.json")
+    overrides = []
+    if changed:
+        with contextlib.suppress(OSError, ValueError):
+            with open(path) as f:
+                overrides = json.load(f).get("overrides", [])
+        overrides.append({"from_step": step, **{k: {"was": old, "now": new} for k, (old, new) in changed.items()}})
+    with open(path + ".tmp", "w") as f:
         json.dump({**dataclasses.asdict(args), "world_size": d.world, "compute_dtype": str(compute_dtype),
-                   "device": str(d.device)}, f, indent=1)
+                   "device": str(d.device), **({"overrides": overrides} if overrides else {})}, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
-def truncate_metrics(out: str, step: int, d: Dist) -> None:
-    """On resume: drop the metrics lines logged after the checkpoint's step (rank 0)."""
-    path = os.path.join(out, "metrics.jsonl")
-    if d.rank == 0 and os.path.exists(path):
-        rows = [r for r in read_metrics(out) if r["step"] <= step]
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+# Flags that may differ between a run and its --resume: how long it runs and how often it logs, validates and
+# saves; where it writes; how it uses the hardware (micro-batching, chunking, KV budget, compilation,
+# checkpointing of activations, device, timeout), which by design changes no result; and the stop rule
+# for non-finite steps. Every other flag defines the experiment: a change is refused without --resume-override.
+RESUME_FREE = ("steps", "save_every", "keep_last", "val_every", "val_batch_size", "sample_every", "out", "resume",
+               "resume_override", "overwrite", "progress", "dist_timeout", "device", "micro_batch_tokens",
+               "micro_batch_rows", "logit_chunk", "kv_budget", "compile_decode", "grad_ckpt", "max_nonfinite")
+
+
+def check_resume_config(args: Args) -> dict:
+    """{field: (saved, now)} for the flags that differ from OUT/config.json outside RESUME_FREE; a UserError
+    naming them unless --resume-override. {} when OUT has no config.json (no run yet)."""
+    path = os.path.join(args.out, "config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        if args.resume_override:
+            return {}
+        raise UserError(f"--resume: {path} is unreadable ({e}); pass --resume-override to resume without "
+                        "comparing the flags") from None
+    now = json.loads(json.dumps(dataclasses.asdict(args)))  # as the file holds them (tuples as lists, ...)
+    changed = {k: (saved[k], v) for k, v in now.items() if k not in RESUME_FREE and k in saved and saved[k] != v}
+    if changed and not args.resume_override:
+        diff = ", ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changed.items())
+        raise UserError(f"--resume: the flags differ from {path}: {diff}; pass --resume-override to continue with "
+                        "the new values, or use another --out")
+    if changed:
+        print0("--resume-override: continuing with " + ", ".join(f"{k} = {new} (was {old})"
+                                                                for k, (old, new) in changed.items()))
+    return changed
+
+
+def trim_logs(out: str, step: int) -> None:
+    """On resume (rank 0): drop the metrics and samples rows logged after the checkpoint's step, which the
+    resumed run logs again. Each file is rewritten to a temporary file and renamed, so a kill leaves it whole."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            rows = [r for r in read_jsonl(path) if r["step"] <= step]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            os.replace(path + ".tmp", path)
 
 
 def write_metrics(run: Run, row: dict) -> None:
@@ -1008,15 +1182,31 @@ def parse_args(argv: list[str] | None = None) -> Args:
     return args
 
 
+# Count flags and their least value; a None flag (where the field allows it) means "the default" and is not checked.
+AT_LEAST = dict(tiny_hidden=8, tiny_layers=1, epochs=1, prompts_per_step=1, mini_batch_prompts=1, micro_batch_tokens=1,
+                micro_batch_rows=1, max_new_tokens=1, max_prompt_tokens=1, logit_chunk=1, val_batch_size=1,
+                max_nonfinite=1, keep_last=1, warm_steps=1, warm_batch=1, train_limit=1, val_limit=1, kv_budget=1,
+                tree_chains=1, tree_children=2, tree_forks=0, group_size=2, top_k=0, steps=0, warmup_steps=0,
+                val_every=0, save_every=0, sample_every=0, seed=0)
+
+
 def check_args(args: Args, world_size: int = 1) -> None:
-    """ValueError naming the argument for every invalid value or combination, before any model loads."""
+    """UserError naming the flag for every invalid value or combination, before anything loads (the caller
+    passes the world size from the environment: this runs before the process group exists)."""
     def need(ok: bool, msg: str):
         if not ok:
-            raise ValueError(msg)
+            raise UserError(msg)
 
     def choose(flag: str, value, options):
         need(value in options, f"--{flag} {value!r}: choose from {', '.join(options)}")
 
+    for f in dataclasses.fields(Args):  # every number by its flag: finite floats, counts at their least
+        value, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(value, float):  # --tree-tau inf is rollout's "never fork"
+            need(math.isfinite(value) or (f.name == "tree_tau" and value == math.inf),
+                 f"{flag} {value}: must be a finite number")
+        if f.name in AT_LEAST and value is not None:
+            need(value >= AT_LEAST[f.name], f"{flag} {value}: must be at least {AT_LEAST[f.name]}")
     choose("method", args.method, METHODS)
     choose("scale", args.scale, advantages.SCALES)
     choose("objective", args.objective, OBJECTIVES)
@@ -1026,46 +1216,51 @@ def check_args(args: Args, world_size: int = 1) -> None:
     choose("recompute-logprobs", args.recompute_logprobs, RECOMPUTE)
     choose("dtype", args.dtype, ("auto", "bf16", "fp32"))
     choose("bench-shape", args.bench_shape, ("tiny", "0.6b", "1.7b"))
-    need(args.group_size >= 2, f"--group-size {args.group_size}: every method compares a prompt's responses, need G >= 2")
+    need(args.tiny_hidden % 8 == 0,
+         f"--tiny-hidden {args.tiny_hidden}: must be a multiple of 8 (4 heads of an even size)")
     need(args.method == "tempo" or (args.td_weight == 1.0 and args.scale_td),
          "--td-weight / --no-scale-td apply to --method tempo only")
     need(not args.unique_segments or args.method == "treeadv", "--unique-segments is TreeAdv's mode: use --method treeadv")
     need(not args.gspo_paper or args.objective == "gspo", "--gspo-paper is GSPO's setting: it needs --objective gspo")
     need(0 < args.hepo_rho <= 1, f"--hepo-rho {args.hepo_rho}: must be in (0, 1]")
-    need(0 <= args.clip_low < 1 and args.clip_high >= 0, f"--clip-low {args.clip_low} / --clip-high {args.clip_high}: "
-         "need 0 <= clip_low < 1 and clip_high >= 0")
+    need(0 <= args.clip_low < 1, f"--clip-low {args.clip_low}: must be in [0, 1)")
+    need(args.clip_high >= 0, f"--clip-high {args.clip_high}: must be >= 0")
     need(args.dual_clip == 0 or args.dual_clip > 1, f"--dual-clip {args.dual_clip}: must be > 1 (or 0 = off)")
     need(args.kl_coef >= 0, f"--kl-coef {args.kl_coef}: must be >= 0")
-    need(args.epochs >= 1, f"--epochs {args.epochs}: must be >= 1")
     need(args.temperature > 0, f"--temperature {args.temperature}: training needs > 0 (log-probs of logits / T)")
-    need(0 < args.top_p <= 1 and args.top_k >= 0, f"--top-p {args.top_p} / --top-k {args.top_k}: need 0 < top_p <= 1, top_k >= 0")
+    need(0 < args.top_p <= 1, f"--top-p {args.top_p}: must be in (0, 1]")
+    need(args.tree_tau is None or args.tree_tau >= 0, f"--tree-tau {args.tree_tau}: must be >= 0 nats")
     need(args.recompute_logprobs != "never" or (args.top_p == 1 and args.top_k == 0),
          "--recompute-logprobs never: with --top-p/--top-k the sampler's log-probs are of the truncated distribution, "
          "not the policy's")
-    need(args.max_new_tokens >= 1 and args.max_prompt_tokens >= 1, "--max-new-tokens and --max-prompt-tokens must be >= 1")
     need(args.kv_budget is None or args.kv_budget >= args.max_prompt_tokens + args.max_new_tokens,
          f"--kv-budget {args.kv_budget}: a row reserves --max-prompt-tokens + --max-new-tokens = "
          f"{args.max_prompt_tokens + args.max_new_tokens} positions; give at least that")
-    need(args.lr > 0 and args.weight_decay >= 0 and args.grad_clip >= 0, "--lr must be > 0, --weight-decay and --grad-clip >= 0")
-    need(args.steps >= 0 and args.warmup_steps >= 0, "--steps and --warmup-steps must be >= 0")
-    need(min(args.micro_batch_rows, args.micro_batch_tokens, args.logit_chunk) >= 1,
-         "--micro-batch-rows, --micro-batch-tokens and --logit-chunk must be >= 1")
-    need(args.prompts_per_step >= 1 and args.mini_batch_prompts >= 1, "--prompts-per-step and --mini-batch-prompts must be >= 1")
+    need(args.lr > 0, f"--lr {args.lr}: must be > 0")
+    need(args.warm_lr > 0, f"--warm-lr {args.warm_lr}: must be > 0")
+    need(args.weight_decay >= 0, f"--weight-decay {args.weight_decay}: must be >= 0")
+    need(args.grad_clip >= 0, f"--grad-clip {args.grad_clip}: must be >= 0 (0 = off)")
     need(args.prompts_per_step % args.mini_batch_prompts == 0,
          f"--prompts-per-step {args.prompts_per_step} is not a multiple of --mini-batch-prompts {args.mini_batch_prompts}")
     need(args.mini_batch_prompts % world_size == 0,
          f"--mini-batch-prompts {args.mini_batch_prompts} does not divide over {world_size} ranks (each rank owns whole groups)")
-    need(args.tree_chains is None or 1 <= args.tree_chains <= args.group_size,
+    need(args.tree_chains is None or args.tree_chains <= args.group_size,
          f"--tree-chains {args.tree_chains}: must be in [1, group_size={args.group_size}]")
     need(args.device in ("auto", "cpu") or args.device.startswith("cuda"), f"--device {args.device!r}: auto, cpu or cuda")
     need(not args.device.startswith("cuda") or torch.cuda.is_available(), f"--device {args.device}: no CUDA device visible")
     need(not args.fsdp or dist.is_available(), "--fsdp: this torch build has no torch.distributed")
     need(args.dist_timeout > 0, f"--dist-timeout {args.dist_timeout}: must be > 0 minutes")
-    need(args.keep_last >= 1 and min(args.val_every, args.save_every, args.sample_every) >= 0,
-         "--keep-last must be >= 1; --val-every, --save-every, --sample-every >= 0")
+    need(0 < args.warm_target <= 1, f"--warm-target {args.warm_target}: must be in (0, 1]")
     need(not args.demo or (world_size == 1 and evaluate.BENCHES[args.task].source == "synthetic"),
          "--demo runs in one process on a synthetic task (add or chain), whose rows carry the target `solution`")
-    holds_run = os.path.exists(os.path.join(args.out, "metrics.jsonl"))
+    for flag, path in (("--data", args.data), ("--val-data", args.val_data)):
+        need(path is None or os.path.isfile(path), f"{flag} {path!r}: no such file")
+    model_dir = args.model != "tiny" and os.path.isdir(args.model)
+    need(not model_dir or os.path.isfile(os.path.join(args.model, "config.json")),
+         f"--model {args.model}: the directory has no config.json (not a saved model)")
+    need(not args.resume_override or args.resume, "--resume-override applies to --resume only")
+    need(not os.path.isfile(args.out), f"--out {args.out}: a file, not a directory")
+    holds_run = os.path.exists(os.path.join(args.out, "metrics.jsonl")) or bool(checkpoint_dirs(args.out))
     need(not holds_run or args.resume or args.overwrite,
          f"--out {args.out} already holds a run: pass --resume to continue it, --overwrite, or another --out")
 
@@ -1082,6 +1277,14 @@ class Dist:
     device: torch.device = torch.device("cpu")
 
 
+def checked_and_joined(args: Args, d: Dist | None = None) -> Dist:
+    """`check_args`, then the process group (`setup_distributed`) unless `d` is given. The checks come first,
+    with the world size torchrun puts in the environment: a bad flag is one line, whatever it would break
+    in the setup (`--device cuda` without CUDA)."""
+    check_args(args, d.world if d else int(os.environ.get("WORLD_SIZE", 1)))
+    return d or setup_distributed(args.device, args.dist_timeout)
+
+
 def setup_distributed(device: str = "auto", timeout_minutes: float = 60.0) -> Dist:
     """Under torchrun (RANK in the environment) join the process group: NCCL on CUDA, gloo on CPU.
 
@@ -1094,7 +1297,7 @@ def setup_distributed(device: str = "auto", timeout_minutes: float = 60.0) -> Di
     """
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if timeout_minutes <= 0:
-        raise ValueError(f"--dist-timeout {timeout_minutes}: must be > 0 minutes")
+        raise UserError(f"--dist-timeout {timeout_minutes}: must be > 0 minutes")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device.startswith("cuda") else torch.device(device)
@@ -1341,14 +1544,87 @@ def materialize_(model, device: torch.device) -> None:
 # 11. Checkpoints: atomic, complete (model, optimizer, RNG, step, data position), resumable, sharded
 
 
-def latest_checkpoint(out: str) -> str | None:
-    """OUT/<name> that OUT/latest names, if it exists."""
+COMPLETE = "COMPLETE.json"  # written last into a checkpoint: its step and every file's size
+
+
+def checkpoint_dirs(out: str) -> list[str]:
+    """OUT's checkpoint directories ckpt-NNNNNN, newest step first (unfinished .tmp writes left out)."""
+    names = os.listdir(out) if os.path.isdir(out) else []
+    steps = sorted((int(n[5:]), n) for n in names if re.fullmatch(r"ckpt-\d+", n))
+    return [os.path.join(out, n) for _, n in reversed(steps)]
+
+
+def checkpoint_files(path: str) -> dict[str, int]:
+    """{relative path: size in bytes} of every file under a checkpoint directory, at any depth, but COMPLETE.json
+    (so whatever a method adds to a checkpoint, a critic's files say, is covered)."""
+    files = {}
+    for root, _, names in os.walk(path):
+        for n in names:
+            full = os.path.join(root, n)
+            rel = os.path.relpath(full, path)
+            if rel not in (COMPLETE, COMPLETE + ".tmp"):
+                files[rel] = os.path.getsize(full)
+    return dict(sorted(files.items()))
+
+
+def seal_checkpoint(path: str, step: int) -> None:
+    """Write path/COMPLETE.json (the step and every file's size) atomically; call once every file is written."""
+    with open(os.path.join(path, COMPLETE + ".tmp"), "w") as f:
+        json.dump({"step": step, "files": checkpoint_files(path)}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(os.path.join(path, COMPLETE + ".tmp"), os.path.join(path, COMPLETE))
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed from, or None: it was not sealed (killed mid-write), a file
+    it was sealed with is missing or has another size (truncated, replaced), or trainer_state.json is unreadable
+    or of another step."""
     try:
-        with open(os.path.join(out, "latest")) as f:
-            path = os.path.join(out, f.read().strip())
+        with open(os.path.join(path, COMPLETE)) as f:
+            seal = json.load(f)
+        step, files = int(seal["step"]), dict(seal["files"])
     except FileNotFoundError:
-        return None
-    return path if os.path.isdir(path) else None
+        return f"no {COMPLETE}: its write did not finish"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{COMPLETE} unreadable ({type(e).__name__}: {e})"
+    for rel, size in files.items():
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            return f"{rel} is missing"
+        if os.path.getsize(full) != size:
+            return f"{rel} has {os.path.getsize(full)} bytes, {size} when written"
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            state_step = json.load(f)["step"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"trainer_state.json unreadable ({type(e).__name__}: {e})"
+    if state_step != step:
+        return f"trainer_state.json is of step {state_step}, {COMPLETE} of step {step}"
+    return None
+
+
+def latest_checkpoint(out: str) -> str | None:
+    """OUT's newest complete checkpoint (`checkpoint_problem` finds nothing), or None."""
+    return next((p for p in checkpoint_dirs(out) if checkpoint_problem(p) is None), None)
+
+
+def resumable_checkpoints(out: str) -> list[str]:
+    """OUT's complete checkpoints, newest first, each incomplete one reported as `skipped PATH: why`. A UserError
+    when OUT holds a run (metrics.jsonl, a checkpoint) but no complete checkpoint; [] when it holds no run."""
+    good = []
+    for path in checkpoint_dirs(out):
+        problem = checkpoint_problem(path)
+        if problem:
+            print0(f"skipped {path}: {problem}")
+        else:
+            good.append(path)
+    found = [n for n in ("metrics.jsonl", "samples.jsonl") if os.path.exists(os.path.join(out, n))] + \
+        sorted(n for n in (os.listdir(out) if os.path.isdir(out) else []) if n.startswith("ckpt-"))
+    if not good and found:
+        raise UserError(f"--resume: {out} holds a run ({', '.join(found)}) but no complete checkpoint to resume from; "
+                        "nothing was changed. Start it afresh with --overwrite (that deletes it), or use another --out")
+    return good
 
 
 def save_checkpoint(out: str, step: int, model, optimizer, tokenizer, state: dict, d: Dist, keep_last: int) -> str:
@@ -1377,19 +1653,29 @@ def save_checkpoint(out: str, step: int, model, optimizer, tokenizer, state: dic
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump(state, f, indent=1)
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier()  # every rank's files are written
     if d.rank == 0:
+        seal_checkpoint(tmp, step)  # last: a checkpoint without it is one whose write did not finish
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        with open(os.path.join(out, "latest.tmp"), "w") as f:
+        with open(os.path.join(out, "latest.tmp"), "w") as f:  # for people and scripts; --resume does not need it
             f.write(name)
         os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
-        kept = sorted(n for n in os.listdir(out) if n.startswith("ckpt-") and not n.endswith(".tmp"))
-        for old in kept[:-keep_last]:
-            shutil.rmtree(os.path.join(out, old))
+        prune_checkpoints(out, step, keep_last)
     if dist.is_initialized():
         dist.barrier()
     return final
+
+
+def prune_checkpoints(out: str, step: int, keep_last: int) -> None:
+    """After ckpt-{step} is sealed: keep it and the newest keep_last - 1 complete checkpoints before it; delete
+    the other earlier ones and earlier unfinished writes. Later ones (left by a run resumed from an older
+    checkpoint because a newer one failed) are not touched: the run will replace them when it gets there."""
+    earlier = [p for p in checkpoint_dirs(out) if int(os.path.basename(p)[5:]) < step]
+    keep = [p for p in earlier if checkpoint_problem(p) is None][:keep_last - 1]
+    stale = [os.path.join(out, n) for n in os.listdir(out) if re.fullmatch(r"ckpt-\d+\.tmp", n) and int(n[5:-4]) < step]
+    for p in [p for p in earlier if p not in keep] + stale:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
@@ -1436,7 +1722,7 @@ def load_training_state(ckpt: str, model, optimizer, d: Dist) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     state_dir = os.path.join(ckpt, "state")
     if not os.path.isdir(state_dir):
-        raise ValueError(f"--resume: {ckpt} has no sharded training state (state/); an older train.py wrote it")
+        raise UserError(f"--resume: {ckpt} has no sharded training state (state/); an older train.py wrote it")
     model_sd, optim_sd = get_state_dict(model, optimizer)  # the layout to read into (the optimizer's made by a no-op step)
     state = {"model": model_sd, "optimizer": optim_sd}
     dcp.load(state, checkpoint_id=state_dir, no_dist=not dist.is_initialized())
@@ -1481,8 +1767,22 @@ def stop_requested_by_signals():
 
 
 def read_metrics(run_dir: str) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The rows of a JSON-lines log. A last line without its newline is a torn append (the disk filled, the
+    process died mid-write) and is skipped; a bad line elsewhere is a UserError naming the file and line."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")  # the last element: b"" after a whole last line, else the torn tail
+    rows = []
+    for i, line in enumerate(lines[:-1], 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise UserError(f"{path}: line {i}: not a JSON row ({e})") from None
+    return rows
 
 
 def plot_runs(run_dirs: list[str], out_png: str, labels: list[str] | None = None) -> str:
@@ -1517,8 +1817,28 @@ def plot_runs(run_dirs: list[str], out_png: str, labels: list[str] | None = None
 
 
 def _append_jsonl(path: str, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    """Append one row as one write. A torn last line (an earlier append cut short) is cut off first, so the
+    new row starts a line of its own and the file reads whole again."""
+    line = (json.dumps(row) + "\n").encode()
+    with open(path, "ab+") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end and (f.seek(end - 1), f.read(1))[1] != b"\n":
+            f.truncate(_last_newline_end(f, end))
+        f.write(line)
+
+
+def _last_newline_end(f, end: int, block: int = 1 << 16) -> int:
+    """The offset just after the last newline before `end` in the open binary file `f` (0 if there is none),
+    read backwards a block at a time (a samples row can be long)."""
+    pos = end
+    while pos > 0:
+        start = max(0, pos - block)
+        f.seek(start)
+        k = f.read(pos - start).rfind(b"\n")
+        if k >= 0:
+            return start + k + 1
+        pos = start
+    return 0
 
 
 # ==============================================================================================
@@ -1605,8 +1925,7 @@ def demo(args: Args, d: Dist | None = None) -> dict:
     """`python train.py --demo`: tiny Qwen3 + character tokenizer, a supervised warm start on the
     synthetic task to partial accuracy (cached), RL with --method, greedy accuracy before and after,
     and the plot. Everything offline, a few minutes on 2 CPU cores."""
-    d = d or setup_distributed(args.device, args.dist_timeout)
-    check_args(args, d.world)
+    d = checked_and_joined(args, d)
     rl = dataclasses.replace(args, model=warm_start(args), demo=False)
     t = time.time()
     result = train(rl, d)
@@ -1633,7 +1952,7 @@ def benchmark(args: Args, d: Dist | None = None) -> dict:
     with random weights and the real vocabulary (151,936) with the character tokenizer; random weights
     almost never sample EOS, so every response runs to --max-new-tokens: a worst-case step.
     """
-    d = d or setup_distributed(args.device, args.dist_timeout)
+    d = checked_and_joined(args, d)
     model = tokenizer = None
     if args.bench_shape != "tiny":
         from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -1670,10 +1989,23 @@ def main(argv: list[str] | None = None):
     return train(args)
 
 
-if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def cli(argv: list[str] | None = None) -> int:
+    """`python train.py ...`: main, with a user error or a stopped run as one line on stderr; the exit code."""
+    code = 0
     try:
-        main()
+        main(argv)
+    except UserError as e:  # the user's to fix: one line naming the flag or file, argparse's exit code
+        print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        code = 2
+    except StopRun as e:  # not a bug: the run cannot go on, and the message says why (a traceback adds nothing)
+        print(f"train.py: stopped: {e}", file=sys.stderr, flush=True)
+        code = 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(cli())
