@@ -111,7 +111,7 @@ import advantages
 import evaluate
 import rollout
 
-METHODS = ("grpo", "tempo", "treeadv", "hepo")
+METHODS = ("grpo", "tempo", "treeadv", "hepo", "ppo")
 OBJECTIVES = ("grpo", "gspo")
 LOSS_AGGS = ("token-mean", "seq-mean", "max-len")
 RECOMPUTE = ("auto", "always", "never")
@@ -125,7 +125,7 @@ RECOMPUTE = ("auto", "always", "never")
 class Args:
     # --- the algorithm
     method: str = "grpo"
-    """advantage: grpo (SPEC 1) | tempo (SPEC 3) | treeadv (SPEC 5) | hepo (SPEC 4)"""
+    """advantage: grpo (SPEC 1) | tempo (SPEC 3) | treeadv (SPEC 5) | hepo (SPEC 4) | ppo (SPEC 9: GAE from a learned critic)"""
     scale: str = "group"
     """advantage scaling: group std | batch std | none (= Dr. GRPO)"""
     td_weight: float = 1.0
@@ -151,7 +151,15 @@ class Args:
     kl_coef: float = 0.0
     """k3 KL to the frozen initial model, added per token (0 = off, the paper)"""
     epochs: int = 1
-    """policy epochs per rollout batch (old log-probs stored)"""
+    """policy epochs per rollout batch (old log-probs stored); the critic takes as many"""
+    critic_lr: float = 1e-5
+    """ppo: the critic's AdamW learning rate (SPEC 9: 1e-5, verl's default), constant"""
+    gamma: float = 1.0
+    """ppo: GAE discount (SPEC 9: 1.0, verl's default)"""
+    lam: float = 1.0
+    """ppo: GAE lambda (SPEC 9: 1.0, verl's default)"""
+    value_clip: float = 0.5
+    """ppo: the value loss clips V to V_old +- this (SPEC 9: 0.5)"""
     # --- model and data
     model: str = "Qwen/Qwen3-1.7B"
     """hub id, local directory (a checkpoint of this script included), or `tiny` (random, offline)"""
@@ -625,6 +633,95 @@ def update_policy(model, optimizer, batch: dict, args: Args, world: int, lr: flo
 
 
 # ==============================================================================================
+# 5b. The critic of --method ppo (SPEC 9): the policy's backbone with a scalar value head, its own AdamW
+
+
+def value_loss(values, old_values, returns, mask, normaliser: float,
+               clip: float = 0.5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SPEC 9's clipped value loss of one micro-batch ([b, T] inputs), as its share of the step's token mean:
+    l = 0.5 max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), summed over valid tokens / the global
+    normaliser. Statistics (sums over valid tokens): tokens, clipped (where the clipped term was chosen)."""
+    mask = mask.bool()
+    clipped_v = old_values + (values - old_values).clamp(-clip, clip)
+    plain, clipped = (values - returns) ** 2, (clipped_v - returns) ** 2
+    per_token = 0.5 * torch.maximum(plain, clipped)
+    m = mask.float()
+    stats = dict(tokens=m.sum(), clipped=((clipped > plain) * m).sum())
+    return aggregate(per_token, mask, torch.ones_like(per_token), "token-mean", normaliser), stats
+
+
+def response_values(critic, mb: dict, ctx) -> torch.Tensor:
+    """V(s_t) at every response position of a packed micro-batch (`pack_rows`), [b, T] float32, 0 at padding:
+    the value head on the hidden state that predicts token t (the state before it), as the log-probs use.
+    The critic is a token-classification model: its head is [H, 1], so no [T, V] logits ever exist."""
+    mask = mb["response_mask"]
+    with ctx:
+        out = critic(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], position_ids=mb["position_ids"],
+                     use_cache=False).logits  # [b, L, 1]
+    v = out.flatten(0, 1)[mb["head_index"], 0].float()  # [N] valid response tokens, row-major
+    return torch.zeros(mask.shape, dtype=v.dtype, device=v.device).masked_scatter(mask, v)
+
+
+@torch.no_grad()
+def batch_values(critic, batch: dict, args: Args, ctx) -> torch.Tensor:
+    """No-grad V_old of every row before the update ([B, T], 0 at padding), in token-budget micro-batches."""
+    out = torch.zeros(batch["response_mask"].shape, device=batch["response_mask"].device)
+    for rows in plan_micro_batches(row_lengths(batch), args.micro_batch_tokens, args.micro_batch_rows):
+        v = response_values(critic, pack_rows(batch, rows), ctx())
+        out[torch.tensor(rows, device=out.device)[:, None], torch.arange(v.shape[1], device=out.device)] = v
+    return out
+
+
+def accumulate_value_gradients(critic, batch: dict, normaliser: float, args: Args, world: int, ctx) -> dict[str, float]:
+    """`accumulate_gradients` for the critic: the value loss of each micro-batch, gradients summed over
+    micro-batches and ranks (hence `world`: DDP and FSDP average). Returns its statistics summed."""
+    plans = plan_micro_batches(row_lengths(batch), args.micro_batch_tokens, args.micro_batch_rows)
+    sums: dict[str, float] = {}
+    for k, rows in enumerate(plans):
+        mb = pack_rows(batch, rows)
+        with grad_sync(critic, enabled=k == len(plans) - 1):
+            v = response_values(critic, mb, ctx())
+            loss, stats = value_loss(v, mb["old_values"], mb["returns"], mb["response_mask"], normaliser,
+                                     args.value_clip)
+            (loss * world).backward()
+        stats["value_loss"] = loss.detach()
+        for key, x in stats.items():
+            sums[key] = sums.get(key, 0.0) + float(x)
+    return sums
+
+
+def update_critic(critic, optimizer, batch: dict, args: Args, world: int, ctx) -> dict:
+    """--epochs passes, one critic AdamW step per mini-batch (the policy's mini-batches), the value loss's
+    token mean with the global normaliser; the same gradient clipping and non-finite skip as the policy.
+    Returns {"sums", "grad_norms", "skipped", "updates"}; `ctx` makes a fresh autocast context per use."""
+    rows = args.mini_batch_prompts // world * args.group_size
+    B = batch["response_mask"].shape[0]
+    sums: dict[str, float] = {}
+    norms, skipped = [], 0
+    for _ in range(args.epochs):
+        for s in range(0, B, rows):
+            mb = {k: v[s:s + rows] for k, v in batch.items()}
+            N = all_reduce(mb["response_mask"].sum().double().reshape(1))
+            part = accumulate_value_gradients(critic, mb, max(float(N), 1e-12), args, world, ctx)
+            norm, was_skipped = apply_update(critic, optimizer, args.critic_lr, args.grad_clip,
+                                             math.isfinite(part["value_loss"]))
+            norms.append(norm)
+            skipped += was_skipped
+            for k, v in part.items():
+                sums[k] = sums.get(k, 0.0) + v
+    return {"sums": sums, "grad_norms": norms, "skipped": skipped, "updates": len(norms)}
+
+
+def explained_variance_sums(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """This rank's sums for explained variance 1 - Var(R - V) / (Var(R) + 1e-5) over the step's valid tokens
+    (verl's vf_explained_var), all-reduced by `log_step` so it does not depend on the world size."""
+    m = mask.bool()
+    R, D = returns[m].double(), (returns - values)[m].double()
+    return dict(ev_n=float(m.sum()), ev_r=float(R.sum()), ev_r2=float((R * R).sum()), ev_d=float(D.sum()),
+                ev_d2=float((D * D).sum()))
+
+
+# ==============================================================================================
 # 6. One RL step: rollout -> reward -> advantages -> update -> log -> validate / checkpoint
 
 
@@ -676,6 +773,8 @@ class Run:
     t_run: float  # time.time() at step 0: the wall clock continues across a resume
     nonfinite_run: int = 0
     val_acc: list = field(default_factory=list)
+    critic: torch.nn.Module | None = None  # --method ppo: the value model, wrapped as the policy
+    critic_optimizer: torch.optim.Optimizer | None = None
 
 
 class Clock:
@@ -728,10 +827,20 @@ def reward_step(run: Run, ro: rollout.Rollout, idx: list[int]) -> tuple[torch.Te
     return torch.tensor(rewards, dtype=torch.float32, device=ro.response_mask.device), counters, completions
 
 
-def advantage_step(run: Run, ro: rollout.Rollout, r: torch.Tensor, step: int):
-    """(A [B, T], token weights [B, T], SPEC 8 diagnostics) for this rank's rows, computed on the whole
-    step's batch (every rank's groups, in rank order: per-group and batch-wide statistics do not depend
-    on the order of the groups), so nothing depends on the world size."""
+def critic_step(run: Run, ro: rollout.Rollout) -> torch.Tensor | None:
+    """--method ppo: V_old [B, T] of this rank's rows, the critic's no-grad values before the update (SPEC 9)."""
+    if run.critic is None:
+        return None
+    batch = dict(prompt_ids=ro.prompt_ids, prompt_mask=ro.prompt_mask, response_ids=ro.response_ids,
+                 response_mask=ro.response_mask)
+    return batch_values(run.critic, batch, run.args, run.ctx)
+
+
+def advantage_step(run: Run, ro: rollout.Rollout, r: torch.Tensor, step: int, values: torch.Tensor | None = None):
+    """(A [B, T], token weights [B, T], SPEC 8 diagnostics, returns [B, T] or None) for this rank's rows,
+    computed on the whole step's batch (every rank's groups, in rank order: per-group and batch-wide
+    statistics do not depend on the order of the groups), so nothing depends on the world size.
+    --method ppo: GAE from `values` (V_old), whitened over every rank's valid tokens; returns R for the critic."""
     args, d, G = run.args, run.d, run.args.group_size
     mask = ro.response_mask  # [B, T] bool
     B, T = mask.shape
@@ -740,16 +849,24 @@ def advantage_step(run: Run, ro: rollout.Rollout, r: torch.Tensor, step: int):
     if args.shuffle_rewards:  # the control: rewards no longer belong to their responses
         g = torch.Generator().manual_seed(sample_seed(args.seed, step))
         r_all = r_all[torch.randperm(len(r_all), generator=g).to(r_all.device)]
-    A = compute_advantages(args, resp_all, mask_all, r_all, ent_all)[d.rank * B:(d.rank + 1) * B, :T]
+    returns = None
+    if args.method == "ppo":
+        A_all, R_all = advantages.gae_advantages(r_all, gather_rows(values), mask_all, args.gamma, args.lam)
+        A = advantages.whiten(A_all, mask_all)[d.rank * B:(d.rank + 1) * B, :T]
+        returns = R_all[d.rank * B:(d.rank + 1) * B, :T]
+    else:
+        A = compute_advantages(args, resp_all, mask_all, r_all, ent_all)[d.rank * B:(d.rank + 1) * B, :T]
     diag = advantages.branch_diagnostics(resp_all, mask_all, r_all, G)
     weight = torch.ones_like(A)
     if args.unique_segments:  # SPEC 5b: n copies of a shared token, weight 1/n each = trained once
         weight = 1.0 / advantages.prefix_counts(ro.response_ids, mask, G).clamp(min=1).float()
-    return A, weight, diag
+    return A, weight, diag, returns
 
 
-def update_step(run: Run, ro: rollout.Rollout, A: torch.Tensor, weight: torch.Tensor, lr: float) -> dict:
-    """Old log-probs (the sampler's, or recomputed), reference log-probs, then `update_policy`."""
+def update_step(run: Run, ro: rollout.Rollout, A: torch.Tensor, weight: torch.Tensor, lr: float,
+                values: torch.Tensor | None = None, returns: torch.Tensor | None = None) -> dict:
+    """Old log-probs (the sampler's, or recomputed), reference log-probs, then `update_policy`; with a
+    critic (--method ppo) then `update_critic` on (V_old = values, R = returns)."""
     args, clock = run.args, Clock(run.d)
     batch = dict(prompt_ids=ro.prompt_ids, prompt_mask=ro.prompt_mask, response_ids=ro.response_ids,
                  response_mask=ro.response_mask, A=A, weight=weight)
@@ -759,7 +876,14 @@ def update_step(run: Run, ro: rollout.Rollout, A: torch.Tensor, weight: torch.Te
         batch["ref_logp"] = batch_logprobs(run.ref, batch, args, run.ctx())
     t_logprob = clock.lap()
     upd = update_policy(run.model, run.optimizer, batch, args, run.d.world, lr, run.ctx)
-    return {**upd, "t_logprob": t_logprob, "t_update": clock.lap()}
+    upd.update(t_logprob=t_logprob, t_update=clock.lap())
+    if run.critic is not None:
+        cbatch = dict(prompt_ids=ro.prompt_ids, prompt_mask=ro.prompt_mask, response_ids=ro.response_ids,
+                      response_mask=ro.response_mask, old_values=values, returns=returns)
+        upd["critic"] = update_critic(run.critic, run.critic_optimizer, cbatch, args, run.d.world, run.ctx)
+        upd["critic"]["sums"].update(explained_variance_sums(values, returns, ro.response_mask))
+        upd["t_critic_update"] = clock.lap()
+    return upd
 
 
 def log_step(run: Run, step: int, ro: rollout.Rollout, r: torch.Tensor, counters: dict, A: torch.Tensor,
@@ -771,7 +895,8 @@ def log_step(run: Run, step: int, ro: rollout.Rollout, r: torch.Tensor, counters
                  decoded=float(ro.decoded_tokens), prefilled=float(ro.prefilled_tokens), adv_abs=float(A.abs().sum()),
                  first_diff=first["old_logp_diff"], first_tokens=first["tokens"],
                  **{f"c_{k}": float(v) for k, v in counters.items()},
-                 **{f"s_{k}": v for k, v in s.items() if not k.endswith("_max")})
+                 **{f"s_{k}": v for k, v in s.items() if not k.endswith("_max")},
+                 **{f"v_{k}": v for k, v in upd.get("critic", {}).get("sums", {}).items()})
     tot = dict(zip(local, all_reduce(torch.tensor(list(local.values()), dtype=torch.float64,
                                                   device=mask.device)).tolist()))
     diff_max = float(all_reduce(torch.tensor([first["old_logp_diff_max"]], device=mask.device), dist.ReduceOp.MAX))
@@ -791,11 +916,25 @@ def log_step(run: Run, step: int, ro: rollout.Rollout, r: torch.Tensor, counters
              **times, t_logprob=upd["t_logprob"], t_update=upd["t_update"], t_step=t_step,
              tokens_per_s=tot["tokens"] / t_step, decode_tokens_per_s=tot["decoded"] / times["t_rollout"],
              update_tokens_per_s=args.epochs * tot["tokens"] / upd["t_update"], peak_mem_gb=peak_memory_gb(run.d))
+    if "critic" in upd:
+        m.update(critic_metrics(tot, upd["critic"]))
     run.nonfinite_run = run.nonfinite_run + 1 if upd["skipped"] else 0
     if upd["skipped"]:
         print0(f"step {step + 1}: non-finite loss or gradient, {upd['skipped']} update(s) skipped "
                f"({run.nonfinite_run} step(s) in a row)")
     return m
+
+
+def critic_metrics(tot: dict, crit: dict) -> dict:
+    """The critic's part of the metrics row from `log_step`'s all-reduced sums (keys v_*): value loss (mean
+    over its updates), value clip fraction, explained variance of R by V_old, its grad norm and skips."""
+    n = max(tot["v_ev_n"], 1.0)
+    var_r = tot["v_ev_r2"] / n - (tot["v_ev_r"] / n) ** 2
+    var_d = tot["v_ev_d2"] / n - (tot["v_ev_d"] / n) ** 2
+    return dict(value_loss=tot["v_value_loss"] / crit["updates"],
+                value_clip_frac=tot["v_clipped"] / max(tot["v_tokens"], 1.0),
+                explained_variance=1.0 - var_d / (var_r + 1e-5),
+                critic_grad_norm=sum(crit["grad_norms"]) / crit["updates"], critic_skipped_updates=crit["skipped"])
 
 
 def validate_step(run: Run, step: int) -> dict:
@@ -825,7 +964,8 @@ def checkpoint_step(run: Run, step: int) -> bool:
         state = {"step": done, "wall_s": time.time() - run.t_run, "nonfinite_in_a_row": run.nonfinite_run,
                  "data_pass": next_pass, "data_offset": next_k * args.prompts_per_step,
                  "world_size": d.world, "seed": args.seed}
-        save_checkpoint(args.out, done, run.model, run.optimizer, run.tokenizer, state, d, args.keep_last)
+        save_checkpoint(args.out, done, run.model, run.optimizer, run.tokenizer, state, d, args.keep_last,
+                        critic=None if run.critic is None else (run.critic, run.critic_optimizer))
     if run.nonfinite_run >= args.max_nonfinite:
         raise RuntimeError(f"{run.nonfinite_run} steps in a row had a non-finite loss or gradient; stopping "
                            f"(see {os.path.join(args.out, 'metrics.jsonl')}; try a lower --lr)")
@@ -865,11 +1005,15 @@ def train(args: Args, d: Dist | None = None, model=None, tokenizer=None) -> dict
             t_rollout = clock.lap()
             r, counters, completions = reward_step(run, ro, idx)
             t_reward = clock.lap()
-            A, weight, diag = advantage_step(run, ro, r, step)
+            values = critic_step(run, ro)  # --method ppo: V_old, else None
+            t_values = clock.lap()
+            A, weight, diag, returns = advantage_step(run, ro, r, step, values)
             t_advantage = clock.lap()
-            upd = update_step(run, ro, A, weight, lr_at(step, args))
-            m = log_step(run, step, ro, r, counters, A, diag, upd,
-                         dict(t_rollout=t_rollout, t_reward=t_reward, t_advantage=t_advantage))
+            upd = update_step(run, ro, A, weight, lr_at(step, args), values, returns)
+            times = dict(t_rollout=t_rollout, t_reward=t_reward, t_advantage=t_advantage)
+            if values is not None:  # the critic's cost: its value pass and its update
+                times["t_critic"] = t_values + upd.pop("t_critic_update")
+            m = log_step(run, step, ro, r, counters, A, diag, upd, times)
             write_sample(run, step, idx, completions, r, A)
             m.update(validate_step(run, step + 1), **data, wall_s=time.time() - run.t_run)
             write_metrics(run, m)
@@ -899,8 +1043,13 @@ def start_run(args: Args, d: Dist | None = None, model=None, tokenizer=None) -> 
     model, ref, tokenizer = load_models(args, d, compute_dtype, ckpt, model, tokenizer)
     train_ex, prompts = training_prompts(args, train_ex, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    critic = load_critic(args, d, compute_dtype, model, fresh=ckpt is None) if args.method == "ppo" else None
+    critic_optimizer = None if critic is None else torch.optim.AdamW(critic.parameters(), lr=args.critic_lr,
+                                                                     weight_decay=args.weight_decay)
     start, wall0, nonfinite_run = 0, 0.0, 0
     if ckpt:
+        if critic is not None:
+            load_critic_state(ckpt, critic, critic_optimizer)
         state = load_training_state(ckpt, model, optimizer, d)
         start, wall0, nonfinite_run = state["step"], state["wall_s"], state["nonfinite_in_a_row"]
         print0(f"resumed from {ckpt} at step {start}")
@@ -914,7 +1063,7 @@ def start_run(args: Args, d: Dist | None = None, model=None, tokenizer=None) -> 
     return Run(args=args, d=d, model=model, ref=ref, optimizer=optimizer, tokenizer=tokenizer, train_ex=train_ex,
                prompts=prompts, val_ex=val_ex, cfg=sampling_config(args), eos_ids=eos_token_ids(unwrap(model), tokenizer),
                ctx=lambda: autocast(model, d, compute_dtype), recompute_old=recompute, start=start,
-               t_run=time.time() - wall0, nonfinite_run=nonfinite_run)
+               t_run=time.time() - wall0, nonfinite_run=nonfinite_run, critic=critic, critic_optimizer=critic_optimizer)
 
 
 def sampling_config(args: Args) -> rollout.SamplingConfig:
@@ -1037,6 +1186,11 @@ def check_args(args: Args, world_size: int = 1) -> None:
     need(args.dual_clip == 0 or args.dual_clip > 1, f"--dual-clip {args.dual_clip}: must be > 1 (or 0 = off)")
     need(args.kl_coef >= 0, f"--kl-coef {args.kl_coef}: must be >= 0")
     need(args.epochs >= 1, f"--epochs {args.epochs}: must be >= 1")
+    need(args.method == "ppo" or (args.critic_lr, args.gamma, args.lam, args.value_clip) == (1e-5, 1.0, 1.0, 0.5),
+         "--critic-lr / --gamma / --lam / --value-clip apply to --method ppo only")
+    need(args.critic_lr > 0 and 0 < args.gamma <= 1 and 0 <= args.lam <= 1 and args.value_clip > 0,
+         f"--critic-lr {args.critic_lr} / --gamma {args.gamma} / --lam {args.lam} / --value-clip {args.value_clip}: "
+         "need critic_lr > 0, 0 < gamma <= 1, 0 <= lam <= 1, value_clip > 0")
     need(args.temperature > 0, f"--temperature {args.temperature}: training needs > 0 (log-probs of logits / T)")
     need(0 < args.top_p <= 1 and args.top_k >= 0, f"--top-p {args.top_p} / --top-k {args.top_k}: need 0 < top_p <= 1, top_k >= 0")
     need(args.recompute_logprobs != "never" or (args.top_p == 1 and args.top_k == 0),
@@ -1345,6 +1499,35 @@ def materialize_(model, device: torch.device) -> None:
             b.copy_(buffers[name])
 
 
+def load_critic(args: Args, d: Dist, compute_dtype: torch.dtype, policy, fresh: bool):
+    """--method ppo's critic (SPEC 9), placed and wrapped as the policy (DDP or FSDP2, gradient checkpointing):
+    the policy's architecture as a token-classification model, i.e. its backbone with a value head
+    Linear(hidden, 1) instead of the LM head, so the value forward never makes [T, V] logits. Fresh
+    (`fresh`, before any update): the backbone is the policy's initial weights, gathered to rank 0 and
+    broadcast; the head is drawn N(0, initializer_range) from --seed with bias 0 (transformers' init).
+    On --resume its values come from the checkpoint (`load_critic_state`)."""
+    from transformers import AutoModelForTokenClassification
+    config = copy.deepcopy(unwrap(policy).config)
+    config.num_labels, config.classifier_dropout, config.tie_word_embeddings = 1, 0.0, False
+    config.architectures = None
+    with parameters_on_meta():
+        critic = AutoModelForTokenClassification.from_config(config, dtype=torch.float32)
+    state = None
+    if fresh:
+        if dist.is_initialized():  # full weights on rank 0 only (FSDP2 gathers them; DDP has them)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            full = {k: v.detach().cpu() for k, v in unwrap(policy).state_dict().items()}
+        if d.rank == 0:
+            g = torch.Generator().manual_seed(args.seed)
+            head = torch.randn((1, config.hidden_size), generator=g) * config.initializer_range  # [1, H]
+            state = {k: v for k, v in full.items() if not k.startswith("lm_head.")}
+            state.update({"score.weight": head, "score.bias": torch.zeros(1)})
+        del full
+    return place_model(critic, d, args, compute_dtype, state, load=fresh, trainable=True)
+
+
 # ==============================================================================================
 # 11. Checkpoints: atomic, complete (model, optimizer, RNG, step, data position), resumable, sharded
 
@@ -1359,9 +1542,11 @@ def latest_checkpoint(out: str) -> str | None:
     return path if os.path.isdir(path) else None
 
 
-def save_checkpoint(out: str, step: int, model, optimizer, tokenizer, state: dict, d: Dist, keep_last: int) -> str:
+def save_checkpoint(out: str, step: int, model, optimizer, tokenizer, state: dict, d: Dist, keep_last: int,
+                    critic: tuple | None = None) -> str:
     """Write OUT/ckpt-{step} (the layout is in the module docstring). Every rank must call it: the sharded
-    state and the export's gathers are collectives. The one place that writes checkpoints."""
+    state and the export's gathers are collectives. The one place that writes checkpoints. `critic`:
+    (model, optimizer) of --method ppo, written to critic/ inside the same directory (`save_critic`)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     name = f"ckpt-{step:06d}"
@@ -1377,6 +1562,8 @@ def save_checkpoint(out: str, step: int, model, optimizer, tokenizer, state: dic
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(tmp, "state"),
              no_dist=not dist.is_initialized())
     export_pretrained(model, tokenizer, tmp, d)
+    if critic is not None:
+        save_critic(os.path.join(tmp, "critic"), *critic, tokenizer, d)
     rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if d.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(d.device)
@@ -1458,6 +1645,31 @@ def load_training_state(ckpt: str, model, optimizer, d: Dist) -> dict:
             torch.cuda.set_rng_state(rng["cuda"], d.device)
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
         return json.load(f)
+
+
+def save_critic(path: str, critic, optimizer, tokenizer, d: Dist) -> None:
+    """CKPT/critic/: state/ (the critic and its AdamW, sharded as the policy's) and the critic exported like
+    the policy (`AutoModelForTokenClassification.from_pretrained` loads it). Every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    os.makedirs(path, exist_ok=True)
+    model_sd, optim_sd = get_state_dict(critic, optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(path, "state"),
+             no_dist=not dist.is_initialized())
+    export_pretrained(critic, tokenizer, path, d)
+
+
+def load_critic_state(ckpt: str, critic, optimizer) -> None:
+    """The critic and its AdamW from CKPT/critic/state (any world size), as `load_training_state` does the policy."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    state_dir = os.path.join(ckpt, "critic", "state")
+    if not os.path.isdir(state_dir):
+        raise ValueError(f"--resume --method ppo: {ckpt} has no critic (critic/state/); it was not a ppo run")
+    model_sd, optim_sd = get_state_dict(critic, optimizer)
+    state = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(state, checkpoint_id=state_dir, no_dist=not dist.is_initialized())
+    set_state_dict(critic, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 STOP = {"requested": False}
