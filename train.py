@@ -1,4 +1,4 @@
-"""train.py: the GRPO / TEMPO / TreeAdv / HEPO training loop on Qwen3 (torchrun; DDP or FSDP2), and the offline demo.
+"""train.py: the GRPO / TEMPO / TreeAdv / HEPO / PPO training loop on Qwen3 (torchrun; DDP or FSDP2), and the offline demo.
 
 What it implements (SPEC sections):
 - SPEC 6, the shared policy loss: PPO-clip with eps_low 0.2 / eps_high 0.28 and dual clip c = 3 for
@@ -14,6 +14,15 @@ What it implements (SPEC sections):
   `--gspo-paper` gives GSPO as published (and as verl runs it): the sequence mean of token means,
   eps 3e-4 / 4e-4, no dual clip. A sequence ratio moves far less than a token ratio, so the shared
   loss's eps 0.2 / 0.28 almost never clips it.
+- SPEC 9, PPO with a learned critic (`--method ppo`, TEMPO's first baseline): the critic is the policy's
+  backbone with a value head Linear(hidden, 1) in place of the LM head (a token-classification model,
+  so its forward never makes [T, V] logits), initialised from the policy's initial weights, trained by
+  its own AdamW (`--critic-lr`) with the clipped value loss (`--value-clip`), the policy's mini-batches,
+  epochs, micro-batches, gradient clipping and global token-mean normaliser. V_old comes from a no-grad
+  pass before the update; GAE (`--gamma`, `--lam`) puts the reward on the last response token, and the
+  advantages are whitened over the whole step's valid tokens (gathered from every rank, as for the
+  other methods). The policy loss, KL and sampler are the shared ones. The critic is sharded and wrapped
+  as the policy (DDP / FSDP2) and checkpointed beside it (CKPT/critic/).
 - SPEC 7, the paper's setup as defaults: Qwen/Qwen3-1.7B on MATH, G = 7, 256 prompts a step in
   64-prompt mini-batches (4 optimizer updates per step), 2,048 new tokens, temperature 1, top-p 1,
   lr 1e-6, greedy validation on 100 test problems.
