@@ -1,4 +1,4 @@
-"""train.py: the GRPO / TEMPO / TreeAdv / HEPO / PPO training loop on Qwen3 (torchrun; DDP or FSDP2), and the offline demo.
+"""train.py: the GRPO / TEMPO / TreeAdv / HEPO / PPO training loop on Qwen3 (torchrun; DDP or FSDP2), and the demo.
 
 What it implements (SPEC sections):
 - SPEC 6, the shared policy loss: PPO-clip with eps_low 0.2 / eps_high 0.28 and dual clip c = 3 for
@@ -134,7 +134,7 @@ RECOMPUTE = ("auto", "always", "never")
 class Args:
     # --- the algorithm
     method: str = "grpo"
-    """advantage: grpo (SPEC 1) | tempo (SPEC 3) | treeadv (SPEC 5) | hepo (SPEC 4) | ppo (SPEC 9: GAE from a learned critic)"""
+    """advantage: grpo (SPEC 1) | tempo (SPEC 3) | treeadv (SPEC 5) | hepo (SPEC 4) | ppo (SPEC 9, a critic)"""
     scale: str = "group"
     """advantage scaling: group std | batch std | none (= Dr. GRPO)"""
     td_weight: float = 1.0
@@ -842,7 +842,7 @@ def critic_step(run: Run, ro: rollout.Rollout) -> torch.Tensor | None:
         return None
     batch = dict(prompt_ids=ro.prompt_ids, prompt_mask=ro.prompt_mask, response_ids=ro.response_ids,
                  response_mask=ro.response_mask)
-    return batch_values(run.critic, batch, run.args, run.ctx)
+    return batch_values(unwrap(run.critic), batch, run.args, run.ctx)
 
 
 def advantage_step(run: Run, ro: rollout.Rollout, r: torch.Tensor, step: int, values: torch.Tensor | None = None):
@@ -1878,7 +1878,8 @@ def benchmark(args: Args, d: Dist | None = None) -> dict:
     rows = [r for r in read_metrics(args.out) if "t_step" in r]
     timed = rows[1:] or rows  # the first step pays for warm-up (allocator, kernels)
     med = lambda k: sorted(r[k] for r in timed)[len(timed) // 2]  # noqa: E731
-    keys = ("t_rollout", "t_reward", "t_advantage", "t_logprob", "t_update", "t_step", "tokens_per_s",
+    critic = ("t_critic",) if "t_critic" in rows[0] else ()  # --method ppo: the critic's value pass and update
+    keys = ("t_rollout", "t_reward", "t_advantage", "t_logprob", "t_update", *critic, "t_step", "tokens_per_s",
             "decode_tokens_per_s", "update_tokens_per_s", "response_len", "peak_mem_gb")
     res = {k: med(k) for k in keys}
     shape = f"tiny {args.tiny_hidden}x{args.tiny_layers}" if args.bench_shape == "tiny" else f"Qwen3-{args.bench_shape} shape"
