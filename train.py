@@ -651,7 +651,9 @@ def value_loss(values, old_values, returns, mask, normaliser: float,
     l = 0.5 max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), summed over valid tokens / the global
     normaliser. Statistics (sums over valid tokens): tokens, clipped (where the clipped term was chosen)."""
     mask = mask.bool()
-    clipped_v = old_values + (values - old_values).clamp(-clip, clip)
+    # clamp with tensor bounds leaves V bit-exact inside the band (V_old + (V - V_old) would round), so a token
+    # counts as clipped only where the clip moved V, whatever the micro-batch or the number of ranks
+    clipped_v = values.clamp(min=old_values - clip, max=old_values + clip)
     plain, clipped = (values - returns) ** 2, (clipped_v - returns) ** 2
     per_token = 0.5 * torch.maximum(plain, clipped)
     m = mask.float()
