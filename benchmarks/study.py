@@ -25,6 +25,7 @@ How to run (from the repository root; 2 runs at a time by default, one torch thr
     python benchmarks/study.py --quick --out /tmp/study  # toy size, under a minute (the smoke test)
     python benchmarks/study.py --seeds 0,1,2,3 --methods grpo,tempo,grpo-tree,tempo-tree
     python benchmarks/study.py --report-only             # aggregate what OUT holds, run nothing
+    python benchmarks/study.py --methods grpo,ppo --out runs/study-ppo   # PPO with a critic against GRPO
 It is resumable: a run (or warm start) whose directory holds the same command and complete output is
 skipped, so an interrupted study continues where it stopped; a changed setting reruns what it touches.
 
