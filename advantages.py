@@ -1,7 +1,8 @@
 """advantages.py: GRPO, Dr. GRPO, TEMPO (P2T), TreeAdv and HEPO advantages as batched tensor functions.
 
 Implements SPEC sections 1 (GRPO; scale "group" | "batch" | "none" = Dr. GRPO), 2 (the prefix tree,
-without building one), 3 (TEMPO), 4 (HEPO), 5 (TreeAdv redistribution) and the SPEC 8 diagnostics.
+without building one), 3 (TEMPO), 4 (HEPO), 5 (TreeAdv redistribution), 9 (PPO's GAE from a critic's
+values, and the batch whitening) and the SPEC 8 diagnostics.
 `trie.py` computes the same numbers with a dictionary trie that reads like the paper; the tests
 check the two against each other and against a third, loop-by-loop reading of the SPEC.
 
@@ -270,6 +271,85 @@ def treeadv_advantages(responses: torch.Tensor, mask: torch.Tensor, rewards: tor
     Ahat_from.masked_fill_(_equal_groups(r, G)[:, None], 0.0)
     k_next = _k_dense(lcp_sorted, responses.shape[1])[:, 1:]  # [B, T] k(t+1): D(s_{t+1})
     return Ahat_from.gather(1, k_next).masked_fill_(~mask, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# SPEC 9: PPO's GAE from a critic's values, and the batch whitening
+
+
+def _discounted_suffix_sum(x: torch.Tensor, c: float, block: int = 128) -> torch.Tensor:
+    """y_t = sum_{s >= t} c^(s - t) x_s along the last axis of x [B, T], c in [0, 1].
+
+    Vectorised in blocks of `block` positions from the end: inside a block y = x M^T with
+    M[t, s] = c^(s - t) for s >= t (a [block, block] matrix), plus c^(n - t) times the carry y at the
+    next block's first position. Why not c^-t-scaled cumulative sums: c^-T overflows for long rows and
+    small c. Memory O(B T + block^2), T / block steps.
+    """
+    B, T = x.shape
+    y = torch.zeros_like(x)  # [B, T]
+    carry = torch.zeros(B, dtype=x.dtype, device=x.device)  # [B] y at the next block's first position
+    for start in range((T - 1) // block * block, -1, -block):
+        n = min(block, T - start)
+        i = torch.arange(n, device=x.device, dtype=x.dtype)
+        gap = i[None, :] - i[:, None]  # [n, n] s - t
+        M = torch.where(gap >= 0, torch.pow(torch.tensor(c, dtype=x.dtype, device=x.device), gap.clamp(min=0)), 0.0)
+        y[:, start:start + n] = x[:, start:start + n] @ M.t() + carry[:, None] * torch.pow(
+            torch.tensor(c, dtype=x.dtype, device=x.device), n - i)[None, :]
+        carry = y[:, start]
+    return y
+
+
+def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+                   lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE (SPEC 9): (A [B, T], returns R [B, T]), float32, 0 at padding.
+
+    r_t: `rewards` [B] sits on each row's last valid token (EOS, or the last token of a truncated row)
+    and is 0 elsewhere; a [B, T] `rewards` gives r_t per token instead. V_t = values[:, t] (the critic's
+    V(s_t), the state before token t); V after a row's last valid token is 0, truncated row or not.
+        delta_t = r_t + gamma V_{t+1} - V_t
+        A_t = sum_{l >= 0} (gamma lam)^l delta_{t+l}        (over the row's valid tokens)
+        R_t = A_t + V_t
+    With gamma = lam = 1 (the defaults, verl's) A_t = r_T - V_t and R_t = r_T. Rows are right-padded
+    (`mask` is a prefix mask); padding may hold any value.
+    """
+    if not isinstance(values, torch.Tensor) or values.dim() != 2 or not values.is_floating_point():
+        raise ValueError("values must be a 2-D floating tensor [B, T]")
+    if not isinstance(mask, torch.Tensor) or mask.shape != values.shape:
+        raise ValueError(f"mask must be a tensor of the same shape as values {tuple(values.shape)}")
+    mask = _check_prefix_mask(mask, values.device)
+    gamma, lam = _check_scalar("gamma", gamma, 0.0, 1.0), _check_scalar("lam", lam, 0.0, 1.0)
+    acc = _acc_dtype(values.device)
+    m = mask.to(acc)
+    V = torch.where(mask, values.detach().to(acc), 0.0)  # [B, T]
+    if not torch.isfinite(V).all():
+        raise ValueError("values contains non-finite values at valid (mask=True) positions")
+    if isinstance(rewards, torch.Tensor) and rewards.dim() == 2:
+        if rewards.shape != values.shape:
+            raise ValueError(f"per-token rewards must have the shape of values {tuple(values.shape)}")
+        r = torch.where(mask, rewards.detach().to(device=values.device, dtype=acc), 0.0)  # [B, T]
+    else:
+        r1 = _check_rewards(rewards, values.shape[0], values.device)  # [B]
+        last = (mask.sum(1) - 1).clamp(min=0)  # [B] a row without tokens gets its reward masked away below
+        r = torch.zeros_like(V).scatter_(1, last[:, None], r1[:, None]) * m  # [B, T]
+    V_next = torch.cat([V[:, 1:], torch.zeros_like(V[:, :1])], 1)  # [B, T]: 0 after the last valid token
+    delta = (r + gamma * V_next - V) * m
+    A = _discounted_suffix_sum(delta, gamma * lam) * m
+    return A.float(), ((A + V) * m).float()
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over the valid tokens of the whole batch, float32, 0 at padding.
+
+    var with Bessel's correction and eps = 1e-8, as verl's masked_whiten (its PPO advantages). Fewer
+    than two valid tokens: var = 0, so the result is 0.
+    """
+    mask = _check_prefix_mask(mask, x.device)
+    acc = _acc_dtype(x.device)
+    v = torch.where(mask, x.detach().to(acc), 0.0)
+    n = mask.sum()
+    mean = v.sum() / n.clamp(min=1)
+    var = (torch.where(mask, v - mean, 0.0) ** 2).sum() / (n - 1).clamp(min=1)
+    return torch.where(mask, (v - mean) * torch.rsqrt(var + eps), 0.0).float()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""train.py: the GRPO / TEMPO / TreeAdv / HEPO training loop on Qwen3 (torchrun; DDP or FSDP2), and the offline demo.
+"""train.py: the GRPO / TEMPO / TreeAdv / HEPO / PPO training loop on Qwen3 (torchrun; DDP or FSDP2), and the demo.
 
 What it implements (SPEC sections):
 - SPEC 6, the shared policy loss: PPO-clip with eps_low 0.2 / eps_high 0.28 and dual clip c = 3 for
@@ -14,6 +14,15 @@ What it implements (SPEC sections):
   `--gspo-paper` gives GSPO as published (and as verl runs it): the sequence mean of token means,
   eps 3e-4 / 4e-4, no dual clip. A sequence ratio moves far less than a token ratio, so the shared
   loss's eps 0.2 / 0.28 almost never clips it.
+- SPEC 9, PPO with a learned critic (`--method ppo`, TEMPO's first baseline): the critic is the policy's
+  backbone with a value head Linear(hidden, 1) in place of the LM head (a token-classification model,
+  so its forward never makes [T, V] logits), initialised from the policy's initial weights, trained by
+  its own AdamW (`--critic-lr`) with the clipped value loss (`--value-clip`), the policy's mini-batches,
+  epochs, micro-batches, gradient clipping and global token-mean normaliser. V_old comes from a no-grad
+  pass before the update; GAE (`--gamma`, `--lam`) puts the reward on the last response token, and the
+  advantages are whitened over the whole step's valid tokens (gathered from every rank, as for the
+  other methods). The policy loss, KL and sampler are the shared ones. The critic is sharded and wrapped
+  as the policy (DDP / FSDP2) and checkpointed beside it (CKPT/critic/).
 - SPEC 7, the paper's setup as defaults: Qwen/Qwen3-1.7B on MATH, G = 7, 256 prompts a step in
   64-prompt mini-batches (4 optimizer updates per step), 2,048 new tokens, temperature 1, top-p 1,
   lr 1e-6, greedy validation on 100 test problems.
@@ -117,7 +126,7 @@ import advantages
 import evaluate
 import rollout
 
-METHODS = ("grpo", "tempo", "treeadv", "hepo")
+METHODS = ("grpo", "tempo", "treeadv", "hepo", "ppo")
 OBJECTIVES = ("grpo", "gspo")
 LOSS_AGGS = ("token-mean", "seq-mean", "max-len")
 RECOMPUTE = ("auto", "always", "never")
@@ -140,7 +149,7 @@ class StopRun(RuntimeError):
 class Args:
     # --- the algorithm
     method: str = "grpo"
-    """advantage: grpo (SPEC 1) | tempo (SPEC 3) | treeadv (SPEC 5) | hepo (SPEC 4)"""
+    """advantage: grpo (SPEC 1) | tempo (SPEC 3) | treeadv (SPEC 5) | hepo (SPEC 4) | ppo (SPEC 9, a critic)"""
     scale: str = "group"
     """advantage scaling: group std | batch std | none (= Dr. GRPO)"""
     td_weight: float = 1.0
@@ -166,7 +175,15 @@ class Args:
     kl_coef: float = 0.0
     """k3 KL to the frozen initial model, added per token (0 = off, the paper)"""
     epochs: int = 1
-    """policy epochs per rollout batch (old log-probs stored)"""
+    """policy epochs per rollout batch (old log-probs stored); the critic takes as many"""
+    critic_lr: float = 1e-5
+    """ppo: the critic's AdamW learning rate (SPEC 9: 1e-5, verl's default), constant"""
+    gamma: float = 1.0
+    """ppo: GAE discount (SPEC 9: 1.0, verl's default)"""
+    lam: float = 1.0
+    """ppo: GAE lambda (SPEC 9: 1.0, verl's default)"""
+    value_clip: float = 0.5
+    """ppo: the value loss clips V to V_old +- this (SPEC 9: 0.5)"""
     # --- model and data
     model: str = "Qwen/Qwen3-1.7B"
     """hub id, local directory (a checkpoint of this script included), or `tiny` (random, offline)"""
@@ -654,6 +671,97 @@ def update_policy(model, optimizer, batch: dict, args: Args, world: int, lr: flo
 
 
 # ==============================================================================================
+# 5b. The critic of --method ppo (SPEC 9): the policy's backbone with a scalar value head, its own AdamW
+
+
+def value_loss(values, old_values, returns, mask, normaliser: float,
+               clip: float = 0.5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SPEC 9's clipped value loss of one micro-batch ([b, T] inputs), as its share of the step's token mean:
+    l = 0.5 max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), summed over valid tokens / the global
+    normaliser. Statistics (sums over valid tokens): tokens, clipped (where the clipped term was chosen)."""
+    mask = mask.bool()
+    # clamp with tensor bounds leaves V bit-exact inside the band (V_old + (V - V_old) would round), so a token
+    # counts as clipped only where the clip moved V, whatever the micro-batch or the number of ranks
+    clipped_v = values.clamp(min=old_values - clip, max=old_values + clip)
+    plain, clipped = (values - returns) ** 2, (clipped_v - returns) ** 2
+    per_token = 0.5 * torch.maximum(plain, clipped)
+    m = mask.float()
+    stats = dict(tokens=m.sum(), clipped=((clipped > plain) * m).sum())
+    return aggregate(per_token, mask, torch.ones_like(per_token), "token-mean", normaliser), stats
+
+
+def response_values(critic, mb: dict, ctx) -> torch.Tensor:
+    """V(s_t) at every response position of a packed micro-batch (`pack_rows`), [b, T] float32, 0 at padding:
+    the value head on the hidden state that predicts token t (the state before it), as the log-probs use.
+    The critic is a token-classification model: its head is [H, 1], so no [T, V] logits ever exist."""
+    mask = mb["response_mask"]
+    with ctx:
+        out = critic(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], position_ids=mb["position_ids"],
+                     use_cache=False).logits  # [b, L, 1]
+    v = out.flatten(0, 1)[mb["head_index"], 0].float()  # [N] valid response tokens, row-major
+    return torch.zeros(mask.shape, dtype=v.dtype, device=v.device).masked_scatter(mask, v)
+
+
+@torch.no_grad()
+def batch_values(critic, batch: dict, args: Args, ctx) -> torch.Tensor:
+    """No-grad V_old of every row before the update ([B, T], 0 at padding), in token-budget micro-batches."""
+    out = torch.zeros(batch["response_mask"].shape, device=batch["response_mask"].device)
+    for rows in plan_micro_batches(row_lengths(batch), args.micro_batch_tokens, args.micro_batch_rows):
+        v = response_values(critic, pack_rows(batch, rows), ctx())
+        out[torch.tensor(rows, device=out.device)[:, None], torch.arange(v.shape[1], device=out.device)] = v
+    return out
+
+
+def accumulate_value_gradients(critic, batch: dict, normaliser: float, args: Args, world: int, ctx) -> dict[str, float]:
+    """`accumulate_gradients` for the critic: the value loss of each micro-batch, gradients summed over
+    micro-batches and ranks (hence `world`: DDP and FSDP average). Returns its statistics summed."""
+    plans = plan_micro_batches(row_lengths(batch), args.micro_batch_tokens, args.micro_batch_rows)
+    sums: dict[str, float] = {}
+    for k, rows in enumerate(plans):
+        mb = pack_rows(batch, rows)
+        with grad_sync(critic, enabled=k == len(plans) - 1):
+            v = response_values(critic, mb, ctx())
+            loss, stats = value_loss(v, mb["old_values"], mb["returns"], mb["response_mask"], normaliser,
+                                     args.value_clip)
+            (loss * world).backward()
+        stats["value_loss"] = loss.detach()
+        for key, x in stats.items():
+            sums[key] = sums.get(key, 0.0) + float(x)
+    return sums
+
+
+def update_critic(critic, optimizer, batch: dict, args: Args, world: int, ctx) -> dict:
+    """--epochs passes, one critic AdamW step per mini-batch (the policy's mini-batches), the value loss's
+    token mean with the global normaliser; the same gradient clipping and non-finite skip as the policy.
+    Returns {"sums", "grad_norms", "skipped", "updates"}; `ctx` makes a fresh autocast context per use."""
+    rows = args.mini_batch_prompts // world * args.group_size
+    B = batch["response_mask"].shape[0]
+    sums: dict[str, float] = {}
+    norms, skipped = [], 0
+    for _ in range(args.epochs):
+        for s in range(0, B, rows):
+            mb = {k: v[s:s + rows] for k, v in batch.items()}
+            N = all_reduce(mb["response_mask"].sum().double().reshape(1))
+            part = accumulate_value_gradients(critic, mb, max(float(N), 1e-12), args, world, ctx)
+            norm, was_skipped = apply_update(critic, optimizer, args.critic_lr, args.grad_clip,
+                                             math.isfinite(part["value_loss"]))
+            norms.append(norm)
+            skipped += was_skipped
+            for k, v in part.items():
+                sums[k] = sums.get(k, 0.0) + v
+    return {"sums": sums, "grad_norms": norms, "skipped": skipped, "updates": len(norms)}
+
+
+def explained_variance_sums(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """This rank's sums for explained variance 1 - Var(R - V) / (Var(R) + 1e-5) over the step's valid tokens
+    (verl's vf_explained_var), all-reduced by `log_step` so it does not depend on the world size."""
+    m = mask.bool()
+    R, D = returns[m].double(), (returns - values)[m].double()
+    return dict(ev_n=float(m.sum()), ev_r=float(R.sum()), ev_r2=float((R * R).sum()), ev_d=float(D.sum()),
+                ev_d2=float((D * D).sum()))
+
+
+# ==============================================================================================
 # 6. One RL step: rollout -> reward -> advantages -> update -> log -> validate / checkpoint
 
 
@@ -705,6 +813,8 @@ class Run:
     t_run: float  # time.time() at step 0: the wall clock continues across a resume
     nonfinite_run: int = 0
     val_acc: list = field(default_factory=list)
+    critic: torch.nn.Module | None = None  # --method ppo: the value model, wrapped as the policy
+    critic_optimizer: torch.optim.Optimizer | None = None
 
 
 class Clock:
@@ -757,10 +867,20 @@ def reward_step(run: Run, ro: rollout.Rollout, idx: list[int]) -> tuple[torch.Te
     return torch.tensor(rewards, dtype=torch.float32, device=ro.response_mask.device), counters, completions
 
 
-def advantage_step(run: Run, ro: rollout.Rollout, r: torch.Tensor, step: int):
-    """(A [B, T], token weights [B, T], SPEC 8 diagnostics) for this rank's rows, computed on the whole
-    step's batch (every rank's groups, in rank order: per-group and batch-wide statistics do not depend
-    on the order of the groups), so nothing depends on the world size."""
+def critic_step(run: Run, ro: rollout.Rollout) -> torch.Tensor | None:
+    """--method ppo: V_old [B, T] of this rank's rows, the critic's no-grad values before the update (SPEC 9)."""
+    if run.critic is None:
+        return None
+    batch = dict(prompt_ids=ro.prompt_ids, prompt_mask=ro.prompt_mask, response_ids=ro.response_ids,
+                 response_mask=ro.response_mask)
+    return batch_values(unwrap(run.critic), batch, run.args, run.ctx)
+
+
+def advantage_step(run: Run, ro: rollout.Rollout, r: torch.Tensor, step: int, values: torch.Tensor | None = None):
+    """(A [B, T], token weights [B, T], SPEC 8 diagnostics, returns [B, T] or None) for this rank's rows,
+    computed on the whole step's batch (every rank's groups, in rank order: per-group and batch-wide
+    statistics do not depend on the order of the groups), so nothing depends on the world size.
+    --method ppo: GAE from `values` (V_old), whitened over every rank's valid tokens; returns R for the critic."""
     args, d, G = run.args, run.d, run.args.group_size
     mask = ro.response_mask  # [B, T] bool
     B, T = mask.shape
@@ -769,16 +889,24 @@ def advantage_step(run: Run, ro: rollout.Rollout, r: torch.Tensor, step: int):
     if args.shuffle_rewards:  # the control: rewards no longer belong to their responses
         g = torch.Generator().manual_seed(sample_seed(args.seed, step))
         r_all = r_all[torch.randperm(len(r_all), generator=g).to(r_all.device)]
-    A = compute_advantages(args, resp_all, mask_all, r_all, ent_all)[d.rank * B:(d.rank + 1) * B, :T]
+    returns = None
+    if args.method == "ppo":
+        A_all, R_all = advantages.gae_advantages(r_all, gather_rows(values), mask_all, args.gamma, args.lam)
+        A = advantages.whiten(A_all, mask_all)[d.rank * B:(d.rank + 1) * B, :T]
+        returns = R_all[d.rank * B:(d.rank + 1) * B, :T]
+    else:
+        A = compute_advantages(args, resp_all, mask_all, r_all, ent_all)[d.rank * B:(d.rank + 1) * B, :T]
     diag = advantages.branch_diagnostics(resp_all, mask_all, r_all, G)
     weight = torch.ones_like(A)
     if args.unique_segments:  # SPEC 5b: n copies of a shared token, weight 1/n each = trained once
         weight = 1.0 / advantages.prefix_counts(ro.response_ids, mask, G).clamp(min=1).float()
-    return A, weight, diag
+    return A, weight, diag, returns
 
 
-def update_step(run: Run, ro: rollout.Rollout, A: torch.Tensor, weight: torch.Tensor, lr: float) -> dict:
-    """Old log-probs (the sampler's, or recomputed), reference log-probs, then `update_policy`."""
+def update_step(run: Run, ro: rollout.Rollout, A: torch.Tensor, weight: torch.Tensor, lr: float,
+                values: torch.Tensor | None = None, returns: torch.Tensor | None = None) -> dict:
+    """Old log-probs (the sampler's, or recomputed), reference log-probs, then `update_policy`; with a
+    critic (--method ppo) then `update_critic` on (V_old = values, R = returns)."""
     args, clock = run.args, Clock(run.d)
     batch = dict(prompt_ids=ro.prompt_ids, prompt_mask=ro.prompt_mask, response_ids=ro.response_ids,
                  response_mask=ro.response_mask, A=A, weight=weight)
@@ -788,7 +916,14 @@ def update_step(run: Run, ro: rollout.Rollout, A: torch.Tensor, weight: torch.Te
         batch["ref_logp"] = batch_logprobs(run.ref, batch, args, run.ctx())
     t_logprob = clock.lap()
     upd = update_policy(run.model, run.optimizer, batch, args, run.d.world, lr, run.ctx)
-    return {**upd, "t_logprob": t_logprob, "t_update": clock.lap()}
+    upd.update(t_logprob=t_logprob, t_update=clock.lap())
+    if run.critic is not None:
+        cbatch = dict(prompt_ids=ro.prompt_ids, prompt_mask=ro.prompt_mask, response_ids=ro.response_ids,
+                      response_mask=ro.response_mask, old_values=values, returns=returns)
+        upd["critic"] = update_critic(run.critic, run.critic_optimizer, cbatch, args, run.d.world, run.ctx)
+        upd["critic"]["sums"].update(explained_variance_sums(values, returns, ro.response_mask))
+        upd["t_critic_update"] = clock.lap()
+    return upd
 
 
 def log_step(run: Run, step: int, ro: rollout.Rollout, r: torch.Tensor, counters: dict, A: torch.Tensor,
@@ -800,7 +935,8 @@ def log_step(run: Run, step: int, ro: rollout.Rollout, r: torch.Tensor, counters
                  decoded=float(ro.decoded_tokens), prefilled=float(ro.prefilled_tokens), adv_abs=float(A.abs().sum()),
                  first_diff=first["old_logp_diff"], first_tokens=first["tokens"],
                  **{f"c_{k}": float(v) for k, v in counters.items()},
-                 **{f"s_{k}": v for k, v in s.items() if not k.endswith("_max")})
+                 **{f"s_{k}": v for k, v in s.items() if not k.endswith("_max")},
+                 **{f"v_{k}": v for k, v in upd.get("critic", {}).get("sums", {}).items()})
     tot = dict(zip(local, all_reduce(torch.tensor(list(local.values()), dtype=torch.float64,
                                                   device=mask.device)).tolist()))
     diff_max = float(all_reduce(torch.tensor([first["old_logp_diff_max"]], device=mask.device), dist.ReduceOp.MAX))
@@ -820,11 +956,25 @@ def log_step(run: Run, step: int, ro: rollout.Rollout, r: torch.Tensor, counters
              **times, t_logprob=upd["t_logprob"], t_update=upd["t_update"], t_step=t_step,
              tokens_per_s=tot["tokens"] / t_step, decode_tokens_per_s=tot["decoded"] / times["t_rollout"],
              update_tokens_per_s=args.epochs * tot["tokens"] / upd["t_update"], peak_mem_gb=peak_memory_gb(run.d))
+    if "critic" in upd:
+        m.update(critic_metrics(tot, upd["critic"]))
     run.nonfinite_run = run.nonfinite_run + 1 if upd["skipped"] else 0
     if upd["skipped"]:
         print0(f"step {step + 1}: non-finite loss or gradient, {upd['skipped']} update(s) skipped "
                f"({run.nonfinite_run} step(s) in a row)")
     return m
+
+
+def critic_metrics(tot: dict, crit: dict) -> dict:
+    """The critic's part of the metrics row from `log_step`'s all-reduced sums (keys v_*): value loss (mean
+    over its updates), value clip fraction, explained variance of R by V_old, its grad norm and skips."""
+    n = max(tot["v_ev_n"], 1.0)
+    var_r = tot["v_ev_r2"] / n - (tot["v_ev_r"] / n) ** 2
+    var_d = tot["v_ev_d2"] / n - (tot["v_ev_d"] / n) ** 2
+    return dict(value_loss=tot["v_value_loss"] / crit["updates"],
+                value_clip_frac=tot["v_clipped"] / max(tot["v_tokens"], 1.0),
+                explained_variance=1.0 - var_d / (var_r + 1e-5),
+                critic_grad_norm=sum(crit["grad_norms"]) / crit["updates"], critic_skipped_updates=crit["skipped"])
 
 
 def validate_step(run: Run, step: int) -> dict:
@@ -854,7 +1004,8 @@ def checkpoint_step(run: Run, step: int) -> bool:
         state = {"step": done, "wall_s": time.time() - run.t_run, "nonfinite_in_a_row": run.nonfinite_run,
                  "data_pass": next_pass, "data_offset": next_k * args.prompts_per_step,
                  "world_size": d.world, "seed": args.seed}
-        save_checkpoint(args.out, done, run.model, run.optimizer, run.tokenizer, state, d, args.keep_last)
+        save_checkpoint(args.out, done, run.model, run.optimizer, run.tokenizer, state, d, args.keep_last,
+                        critic=None if run.critic is None else (run.critic, run.critic_optimizer))
     if run.nonfinite_run >= args.max_nonfinite:
         raise StopRun(f"{run.nonfinite_run} steps in a row had a non-finite loss or gradient; stopping "
                       f"(see {os.path.join(args.out, 'metrics.jsonl')}; try a lower --lr)")
@@ -908,14 +1059,19 @@ def train_step(run: Run, step: int, bar) -> bool:
     set_phase("reward")
     r, counters, completions = reward_step(run, ro, idx)
     t_reward = clock.lap()
+    set_phase("critic values")
+    values = critic_step(run, ro)  # --method ppo: V_old, else None
+    t_values = clock.lap()
     set_phase("advantages (gathering every rank's rollout)")
-    A, weight, diag = advantage_step(run, ro, r, step)
+    A, weight, diag, returns = advantage_step(run, ro, r, step, values)
     t_advantage = clock.lap()
     set_phase("update")
-    upd = update_step(run, ro, A, weight, lr_at(step, args))
+    upd = update_step(run, ro, A, weight, lr_at(step, args), values, returns)
+    times = dict(t_rollout=t_rollout, t_reward=t_reward, t_advantage=t_advantage)
+    if values is not None:  # the critic's cost: its value pass and its update
+        times["t_critic"] = t_values + upd.pop("t_critic_update")
     set_phase("logging")
-    m = log_step(run, step, ro, r, counters, A, diag, upd,
-                 dict(t_rollout=t_rollout, t_reward=t_reward, t_advantage=t_advantage))
+    m = log_step(run, step, ro, r, counters, A, diag, upd, times)
     write_sample(run, step, idx, completions, r, A)
     set_phase("validation")
     m.update(validate_step(run, step + 1), **data, wall_s=time.time() - run.t_run)
@@ -989,10 +1145,11 @@ def start_run(args: Args, d: Dist | None = None, model=None, tokenizer=None) -> 
     if loaded is None:
         model, ref, tokenizer = load_models(args, d, compute_dtype, None, model, tokenizer)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        critic, critic_optimizer = make_critic(args, d, compute_dtype, model, None)
         start, wall0, nonfinite_run = 0, 0.0, 0
         prepare_out(args, d, compute_dtype)
     else:
-        model, ref, tokenizer, optimizer, state = loaded
+        model, ref, tokenizer, optimizer, (critic, critic_optimizer), state = loaded
         start, wall0, nonfinite_run = state["step"], state["wall_s"], state["nonfinite_in_a_row"]
     train_ex, prompts = training_prompts(args, train_ex, tokenizer)
     if dist.is_initialized():
@@ -1002,11 +1159,11 @@ def start_run(args: Args, d: Dist | None = None, model=None, tokenizer=None) -> 
     return Run(args=args, d=d, model=model, ref=ref, optimizer=optimizer, tokenizer=tokenizer, train_ex=train_ex,
                prompts=prompts, val_ex=val_ex, cfg=sampling_config(args), eos_ids=rollout.eos_token_ids(unwrap(model), tokenizer),
                ctx=lambda: autocast(model, d, compute_dtype), recompute_old=recompute, start=start,
-               t_run=time.time() - wall0, nonfinite_run=nonfinite_run)
+               t_run=time.time() - wall0, nonfinite_run=nonfinite_run, critic=critic, critic_optimizer=critic_optimizer)
 
 
 def resume_run(args: Args, d: Dist, compute_dtype: torch.dtype, model=None, tokenizer=None):
-    """--resume: (policy, reference, tokenizer, optimizer, trainer state) from OUT's newest checkpoint that is
+    """--resume: (policy, reference, tokenizer, optimizer, (critic, its optimizer), trainer state) from OUT's newest checkpoint that is
     complete and loads, or None when OUT holds no run at all (a fresh start). Never deletes anything: a
     checkpoint that fails is skipped with the reason, and a run with no usable checkpoint stops with a message.
     On success the flags are checked against OUT/config.json and the logs trimmed to the checkpoint's step."""
@@ -1018,6 +1175,7 @@ def resume_run(args: Args, d: Dist, compute_dtype: torch.dtype, model=None, toke
             policy, ref, tok = load_models(args, d, compute_dtype, ckpt, model, tokenizer)
             optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
             state = load_training_state(ckpt, policy, optimizer, d)
+            critic = make_critic(args, d, compute_dtype, policy, ckpt)
             error = None
         except (Exception, CheckpointException) as e:  # a damaged file raises what its reader raises (DCP's
             text = str(e).strip()                         # CheckpointException is a BaseException)
@@ -1030,7 +1188,7 @@ def resume_run(args: Args, d: Dist, compute_dtype: torch.dtype, model=None, toke
         if d.rank == 0:
             trim_logs(args.out, state["step"])
             write_config(args, d, compute_dtype, changed, state["step"])
-        return policy, ref, tok, optimizer, state
+        return policy, ref, tok, optimizer, critic, state
     if candidates:
         raise UserError(f"--resume: no checkpoint in {args.out} could be loaded (each is named above, with why); "
                         "start afresh with --overwrite, or use another --out")
@@ -1227,6 +1385,11 @@ def check_args(args: Args, world_size: int = 1) -> None:
     need(args.clip_high >= 0, f"--clip-high {args.clip_high}: must be >= 0")
     need(args.dual_clip == 0 or args.dual_clip > 1, f"--dual-clip {args.dual_clip}: must be > 1 (or 0 = off)")
     need(args.kl_coef >= 0, f"--kl-coef {args.kl_coef}: must be >= 0")
+    need(args.method == "ppo" or (args.critic_lr, args.gamma, args.lam, args.value_clip) == (1e-5, 1.0, 1.0, 0.5),
+         "--critic-lr / --gamma / --lam / --value-clip apply to --method ppo only")
+    need(args.critic_lr > 0 and 0 < args.gamma <= 1 and 0 <= args.lam <= 1 and args.value_clip > 0,
+         f"--critic-lr {args.critic_lr} / --gamma {args.gamma} / --lam {args.lam} / --value-clip {args.value_clip}: "
+         "need critic_lr > 0, 0 < gamma <= 1, 0 <= lam <= 1, value_clip > 0")
     need(args.temperature > 0, f"--temperature {args.temperature}: training needs > 0 (log-probs of logits / T)")
     need(0 < args.top_p <= 1, f"--top-p {args.top_p}: must be in (0, 1]")
     need(args.tree_tau is None or args.tree_tau >= 0, f"--tree-tau {args.tree_tau}: must be >= 0 nats")
@@ -1540,6 +1703,46 @@ def materialize_(model, device: torch.device) -> None:
             b.copy_(buffers[name])
 
 
+def make_critic(args: Args, d: Dist, compute_dtype: torch.dtype, policy, ckpt: str | None):
+    """(critic, its AdamW) for --method ppo, fresh from the policy or restored from `ckpt`; (None, None) otherwise."""
+    if args.method != "ppo":
+        return None, None
+    critic = load_critic(args, d, compute_dtype, policy, fresh=ckpt is None)
+    optimizer = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
+    if ckpt is not None:
+        load_critic_state(ckpt, critic, optimizer)
+    return critic, optimizer
+
+
+def load_critic(args: Args, d: Dist, compute_dtype: torch.dtype, policy, fresh: bool):
+    """--method ppo's critic (SPEC 9), placed and wrapped as the policy (DDP or FSDP2, gradient checkpointing):
+    the policy's architecture as a token-classification model, i.e. its backbone with a value head
+    Linear(hidden, 1) instead of the LM head, so the value forward never makes [T, V] logits. Fresh
+    (`fresh`, before any update): the backbone is the policy's initial weights, gathered to rank 0 and
+    broadcast; the head is drawn N(0, initializer_range) from --seed with bias 0 (transformers' init).
+    On --resume its values come from the checkpoint (`load_critic_state`)."""
+    from transformers import AutoModelForTokenClassification
+    config = copy.deepcopy(unwrap(policy).config)
+    config.num_labels, config.classifier_dropout, config.tie_word_embeddings = 1, 0.0, False
+    config.architectures = None
+    with parameters_on_meta():
+        critic = AutoModelForTokenClassification.from_config(config, dtype=torch.float32)
+    state = None
+    if fresh:
+        if dist.is_initialized():  # full weights on rank 0 only (FSDP2 gathers them; DDP has them)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            full = {k: v.detach().cpu() for k, v in unwrap(policy).state_dict().items()}
+        if d.rank == 0:
+            g = torch.Generator().manual_seed(args.seed)
+            head = torch.randn((1, config.hidden_size), generator=g) * config.initializer_range  # [1, H]
+            state = {k: v for k, v in full.items() if not k.startswith("lm_head.")}
+            state.update({"score.weight": head, "score.bias": torch.zeros(1)})
+        del full
+    return place_model(critic, d, args, compute_dtype, state, load=fresh, trainable=True)
+
+
 # ==============================================================================================
 # 11. Checkpoints: atomic, complete (model, optimizer, RNG, step, data position), resumable, sharded
 
@@ -1627,9 +1830,11 @@ def resumable_checkpoints(out: str) -> list[str]:
     return good
 
 
-def save_checkpoint(out: str, step: int, model, optimizer, tokenizer, state: dict, d: Dist, keep_last: int) -> str:
+def save_checkpoint(out: str, step: int, model, optimizer, tokenizer, state: dict, d: Dist, keep_last: int,
+                    critic: tuple | None = None) -> str:
     """Write OUT/ckpt-{step} (the layout is in the module docstring). Every rank must call it: the sharded
-    state and the export's gathers are collectives. The one place that writes checkpoints."""
+    state and the export's gathers are collectives. The one place that writes checkpoints. `critic`:
+    (model, optimizer) of --method ppo, written to critic/ inside the same directory (`save_critic`)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     name = f"ckpt-{step:06d}"
@@ -1645,6 +1850,8 @@ def save_checkpoint(out: str, step: int, model, optimizer, tokenizer, state: dic
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(tmp, "state"),
              no_dist=not dist.is_initialized())
     export_pretrained(model, tokenizer, tmp, d)
+    if critic is not None:
+        save_critic(os.path.join(tmp, "critic"), *critic, tokenizer, d)
     rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if d.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(d.device)
@@ -1736,6 +1943,31 @@ def load_training_state(ckpt: str, model, optimizer, d: Dist) -> dict:
             torch.cuda.set_rng_state(rng["cuda"], d.device)
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
         return json.load(f)
+
+
+def save_critic(path: str, critic, optimizer, tokenizer, d: Dist) -> None:
+    """CKPT/critic/: state/ (the critic and its AdamW, sharded as the policy's) and the critic exported like
+    the policy (`AutoModelForTokenClassification.from_pretrained` loads it). Every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    os.makedirs(path, exist_ok=True)
+    model_sd, optim_sd = get_state_dict(critic, optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(path, "state"),
+             no_dist=not dist.is_initialized())
+    export_pretrained(critic, tokenizer, path, d)
+
+
+def load_critic_state(ckpt: str, critic, optimizer) -> None:
+    """The critic and its AdamW from CKPT/critic/state (any world size), as `load_training_state` does the policy."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    state_dir = os.path.join(ckpt, "critic", "state")
+    if not os.path.isdir(state_dir):
+        raise ValueError(f"--resume --method ppo: {ckpt} has no critic (critic/state/); it was not a ppo run")
+    model_sd, optim_sd = get_state_dict(critic, optimizer)
+    state = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(state, checkpoint_id=state_dir, no_dist=not dist.is_initialized())
+    set_state_dict(critic, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 STOP = {"requested": False}
@@ -1968,7 +2200,8 @@ def benchmark(args: Args, d: Dist | None = None) -> dict:
     rows = [r for r in read_metrics(args.out) if "t_step" in r]
     timed = rows[1:] or rows  # the first step pays for warm-up (allocator, kernels)
     med = lambda k: sorted(r[k] for r in timed)[len(timed) // 2]  # noqa: E731
-    keys = ("t_rollout", "t_reward", "t_advantage", "t_logprob", "t_update", "t_step", "tokens_per_s",
+    critic = ("t_critic",) if "t_critic" in rows[0] else ()  # --method ppo: the critic's value pass and update
+    keys = ("t_rollout", "t_reward", "t_advantage", "t_logprob", "t_update", *critic, "t_step", "tokens_per_s",
             "decode_tokens_per_s", "update_tokens_per_s", "response_len", "peak_mem_gb")
     res = {k: med(k) for k in keys}
     shape = f"tiny {args.tiny_hidden}x{args.tiny_layers}" if args.bench_shape == "tiny" else f"Qwen3-{args.bench_shape} shape"

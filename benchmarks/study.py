@@ -16,6 +16,8 @@ step, steps, max_new_tokens, lr: only --method and --sampler differ):
                                                    and treeadv it separates the sampler from the credit
     tempo-td4   --method tempo   --sampler flat --td-weight 4   (not in the default list) TEMPO's TD term x4:
                                                    if the TD credit moves accuracy, more of it should move it more
+    ppo         --method ppo     --sampler flat --critic-lr 1e-3   (not in the default list) SPEC 9, PPO with a
+                                                   learned critic (TEMPO's first baseline); critic lr 10x the policy's
 
 How to run (from the repository root; 2 runs at a time by default, one torch thread each):
     python benchmarks/study.py                           # the default study (3 seeds x 6 arms): 3 warm starts
@@ -23,6 +25,7 @@ How to run (from the repository root; 2 runs at a time by default, one torch thr
     python benchmarks/study.py --quick --out /tmp/study  # toy size, under a minute (the smoke test)
     python benchmarks/study.py --seeds 0,1,2,3 --methods grpo,tempo,grpo-tree,tempo-tree
     python benchmarks/study.py --report-only             # aggregate what OUT holds, run nothing
+    python benchmarks/study.py --methods grpo,ppo --out runs/study-ppo   # PPO with a critic against GRPO
 It is resumable: a run (or warm start) whose directory holds the same command and complete output is
 skipped, so an interrupted study continues where it stopped; a changed setting reruns what it touches.
 
@@ -72,9 +75,12 @@ ARMS = {
     "hepo": ("hepo", "flat"),
     "grpo-tree": ("grpo", "tree"),
     "tempo-td4": ("tempo", "flat"),
+    "ppo": ("ppo", "flat"),
 }
 # Arms that differ from another in one more train.py flag: a dose-response check of TEMPO's TD term.
-ARM_FLAGS = {"tempo-td4": ["--td-weight", "4"]}
+ARM_FLAGS = {"tempo-td4": ["--td-weight", "4"],
+             # PPO's critic at 10x the policy's lr, the ratio of verl's defaults (critic 1e-5, actor 1e-6)
+             "ppo": ["--critic-lr", "1e-3"]}
 DIAGNOSTICS = ("branch_token_frac", "first_divergence_depth", "unique_depth", "td_share")
 
 
@@ -88,7 +94,7 @@ class Args:
     seeds: str = "0,1,2"
     """comma-separated seeds; each gets its own warm start, data order and sampling"""
     methods: str = "grpo,tempo,grpo-tree,tempo-tree,treeadv,hepo"
-    """comma-separated arms (grpo, tempo, grpo-tree, tempo-tree, treeadv, hepo, tempo-td4)"""
+    """comma-separated arms (grpo, tempo, grpo-tree, tempo-tree, treeadv, hepo, tempo-td4, ppo)"""
     quick: bool = False
     """toy size for the smoke test (QUICK below); flags given still win"""
     jobs: int = 2

@@ -103,7 +103,8 @@ def test_every_arm_differs_only_in_method_and_sampler():
             if tok.startswith("--"):
                 nxt = rest[i + 1] if i + 1 < len(rest) else "--"
                 flags[tok] = True if nxt.startswith("--") else nxt
-        return {k: v for k, v in flags.items() if k not in ("--method", "--sampler", "--out", "--tree-tau", "--td-weight")}
+        own = ("--method", "--sampler", "--out", "--tree-tau", "--td-weight", "--critic-lr")  # an arm's own flags
+        return {k: v for k, v in flags.items() if k not in own}
     ref = budget(cmds["grpo"])
     assert all(budget(c) == ref for c in cmds.values())
     for arm, (method, sampler) in study.ARMS.items():
@@ -111,6 +112,8 @@ def test_every_arm_differs_only_in_method_and_sampler():
         assert c[c.index("--method") + 1] == method and c[c.index("--sampler") + 1] == sampler
     assert cmds["tempo-td4"][cmds["tempo-td4"].index("--td-weight") + 1] == "4"
     assert sum("--td-weight" in c for c in cmds.values()) == 1
+    assert cmds["ppo"][cmds["ppo"].index("--critic-lr") + 1] == "1e-3"
+    assert sum("--critic-lr" in c for c in cmds.values()) == 1
     # --warm-root: runs start from another study's warm starts
     other = study.parse_args(["--warm-root", "/elsewhere"])
     assert study.run_command(other, "grpo", 2)[study.run_command(other, "grpo", 2).index("--model") + 1] == "/elsewhere/warm-s2"

@@ -326,7 +326,7 @@ def test_nonfinite_gradient_skips_the_update(tiny_model):
 
 
 @pytest.mark.parametrize("argv,words", [
-    (["--method", "ppo"], "--method"),
+    (["--method", "nope"], "--method"),
     (["--group-size", "1"], "--group-size"),
     (["--prompts-per-step", "10", "--mini-batch-prompts", "4"], "--mini-batch-prompts"),
     (["--unique-segments"], "--unique-segments"),

@@ -1,0 +1,234 @@
+"""Tests of PPO with a learned critic (SPEC 9): GAE against a hand-computed case and a plain loop on random
+inputs, the batch whitening; the critic (a value head on the policy's backbone, no LM head); then the tiny
+model end to end: a ppo run whose value loss falls, resume equivalence, and 2-process gloo runs (DDP and
+FSDP2) equal to one process.
+"""
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import advantages
+import train
+from test_train import ENV, ROOT, _assert_same_checkpoint, _assert_same_metrics, _small, _stable
+
+
+# ----------------------------------------------------------------------------------------------
+# GAE and whitening on fixed tensors
+
+
+def test_gae_by_hand():
+    """Row 0: 3 tokens, V = [0.5, 0.2, 0.8], reward 1, gamma 0.9, lam 0.5 (gamma lam = 0.45):
+        delta_2 = 1 + 0.9 * 0 - 0.8 = 0.2            (V after the last token = 0)
+        delta_1 = 0 + 0.9 * 0.8 - 0.2 = 0.52
+        delta_0 = 0 + 0.9 * 0.2 - 0.5 = -0.32
+        A_2 = 0.2, A_1 = 0.52 + 0.45 * 0.2 = 0.61, A_0 = -0.32 + 0.45 * 0.61 = -0.0455
+        R = A + V = [0.4545, 0.81, 1.0]
+    Row 1: 1 token (then padding whose V holds junk), V_0 = 0.3, reward 0: A_0 = -0.3, R_0 = 0."""
+    V = torch.tensor([[0.5, 0.2, 0.8], [0.3, 9.0, -9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]]).bool()
+    A, R = advantages.gae_advantages(torch.tensor([1.0, 0.0]), V, mask, gamma=0.9, lam=0.5)
+    assert A.tolist()[0] == pytest.approx([-0.0455, 0.61, 0.2])
+    assert R.tolist()[0] == pytest.approx([0.4545, 0.81, 1.0])
+    assert A.tolist()[1] == pytest.approx([-0.3, 0.0, 0.0]) and R.tolist()[1] == pytest.approx([0.0, 0.0, 0.0])
+    # gamma = lam = 1 (the defaults): A_t = r - V_t, R_t = r on every valid token
+    A, R = advantages.gae_advantages(torch.tensor([1.0, 0.0]), V, mask)
+    assert A.flatten().tolist() == pytest.approx([0.5, 0.8, 0.2, -0.3, 0.0, 0.0])
+    assert R.flatten().tolist() == pytest.approx([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+
+
+def _gae_loop(r_tok, V, lengths, gamma, lam):
+    """SPEC 9 read literally, one row and one token at a time."""
+    B, T = len(V), len(V[0])
+    A, R = [[0.0] * T for _ in range(B)], [[0.0] * T for _ in range(B)]
+    for i in range(B):
+        n = lengths[i]
+        for t in range(n):
+            total = 0.0
+            for s in range(t, n):
+                v_next = V[i][s + 1] if s + 1 < n else 0.0
+                total += (gamma * lam) ** (s - t) * (r_tok[i][s] + gamma * v_next - V[i][s])
+            A[i][t], R[i][t] = total, total + V[i][t]
+    return A, R
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_gae_equals_a_plain_loop_on_random_inputs(seed):
+    """Random lengths (empty and full rows included), values, rewards, gamma and lam in (0, 1]; blocks of 7
+    positions so the carry between blocks is exercised; per-row rewards and per-token rewards."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = random.Random(seed)
+    B, T = 9, rnd.randint(1, 30)
+    lengths = [rnd.randint(0, T) for _ in range(B)]
+    lengths[0] = T
+    mask = torch.arange(T)[None] < torch.tensor(lengths)[:, None]
+    V = torch.randn(B, T, generator=g, dtype=torch.float64)
+    gamma, lam = (1.0, 1.0) if seed == 0 else (rnd.uniform(0.05, 1.0), rnd.uniform(0.05, 1.0))
+    r = torch.randn(B, generator=g, dtype=torch.float64)
+    r_tok = [[float(r[i]) if t == lengths[i] - 1 else 0.0 for t in range(T)] for i in range(B)]
+    A_ref, R_ref = _gae_loop(r_tok, V.tolist(), lengths, gamma, lam)
+    real = advantages._discounted_suffix_sum
+    try:
+        advantages._discounted_suffix_sum = lambda x, c: real(x, c, block=7)
+        A, R = advantages.gae_advantages(r, V, mask, gamma, lam)
+    finally:
+        advantages._discounted_suffix_sum = real
+    torch.testing.assert_close(A.double(), torch.tensor(A_ref, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(R.double(), torch.tensor(R_ref, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+    per_token = torch.randn(B, T, generator=g, dtype=torch.float64)  # rewards on every token
+    A_ref, _ = _gae_loop(per_token.tolist(), V.tolist(), lengths, gamma, lam)
+    A, _ = advantages.gae_advantages(per_token, V, mask, gamma, lam)
+    torch.testing.assert_close(A.double(), torch.tensor(A_ref, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+
+
+def test_whiten_over_valid_tokens_only():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, -100.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]]).bool()
+    w = advantages.whiten(x, mask)
+    valid = torch.tensor([1.0, 2.0, 3.0, 4.0])  # mean 2.5, unbiased var 5/3
+    expected = (valid - 2.5) / math.sqrt(5 / 3 + 1e-8)
+    assert w[mask].tolist() == pytest.approx(expected.tolist())
+    assert w[~mask].tolist() == [0.0, 0.0]
+    assert float(w[mask].mean()) == pytest.approx(0.0, abs=1e-7) and float(w[mask].std()) == pytest.approx(1.0)
+    assert advantages.whiten(torch.tensor([[5.0, 7.0]]), torch.tensor([[True, False]])).flatten().tolist() == [0.0, 0.0]
+
+
+def test_gae_rejects_bad_inputs():
+    V, mask = torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="gamma"):
+        advantages.gae_advantages(torch.zeros(2), V, mask, gamma=1.5)
+    with pytest.raises(ValueError, match="prefix mask"):
+        advantages.gae_advantages(torch.zeros(2), V, torch.tensor([[0, 1, 1], [1, 1, 1]]).bool())
+    with pytest.raises(ValueError, match="rows"):
+        advantages.gae_advantages(torch.zeros(3), V, mask)
+
+
+def test_ppo_flags_are_checked_before_loading(tmp_path):
+    for argv, words in [(["--method", "grpo", "--gamma", "0.9"], "--method ppo only"),
+                        (["--method", "ppo", "--lam", "1.5"], "--lam"),
+                        (["--method", "ppo", "--critic-lr", "0"], "--critic-lr")]:
+        with pytest.raises(ValueError, match=words):
+            train.check_args(train.parse_args([*argv, "--out", str(tmp_path)]))
+
+
+# ----------------------------------------------------------------------------------------------
+# The critic
+
+
+def test_critic_is_the_policys_backbone_with_a_value_head(tiny_model, tmp_path):
+    """Fresh critic: every backbone tensor equals the policy's, no LM head, a [1, H] head; its values have
+    the response's shape, 0 at padding, and equal a plain forward's last hidden state times the head."""
+    import copy
+    import contextlib
+    args = train.parse_args(["--method", "ppo", "--device", "cpu", "--out", str(tmp_path), "--no-grad-ckpt"])
+    policy = copy.deepcopy(tiny_model)
+    critic = train.load_critic(args, train.Dist(), torch.float32, policy, fresh=True)
+    sd, psd = critic.state_dict(), policy.state_dict()
+    assert not any(k.startswith("lm_head") for k in sd) and sd["score.weight"].shape == (1, 64)
+    assert all(torch.equal(v, psd[k]) for k, v in sd.items() if k.startswith("model."))
+    assert set(k for k in psd if not k.startswith("lm_head")) == set(k for k in sd if k.startswith("model."))
+    batch = dict(prompt_ids=torch.tensor([[0, 5, 6], [7, 8, 9]]),
+                 prompt_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]).bool(),
+                 response_ids=torch.tensor([[10, 11, 12], [13, 0, 0]]),
+                 response_mask=torch.tensor([[1, 1, 1], [1, 0, 0]]).bool())
+    V = train.batch_values(critic, batch, args, contextlib.nullcontext)
+    assert V.shape == (2, 3) and V[1, 1:].tolist() == [0.0, 0.0] and (V[0] != 0).all()
+    with torch.no_grad():  # row 0: prompt [5, 6] then response [10, 11, 12]; V_t from the state before token t
+        h = critic.model(input_ids=torch.tensor([[5, 6, 10, 11]])).last_hidden_state[0]  # [4, H]
+        expected = h[1:4] @ sd["score.weight"][0] + sd["score.bias"]
+    torch.testing.assert_close(V[0], expected)
+
+
+def test_value_loss_by_hand():
+    """c = 0.5. Token 0: V = 2, V_old = 1, R = 0: plain 4, clipped (1.5 - 0)^2 = 2.25 -> 0.5 * 4 = 2 (not clipped).
+    Token 1: V = 2, V_old = 1, R = 3: plain 1, clipped (1.5 - 3)^2 = 2.25 -> 0.5 * 2.25 = 1.125 (clipped).
+    Token 2 is padding. Normaliser 2 -> (2 + 1.125) / 2."""
+    V = torch.tensor([[2.0, 2.0, 9.0]], requires_grad=True)
+    loss, stats = train.value_loss(V, torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([[0.0, 3.0, 0.0]]),
+                                   torch.tensor([[1, 1, 0]]).bool(), 2.0, clip=0.5)
+    assert float(loss.detach()) == pytest.approx(3.125 / 2)
+    assert float(stats["clipped"]) == 1 and float(stats["tokens"]) == 2
+    loss.backward()
+    # (V - R) / 2 on the unclipped token; no gradient through the clipped one
+    assert V.grad.tolist() == [[pytest.approx(1.0), 0.0, 0.0]]
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end on the tiny model
+
+
+PPO = ["--method", "ppo", "--critic-lr", "1e-3", "--gamma", "0.95", "--lam", "0.9", "--epochs", "2",
+       "--max-new-tokens", "4", "--save-every", "2"]
+CRITIC_METRICS = ("value_loss", "value_clip_frac", "explained_variance", "critic_grad_norm", "t_critic")
+
+
+def _assert_critic_trained(out, model_dir, rows):
+    """Critic metrics finite on every step, the critic's export a loadable token-classification model whose
+    backbone moved away from the policy's initial weights."""
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+    assert all(math.isfinite(r[k]) for r in rows if "loss" in r for k in CRITIC_METRICS)
+    assert any(r["value_loss"] > 0 and r["critic_grad_norm"] > 0 for r in rows if "loss" in r)
+    critic = AutoModelForTokenClassification.from_pretrained(os.path.join(train.latest_checkpoint(str(out)), "critic"))
+    initial = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    moved = [not torch.equal(v, initial[k]) for k, v in critic.state_dict().items() if k.startswith("model.")]
+    assert any(moved)
+
+
+def test_ppo_trains_and_resumes_exactly(tiny_model_dir, tmp_path):
+    """4 steps straight == 2 steps + --resume 2 steps: metrics (critic's included) and both checkpoints (the
+    policy's and critic/, model and AdamW state) bit for bit."""
+    straight = train.train(train.parse_args(_small(tmp_path / "a", tiny_model_dir, "--steps", "4", *PPO)))
+    train.train(train.parse_args(_small(tmp_path / "b", tiny_model_dir, "--steps", "2", *PPO)))
+    resumed = train.train(train.parse_args(_small(tmp_path / "b", tiny_model_dir, "--steps", "4", "--resume", *PPO)))
+    assert straight["steps"] == resumed["steps"] == 4
+    a, b = train.read_metrics(tmp_path / "a"), train.read_metrics(tmp_path / "b")
+    assert [r["step"] for r in b] == [1, 2, 3, 4] and _stable(a) == _stable(b)
+    assert any(r["adv_abs_mean"] > 0 for r in a) and any(r["grad_norm"] > 0 for r in a)
+    _assert_critic_trained(tmp_path / "a", tiny_model_dir, a)
+    ckpts = [train.latest_checkpoint(str(tmp_path / x)) for x in "ab"]
+    _assert_same_checkpoint(*ckpts, tmp_path)
+    _assert_same_checkpoint(*(os.path.join(c, "critic") for c in ckpts), tmp_path)
+    train.train(train.parse_args(_small(tmp_path / "c", tiny_model_dir, "--steps", "1", "--save-every", "1")))
+    with pytest.raises(ValueError, match="no critic"):  # a grpo checkpoint cannot resume as ppo
+        train.train(train.parse_args(_small(tmp_path / "c", tiny_model_dir, "--steps", "2", "--resume", *PPO)))
+
+
+TORCHRUN_PPO = """
+import sys
+import train
+
+base = sys.argv[1:]
+for mode in ("ddp", "fsdp"):
+    flags = base + (["--fsdp"] if mode == "fsdp" else [])
+    out = lambda name: ["--out", f"{OUT}/{mode}-{name}"]  # noqa: E731
+    train.train(train.parse_args(flags + out("straight") + ["--steps", "2"]))
+    train.train(train.parse_args(flags + out("resumed") + ["--steps", "1"]))
+    train.train(train.parse_args(flags + out("resumed") + ["--steps", "2", "--resume"]))
+"""
+
+
+def test_torchrun_ppo_ddp_and_fsdp2_equal_one_process_and_resume_exactly(tiny_model_dir, tmp_path):
+    """2 gloo ranks, DDP and FSDP2, --method ppo: per-step metrics (the critic's included) equal one process's
+    (V_old per rank, GAE whitened over the gathered step); 1 + 1 steps with --resume == 2 straight, metrics
+    and both checkpoints (policy and critic/, sharded model and AdamW state) bit for bit."""
+    script = tmp_path / "ppo.py"
+    script.write_text(TORCHRUN_PPO.replace("{OUT}", str(tmp_path)))
+    flags = [*_small(tmp_path / "unused", tiny_model_dir), *PPO, "--save-every", "1"]
+    flags = flags[:flags.index("--out")] + flags[flags.index("--out") + 2:]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), *flags], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    train.train(train.parse_args([*flags, "--out", str(tmp_path / "one"), "--steps", "2"]))
+    one = train.read_metrics(tmp_path / "one")
+    _assert_critic_trained(tmp_path / "one", tiny_model_dir, one)
+    for mode in ("ddp", "fsdp"):
+        a, b = train.read_metrics(tmp_path / f"{mode}-straight"), train.read_metrics(tmp_path / f"{mode}-resumed")
+        assert [r["step"] for r in b] == [1, 2] and _stable(a) == _stable(b)
+        _assert_same_metrics(one, a)
+        ckpts = [train.latest_checkpoint(str(tmp_path / f"{mode}-{x}")) for x in ("straight", "resumed")]
+        _assert_same_checkpoint(*ckpts, tmp_path)
+        _assert_same_checkpoint(*(os.path.join(c, "critic") for c in ckpts), tmp_path)
