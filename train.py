@@ -489,7 +489,7 @@ def plan_micro_batches(lengths: list[int], max_tokens: int, max_rows: int, max_p
     real positions (sum of lengths), and as few micro-batches as that allows. Deterministic.
 
     Why not pack greedily while the budget allows: the first row of a micro-batch sets its width, so a long
-    row followed by shorter ones pads them all (1.2x the real positions on bench_update's modelled step).
+    row followed by shorter ones pads them all (benchmarks/bench_update.py prints both).
     How: for a price c per micro-batch, `_cheapest_cuts` finds the cuts minimising positions + c x
     micro-batches; c = 0 pads nothing, a larger c buys fewer micro-batches with padding. Bisection finds the
     largest c whose plan keeps the bound (positions do not decrease as c grows)."""

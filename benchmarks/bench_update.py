@@ -33,10 +33,11 @@ clipped to [--prompt-min, 1,024]; response lengths lognormal (median --response-
 --response-sigma) per row, capped at --max-new-tokens (the rows at the cap are the truncated ones).
 BEFORE: each mini-batch's rows split in order into micro-batches of --old-micro-batch-rows rows (train.py's
 former --micro-batch-rows 8), each padded to its longest prompt + longest response. AFTER:
-`train.plan_micro_batches` with train.py's --micro-batch-tokens / --micro-batch-rows defaults, packed by
-`train.pack_rows`. Prints real positions (prompt + response - 1 per row: the positions that predict a
-token), padded positions, their ratio, the number of micro-batches and the largest micro-batch
-(positions). Then a gradient check on a small random batch and the tiny random model: train's
+`train.plan_micro_batches` with train.py's --micro-batch-tokens / --micro-batch-rows defaults and
+--max-padding, packed by `train.pack_rows`; and, to show what the padding bound buys, the same with the
+token budget alone (no padding bound: the fewest micro-batches the budget allows). Prints real positions
+(prompt + response - 1 per row: the positions that predict a token), padded positions, their ratio, the
+number of micro-batches and the largest micro-batch (positions). Then a gradient check on a small random batch and the tiny random model: train's
 `accumulate_gradients` (packed rows, token budget, chunked head) against the BEFORE scheme written here
 (consecutive rows, prompt left-padded, full logits and log_softmax), max |difference| over every
 parameter (tests/test_train.py::test_gradient_independent_of_micro_batches_and_ranks checks the
@@ -136,6 +137,8 @@ class Args:
     """padding: AFTER's token budget (train.py's --micro-batch-tokens)"""
     micro_batch_rows: int = train.Args.micro_batch_rows
     """padding: AFTER's most rows per micro-batch (train.py's --micro-batch-rows)"""
+    max_padding: float = 0.1
+    """padding: AFTER's padding bound, padded positions <= (1 + this) x real (train.plan_micro_batches' default)"""
     seed: int = 0
     """padding: seed of the lengths and of the gradient check's batch"""
 
@@ -322,17 +325,22 @@ def old_plan(n: int, rows: int) -> list[list[int]]:
 
 
 def count_positions(plen: list[int], rlen: list[int], mini: int, args: Args) -> dict:
-    """Positions fed to the model per scheme, micro-batches formed within each mini-batch of `mini` rows."""
-    out = {"before": [0, 0, 0], "after": [0, 0, 0]}  # positions, micro-batches, largest micro-batch
+    """Positions fed to the model per scheme ([positions, micro-batches, largest micro-batch's positions]),
+    micro-batches formed within each mini-batch of `mini` rows: before, after, budget_only."""
+    out = {k: [0, 0, 0] for k in ("before", "after", "budget_only")}
+
+    def add(key, n):
+        out[key] = [out[key][0] + n, out[key][1] + 1, max(out[key][2], n)]
+
     for s in range(0, len(plen), mini):
         p, r = plen[s:s + mini], rlen[s:s + mini]
-        for rows in old_plan(len(p), args.old_micro_batch_rows):  # [b, Tp + T]: old micro_batch's layout
-            n = len(rows) * (max(p[i] for i in rows) + max(r[i] for i in rows))
-            out["before"] = [out["before"][0] + n, out["before"][1] + 1, max(out["before"][2], n)]
+        for rows in old_plan(len(p), args.old_micro_batch_rows):  # [b, Tp + T]: the old micro_batch's layout
+            add("before", len(rows) * (max(p[i] for i in rows) + max(r[i] for i in rows)))
         batch = batch_of_lengths(p, r)
-        for rows in train.plan_micro_batches(train.row_lengths(batch), args.micro_batch_tokens, args.micro_batch_rows):
-            n = train.pack_rows(batch, rows)["input_ids"].numel()
-            out["after"] = [out["after"][0] + n, out["after"][1] + 1, max(out["after"][2], n)]
+        for key, bound in (("after", args.max_padding), ("budget_only", math.inf)):
+            for rows in train.plan_micro_batches(train.row_lengths(batch), args.micro_batch_tokens,
+                                                 args.micro_batch_rows, bound):
+                add(key, train.pack_rows(batch, rows)["input_ids"].numel())
     return out
 
 
@@ -348,14 +356,15 @@ def padding_section(args: Args) -> None:
           f"responses lognormal(median {args.response_median:g}, sigma {args.response_sigma:g}) capped at "
           f"{args.max_new_tokens}: mean {sum(rlen) / len(rlen):.0f}, {trunc} truncated ({trunc / len(rlen):.1%})\n"
           f"  real positions (prompt + response - 1 per row) {real:,}; response tokens {sum(rlen):,}")
-    print(f"  {'scheme':<58} {'positions':>9} {'/ real':>7} {'micro-batches':>13} {'largest':>8}")
+    print(f"  {'scheme':<72} {'positions':>9} {'/ real':>7} {'micro-batches':>13} {'largest':>8}")
     res = count_positions(plen, rlen, mini, args)
+    budget = f"{args.micro_batch_tokens:,} tokens, <= {args.micro_batch_rows} rows"
     for key, label in (("before", f"BEFORE: {args.old_micro_batch_rows} consecutive rows, padded to longest prompt + "
                                   f"response"),
-                       ("after", f"AFTER: plan_micro_batches, {args.micro_batch_tokens:,} tokens, <= "
-                                 f"{args.micro_batch_rows} rows")):
+                       ("after", f"AFTER: plan_micro_batches, {budget}, padding <= {args.max_padding:g}"),
+                       ("budget_only", f"  the same without the padding bound: {budget}")):
         n, k, big = res[key]
-        print(f"  {label:<58} {n:9,} {n / real:7.3f} {k:13d} {big:8,}")
+        print(f"  {label:<72} {n:9,} {n / real:7.3f} {k:13d} {big:8,}")
     gradient_check(args)
 
 
@@ -421,6 +430,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
               (min(args.tokens + [args.rows, args.prompt_tokens, args.layers, args.vocab, args.chunk, args.threads])
                >= 1, "--tokens, --rows, --prompt-tokens, --layers, --vocab, --chunk and --threads must be >= 1"),
               (args.temperature > 0, f"--temperature {args.temperature}: must be > 0"),
+              (args.max_padding >= 0, f"--max-padding {args.max_padding}: must be >= 0"),
               (args.mini_batch_prompts % args.world == 0 and args.prompts % (args.mini_batch_prompts // args.world or 1)
                == 0 and args.mini_batch_prompts >= args.world,
                f"--mini-batch-prompts {args.mini_batch_prompts}: must be a multiple of --world {args.world} that "
