@@ -43,8 +43,12 @@ number of micro-batches and the largest micro-batch (positions). Then a gradient
 parameter (tests/test_train.py::test_gradient_independent_of_micro_batches_and_ranks checks the
 budget-packed gradient against one micro-batch).
 
-Run from the repository root (about 15 minutes on 2 shared cores with the defaults, nearly all of it
-the T = 8,192 AFTER case; --tokens 2048 takes about 4):
+GB here are 2**30 bytes. The logprob section is compute-bound: the head alone is 3-4 x T x V x 2,048
+multiply-adds per case (BEFORE 3, AFTER 4: it recomputes the logits), so on a 2-core CPU the T = 8,192 case
+runs for tens of minutes (README's Benchmarks table gives the times measured); `--vocab 8192 --tokens 512 2048`
+runs the same code at a small vocabulary in a few minutes.
+
+Run from the repository root:
     python benchmarks/bench_update.py | tee benchmarks/results/bench_update.txt
     python benchmarks/bench_update.py --sections padding
     python benchmarks/bench_update.py --sections logprob --tokens 2048 --layers 2
