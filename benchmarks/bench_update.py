@@ -37,8 +37,8 @@ former --micro-batch-rows 8), each padded to its longest prompt + longest respon
 --max-padding, packed by `train.pack_rows`; and, to show what the padding bound buys, the same with the
 token budget alone (no padding bound: the fewest micro-batches the budget allows). Prints real positions
 (prompt + response - 1 per row: the positions that predict a token), padded positions, their ratio, the
-number of micro-batches and the largest micro-batch (positions). Then a gradient check on a small random batch and the tiny random model: train's
-`accumulate_gradients` (packed rows, token budget, chunked head) against the BEFORE scheme written here
+number of micro-batches and the largest micro-batch (positions). Then a gradient check on a small random
+batch and the tiny random model: train's `accumulate_gradients` (packed rows, token budget, chunked head) against the BEFORE scheme written here
 (consecutive rows, prompt left-padded, full logits and log_softmax), max |difference| over every
 parameter (tests/test_train.py::test_gradient_independent_of_micro_batches_and_ranks checks the
 budget-packed gradient against one micro-batch).
@@ -293,7 +293,8 @@ def logprob_section(args: Args) -> None:
     chunk_gb = args.chunk * V * 4 / 2**30
     print(f"  arithmetic, Qwen3-1.7B's micro-batch of 8 rows in bf16: BEFORE holds the logits and their gradient, "
           f"8 x T x {V:,} x 2 B each; AFTER holds [chunk, V] tensors of one chunk ({args.chunk} x {V:,} x 4 B = "
-          f"{chunk_gb:.2f} GB in fp32, a few at once) and one [V, H] fp32 gradient sum ({V * 2048 * 4 / 2**30:.2f} GB), "
+          f"{chunk_gb:.2f} GB in fp32, a few at once) and one [V, H] fp32 gradient sum "
+          f"({V * 2048 * 4 / 2**30:.2f} GB), "
           f"whatever T is")
     for T in (2048, 8192):
         print(f"    T = {T:5d}: logits {8 * T * V * 2 / 2**30:5.1f} GB + gradient {8 * T * V * 2 / 2**30:5.1f} GB "
@@ -353,8 +354,8 @@ def padding_section(args: Args) -> None:
     mini = args.mini_batch_prompts // args.world * args.G
     real = sum(p + r - 1 for p, r in zip(plen, rlen))
     trunc = sum(r == args.max_new_tokens for r in rlen)
-    print(f"\n== padding: a modelled step on one rank of {args.world}: {args.prompts} prompts x G={args.G} = {len(plen)} "
-          f"rows, mini-batches of {mini} rows ({args.mini_batch_prompts} prompts / {args.world} ranks x G); seed "
+    print(f"\n== padding: a modelled step on one rank of {args.world}: {args.prompts} prompts x G={args.G} = "
+          f"{len(plen)} rows, mini-batches of {mini} rows ({args.mini_batch_prompts} prompts / {args.world} ranks x G); seed "
           f"{args.seed}\n  prompts lognormal(median {args.prompt_median:g}, sigma {args.prompt_sigma:g}) in "
           f"[{args.prompt_min}, {args.max_prompt_tokens}]: mean {sum(plen) / len(plen):.0f}, max {max(plen)}; "
           f"responses lognormal(median {args.response_median:g}, sigma {args.response_sigma:g}) capped at "

@@ -237,7 +237,8 @@ def test_micro_batches_bound_the_padding_with_few_micro_batches():
     padding <= 10% and, within that, takes the fewest micro-batches (not one row each)."""
     assert train.plan_micro_batches([60, 100, 60, 60], 10**6, 8) == [[1], [0, 2, 3]]
     assert train.plan_micro_batches([100, 95, 60, 58], 10**6, 8) == [[0, 1], [2, 3]]  # 320 positions for 313
-    assert train.plan_micro_batches([10] * 12, max_tokens=35, max_rows=8) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    assert train.plan_micro_batches([10] * 12, max_tokens=35, max_rows=8) == [[0, 1, 2], [3, 4, 5], [6, 7, 8],
+                                                                              [9, 10, 11]]
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
         lengths = torch.randint(1, 300, (int(torch.randint(1, 60, (1,), generator=g)),), generator=g).tolist()
