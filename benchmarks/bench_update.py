@@ -38,10 +38,11 @@ former --micro-batch-rows 8), each padded to its longest prompt + longest respon
 token budget alone (no padding bound: the fewest micro-batches the budget allows). Prints real positions
 (prompt + response - 1 per row: the positions that predict a token), padded positions, their ratio, the
 number of micro-batches and the largest micro-batch (positions). Then a gradient check on a small random
-batch and the tiny random model: train's `accumulate_gradients` (packed rows, token budget, chunked head) against the BEFORE scheme written here
-(consecutive rows, prompt left-padded, full logits and log_softmax), max |difference| over every
-parameter (tests/test_train.py::test_gradient_independent_of_micro_batches_and_ranks checks the
-budget-packed gradient against one micro-batch).
+batch and the tiny random model: train's `accumulate_gradients` (packed rows, token budget, chunked
+head) against the BEFORE scheme written here (consecutive rows, prompt left-padded, full logits and
+log_softmax), max |difference| over every parameter (tests/test_train.py::
+test_gradient_independent_of_micro_batches_and_ranks checks the budget-packed gradient against one
+micro-batch).
 
 GB here are 2**30 bytes. The logprob section is compute-bound: the head alone is 3-4 x T x V x 2,048
 multiply-adds per case (BEFORE 3, AFTER 4: it recomputes the logits), so on a 2-core CPU the T = 8,192 case
@@ -355,8 +356,8 @@ def padding_section(args: Args) -> None:
     real = sum(p + r - 1 for p, r in zip(plen, rlen))
     trunc = sum(r == args.max_new_tokens for r in rlen)
     print(f"\n== padding: a modelled step on one rank of {args.world}: {args.prompts} prompts x G={args.G} = "
-          f"{len(plen)} rows, mini-batches of {mini} rows ({args.mini_batch_prompts} prompts / {args.world} ranks x G); seed "
-          f"{args.seed}\n  prompts lognormal(median {args.prompt_median:g}, sigma {args.prompt_sigma:g}) in "
+          f"{len(plen)} rows, mini-batches of {mini} rows ({args.mini_batch_prompts} prompts / {args.world} ranks x "
+          f"G); seed {args.seed}\n  prompts lognormal(median {args.prompt_median:g}, sigma {args.prompt_sigma:g}) in "
           f"[{args.prompt_min}, {args.max_prompt_tokens}]: mean {sum(plen) / len(plen):.0f}, max {max(plen)}; "
           f"responses lognormal(median {args.response_median:g}, sigma {args.response_sigma:g}) capped at "
           f"{args.max_new_tokens}: mean {sum(rlen) / len(rlen):.0f}, {trunc} truncated ({trunc / len(rlen):.1%})\n"
