@@ -48,8 +48,8 @@ Scale:
   The replacement sits inside the root module's forward, so FSDP2's hooks unshard the head (tied to
   the embeddings or not) as for any forward. Only response tokens reach the head.
 - Micro-batches by a token budget (verl's dynamic batch size): a rank's rows are sorted by length and
-  cut into runs with rows x longest <= `micro_batch_tokens`, padding at most 10% of the real positions,
-  in as few micro-batches as that allows (`plan_micro_batches`); each row is its prompt followed by its
+  cut into runs with rows x longest <= `micro_batch_tokens`, padding at most 10% of the real positions
+  (or of one budget, if more), in as few micro-batches as that allows (`plan_micro_batches`); each row is its prompt followed by its
   response with no padding between, right-padded to the micro-batch's longest. The normaliser is
   global, so the packing changes no gradient.
 - Gradient checkpointing is switched on once; transformers applies it only in training mode, and
@@ -485,8 +485,11 @@ def row_lengths(batch: dict) -> list[int]:
 def plan_micro_batches(lengths: list[int], max_tokens: int, max_rows: int, max_padding: float = 0.1) -> list[list[int]]:
     """Row indices of each micro-batch: rows sorted by length (longest first, so a budget too large for the
     memory fails on the first micro-batch), cut into runs of <= max_rows rows with rows x longest <= max_tokens
-    (a row longer than max_tokens runs alone), padded positions (sum of rows x longest) <= (1 + max_padding) x
-    real positions (sum of lengths), and as few micro-batches as that allows. Deterministic.
+    (a row longer than max_tokens runs alone), padding (sum of rows x longest, less the real positions, the
+    sum of lengths) <= max_padding x max(real positions, max_tokens), and as few micro-batches as that
+    allows. Deterministic. So a mini-batch of more than max_tokens real positions is padded by at most
+    max_padding of them, and a smaller one may pad up to max_padding of a budget rather than run as more
+    forwards (a forward has a fixed cost: every layer's weights are read, and gathered under FSDP).
 
     Why not pack greedily while the budget allows: the first row of a micro-batch sets its width, so a long
     row followed by shorter ones pads them all (benchmarks/bench_update.py prints both).
@@ -495,7 +498,7 @@ def plan_micro_batches(lengths: list[int], max_tokens: int, max_rows: int, max_p
     largest c whose plan keeps the bound (positions do not decrease as c grows)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     sorted_lengths = [lengths[i] for i in order]
-    bound = (1 + max_padding) * sum(sorted_lengths)
+    bound = sum(sorted_lengths) + max_padding * max(sum(sorted_lengths), max_tokens)  # most positions allowed
     def cuts(price):
         return _cheapest_cuts(sorted_lengths, max_tokens, max_rows, price)
 
