@@ -57,9 +57,10 @@ Scale:
   The replacement sits inside the root module's forward, so FSDP2's hooks unshard the head (tied to
   the embeddings or not) as for any forward. Only response tokens reach the head.
 - Micro-batches by a token budget (verl's dynamic batch size): a rank's rows are sorted by length and
-  packed while rows x longest <= `micro_batch_tokens`; each row is its prompt followed by its response
-  with no padding between, right-padded to the micro-batch's longest. The normaliser is global, so the
-  packing changes no gradient.
+  cut into runs with rows x longest <= `micro_batch_tokens`, padding at most 10% of the real positions
+  (or of one budget, if more), in as few micro-batches as that allows (`plan_micro_batches`); each row is its prompt followed by its
+  response with no padding between, right-padded to the micro-batch's longest. The normaliser is
+  global, so the packing changes no gradient.
 - Gradient checkpointing is switched on once; transformers applies it only in training mode, and
   sampling runs in eval mode, so it acts in the update and never while sampling. The update's forward
   passes use_cache=False explicitly (the config's use_cache stays as it is for sampling).
@@ -515,19 +516,61 @@ def row_lengths(batch: dict) -> list[int]:
     return (batch["prompt_mask"].sum(1) + batch["response_mask"].sum(1).clamp(min=1) - 1).tolist()
 
 
-def plan_micro_batches(lengths: list[int], max_tokens: int, max_rows: int) -> list[list[int]]:
+def plan_micro_batches(lengths: list[int], max_tokens: int, max_rows: int, max_padding: float = 0.1) -> list[list[int]]:
     """Row indices of each micro-batch: rows sorted by length (longest first, so a budget too large for the
-    memory fails on the first micro-batch), packed while rows x longest <= max_tokens and rows <= max_rows.
-    A row longer than max_tokens runs alone. Deterministic: equal lengths keep their order."""
+    memory fails on the first micro-batch), cut into runs of <= max_rows rows with rows x longest <= max_tokens
+    (a row longer than max_tokens runs alone), padding (sum of rows x longest, less the real positions, the
+    sum of lengths) <= max_padding x max(real positions, max_tokens), and as few micro-batches as that
+    allows. Deterministic. So a mini-batch of more than max_tokens real positions is padded by at most
+    max_padding of them, and a smaller one may pad up to max_padding of a budget rather than run as more
+    forwards (a forward has a fixed cost: every layer's weights are read, and gathered under FSDP).
+
+    Why not pack greedily while the budget allows: the first row of a micro-batch sets its width, so a long
+    row followed by shorter ones pads them all (benchmarks/bench_update.py prints both).
+    How: for a price c per micro-batch, `_cheapest_cuts` finds the cuts minimising positions + c x
+    micro-batches; c = 0 pads nothing, a larger c buys fewer micro-batches with padding. Bisection finds the
+    largest c whose plan keeps the bound (positions do not decrease as c grows)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    plans: list[list[int]] = []
-    for i in order:
-        cur = plans[-1] if plans else None
-        if cur is None or len(cur) >= max_rows or (len(cur) + 1) * lengths[cur[0]] > max_tokens:
-            plans.append([i])
-        else:
-            cur.append(i)
-    return plans
+    sorted_lengths = [lengths[i] for i in order]
+    bound = sum(sorted_lengths) + max_padding * max(sum(sorted_lengths), max_tokens)  # most positions allowed
+    def cuts(price):
+        return _cheapest_cuts(sorted_lengths, max_tokens, max_rows, price)
+
+    lo, hi = 0, sum(sorted_lengths) + 1  # price 0 pads nothing; at hi one micro-batch outweighs all padding
+    if _positions(sorted_lengths, cuts(hi)) <= bound:
+        lo = hi
+    while hi - lo > 1:  # invariant: price lo keeps the bound, price hi does not
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _positions(sorted_lengths, cuts(mid)) <= bound else (lo, mid)
+    ends = cuts(lo)
+    return [order[s:e] for s, e in zip([0] + ends[:-1], ends)]
+
+
+def _cheapest_cuts(lengths: list[int], max_tokens: int, max_rows: int, price: int) -> list[int]:
+    """End index of each run of the (sorted, longest first) lengths that minimises sum of rows x longest +
+    price per run, under the row and token limits: a dynamic programme from the end, O(n x max_rows).
+    Ties go to fewer positions, then to the longer first run."""
+    n = len(lengths)
+    cost, end = [(0, 0)] * (n + 1), [n] * (n + 1)  # cost[i]: (positions + price x runs, positions) of rows i..n-1
+    for i in range(n - 1, -1, -1):
+        cost[i] = (math.inf, math.inf)
+        for j in range(i + 1, min(n, i + max_rows) + 1):
+            k = j - i
+            if k > 1 and k * lengths[i] > max_tokens:
+                break
+            c = (k * lengths[i] + price + cost[j][0], k * lengths[i] + cost[j][1])
+            if c <= cost[i]:
+                cost[i], end[i] = c, j
+    cuts, i = [], 0
+    while i < n:
+        i = end[i]
+        cuts.append(i)
+    return cuts
+
+
+def _positions(lengths: list[int], cuts: list[int]) -> int:
+    """Padded positions of the runs ending at `cuts` over lengths sorted longest first."""
+    return sum((e - s) * lengths[s] for s, e in zip([0] + cuts[:-1], cuts))
 
 
 def pack_rows(batch: dict, rows: list[int]) -> dict:

@@ -232,6 +232,40 @@ def test_micro_batches_by_token_budget():
     assert train.plan_micro_batches([100, 2], max_tokens=50, max_rows=8) == [[0], [1]]  # too long: alone
 
 
+def test_micro_batches_bound_the_padding_with_few_micro_batches():
+    """Greedy packing to the budget gives [100, 60, 60], [60, 60]: 420 positions for 340 real; the plan keeps
+    padding <= 10% of max(real, budget) and, within that, takes the fewest micro-batches (not one row each)."""
+    assert train.plan_micro_batches([60, 100, 60, 60, 60], max_tokens=300, max_rows=8) == [[1], [0, 2, 3, 4]]
+    assert train.plan_micro_batches([100, 95, 60, 58], max_tokens=300, max_rows=8) == [[0, 1], [2, 3]]  # 320 for 313
+    assert train.plan_micro_batches([100, 60, 60, 60], 10**6, 8) == [[0, 1, 2, 3]]  # padding 120 < 10% of a budget
+    assert train.plan_micro_batches([10] * 12, max_tokens=35, max_rows=8) == [[0, 1, 2], [3, 4, 5], [6, 7, 8],
+                                                                              [9, 10, 11]]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        lengths = torch.randint(1, 300, (int(torch.randint(1, 60, (1,), generator=g)),), generator=g).tolist()
+        plans = train.plan_micro_batches(lengths, max_tokens=1000, max_rows=6, max_padding=0.1)
+        assert sorted(i for p in plans for i in p) == list(range(len(lengths)))
+        assert [lengths[i] for p in plans for i in p] == sorted(lengths, reverse=True)
+        assert all(len(p) <= 6 and len(p) * lengths[p[0]] <= 1000 for p in plans)
+        real = sum(lengths)
+        assert sum(len(p) * lengths[p[0]] for p in plans) - real <= 0.1 * max(real, 1000)
+        loose = train.plan_micro_batches(lengths, max_tokens=1000, max_rows=6, max_padding=100.0)
+        assert len(loose) <= len(plans)  # a looser bound never needs more micro-batches
+
+
+def test_bench_update_padding_counts():
+    """benchmarks/bench_update.py's padding section on a small modelled step: every row planned once, AFTER
+    within the padding bound and below BEFORE's consecutive-row padding."""
+    from benchmarks import bench_update
+    args = bench_update.parse_args(["--prompts", "8", "--mini-batch-prompts", "16", "--world", "4"])
+    plen, rlen = bench_update.modelled_lengths(args)
+    assert len(plen) == 8 * args.G and max(plen) <= 1024 and max(rlen) <= 2048
+    real = sum(p + r - 1 for p, r in zip(plen, rlen))
+    res = bench_update.count_positions(plen, rlen, 4 * args.G, args)
+    assert real <= res["after"][0] <= 1.1 * real < res["before"][0]
+    assert res["before"][1] == 2 * -(-4 * args.G // args.old_micro_batch_rows)  # 2 mini-batches of 28 rows, 8 at a time
+
+
 # ----------------------------------------------------------------------------------------------
 # Gradients: independent of micro-batch size and of how the rows split over ranks
 
