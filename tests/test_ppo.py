@@ -178,7 +178,7 @@ def _assert_critic_trained(out, model_dir, rows):
     assert any(moved)
 
 
-def test_ppo_trains_and_resumes_exactly(tiny_model_dir, tmp_path):
+def test_ppo_trains_and_resumes_exactly(tiny_model_dir, tmp_path, capsys):
     """4 steps straight == 2 steps + --resume 2 steps: metrics (critic's included) and both checkpoints (the
     policy's and critic/, model and AdamW state) bit for bit."""
     straight = train.train(train.parse_args(_small(tmp_path / "a", tiny_model_dir, "--steps", "4", *PPO)))
@@ -193,8 +193,12 @@ def test_ppo_trains_and_resumes_exactly(tiny_model_dir, tmp_path):
     _assert_same_checkpoint(*ckpts, tmp_path)
     _assert_same_checkpoint(*(os.path.join(c, "critic") for c in ckpts), tmp_path)
     train.train(train.parse_args(_small(tmp_path / "c", tiny_model_dir, "--steps", "1", "--save-every", "1")))
-    with pytest.raises(ValueError, match="no critic"):  # a grpo checkpoint cannot resume as ppo
-        train.train(train.parse_args(_small(tmp_path / "c", tiny_model_dir, "--steps", "2", "--resume", *PPO)))
+    grpo_to_ppo = _small(tmp_path / "c", tiny_model_dir, "--steps", "2", "--resume", *PPO)
+    with pytest.raises(train.UserError, match="--method grpo -> ppo"):  # the saved config says grpo
+        train.train(train.parse_args(grpo_to_ppo))
+    with pytest.raises(train.UserError, match="could be loaded"):  # overridden, the checkpoint still has no critic
+        train.train(train.parse_args([*grpo_to_ppo, "--resume-override"]))
+    assert "no critic" in capsys.readouterr().out
 
 
 TORCHRUN_PPO = """
