@@ -1174,6 +1174,7 @@ def _prepare_out(out: str) -> None:
 
 
 def _device_and_dtype(args: Args, torch) -> tuple[str, object]:
+    import rollout
     device = args.device
     if device == "auto":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
