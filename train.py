@@ -36,8 +36,8 @@ Scale:
 - The same run on 1 or N ranks. Each rank owns whole prompt groups: its 1/N share of every
   mini-batch (`rank_places`), so a mini-batch holds the same prompts on any number of ranks. The
   sampler's randomness is keyed by (seed, step) and each prompt's place in the whole step, never by
-  rank, so 1, 2 or 8 ranks sample the same responses. The token-mean normaliser is the number of valid tokens of the whole
-  mini-batch on all ranks (an all-reduce), each micro-batch's loss sum is divided by it and the
+  rank, so 1, 2 or 8 ranks sample the same responses. The token-mean normaliser is the number of valid
+  tokens of the whole mini-batch on all ranks (an all-reduce), each micro-batch's loss sum is divided by it and the
   gradients are summed, so the update is the same on 1 or 8 GPUs and with any micro-batch split.
   Advantages (and the SPEC 8 diagnostics) are computed on the whole step's batch gathered to every
   rank, so batch-level scaling and HEPO's top-20%-of-the-batch mask do not depend on world size either.
@@ -58,9 +58,9 @@ Scale:
   the embeddings or not) as for any forward. Only response tokens reach the head.
 - Micro-batches by a token budget (verl's dynamic batch size): a rank's rows are sorted by length and
   cut into runs with rows x longest <= `micro_batch_tokens`, padding at most 10% of the real positions
-  (or of one budget, if more), in as few micro-batches as that allows (`plan_micro_batches`); each row is its prompt followed by its
-  response with no padding between, right-padded to the micro-batch's longest. The normaliser is
-  global, so the packing changes no gradient.
+  (or of one budget, if more), in as few micro-batches as that allows (`plan_micro_batches`); each row is
+  its prompt followed by its response with no padding between, right-padded to the micro-batch's longest.
+  The normaliser is global, so the packing changes no gradient.
 - Gradient checkpointing is switched on once; transformers applies it only in training mode, and
   sampling runs in eval mode, so it acts in the update and never while sampling. The update's forward
   passes use_cache=False explicitly (the config's use_cache stays as it is for sampling).
@@ -214,7 +214,7 @@ class Args:
     mini_batch_prompts: int = 64
     """prompts per optimizer update (SPEC 7: 64, i.e. 4 updates per epoch)"""
     micro_batch_tokens: int = 16384
-    """most positions (rows x longest row) per forward/backward on a rank; rows sorted by length (a longer row runs alone)"""
+    """most positions (rows x longest row) per forward/backward on a rank; rows sorted by length (longer rows alone)"""
     micro_batch_rows: int = 64
     """most rows per forward/backward on a rank (gradient accumulation; neither limit changes the result)"""
     # --- sampling
@@ -326,7 +326,8 @@ KL_LOG_RATIO_BOUND = 20.0
 KL_BOUND = 10.0
 
 
-def policy_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, objective: str = "grpo") -> torch.Tensor:
+def policy_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor,
+                 objective: str = "grpo") -> torch.Tensor:
     """The importance ratio per token, [B, T] (1 at padding).
 
     grpo: r_{i,t} = exp(log pi(o_t) - log pi_old(o_t)).
@@ -896,7 +897,8 @@ def rollout_step(run: Run, step: int) -> tuple[rollout.Rollout, list[int], dict]
             budget = rollout.default_kv_budget(policy, rows=len(idx) * args.group_size, optimizer=run.optimizer)
             cfg = dataclasses.replace(cfg, kv_budget=budget)
         ro = rollout.sample(policy, [run.prompts[i] for i in idx], args.group_size, cfg, eos_token_ids=run.eos_ids,
-                            pad_token_id=run.tokenizer.pad_token_id, seed=sample_seed(args.seed, step), prompt_keys=keys)
+                            pad_token_id=run.tokenizer.pad_token_id, seed=sample_seed(args.seed, step),
+                            prompt_keys=keys)
     return ro, idx, {"data_pass": data_pass, "data_offset": data_offset}
 
 
@@ -1200,15 +1202,17 @@ def start_run(args: Args, d: Dist | None = None, model=None, tokenizer=None) -> 
     recompute = args.recompute_logprobs == "always" or (args.recompute_logprobs == "auto" and (
         compute_dtype != torch.float32 or args.top_p < 1 or args.top_k > 0))
     return Run(args=args, d=d, model=model, ref=ref, optimizer=optimizer, tokenizer=tokenizer, train_ex=train_ex,
-               prompts=prompts, val_ex=val_ex, cfg=sampling_config(args), eos_ids=rollout.eos_token_ids(unwrap(model), tokenizer),
+               prompts=prompts, val_ex=val_ex, cfg=sampling_config(args),
+               eos_ids=rollout.eos_token_ids(unwrap(model), tokenizer),
                ctx=lambda: autocast(model, d, compute_dtype), recompute_old=recompute, start=start,
                t_run=time.time() - wall0, nonfinite_run=nonfinite_run, critic=critic, critic_optimizer=critic_optimizer)
 
 
 def resume_run(args: Args, d: Dist, compute_dtype: torch.dtype, model=None, tokenizer=None):
-    """--resume: (policy, reference, tokenizer, optimizer, (critic, its optimizer), trainer state) from OUT's newest checkpoint that is
-    complete and loads, or None when OUT holds no run at all (a fresh start). Never deletes anything: a
-    checkpoint that fails is skipped with the reason, and a run with no usable checkpoint stops with a message.
+    """--resume: (policy, reference, tokenizer, optimizer, (critic, its optimizer), trainer state) from OUT's
+    newest checkpoint that is complete and loads, or None when OUT holds no run at all (a fresh start). Never
+    deletes anything: a checkpoint that fails is skipped with the reason, and a run with no usable checkpoint
+    stops with a message.
     On success the flags are checked against OUT/config.json and the logs trimmed to the checkpoint's step."""
     from torch.distributed.checkpoint.api import CheckpointException
     changed = check_resume_config(args)
@@ -1421,7 +1425,8 @@ def check_args(args: Args, world_size: int = 1) -> None:
          f"--tiny-hidden {args.tiny_hidden}: must be a multiple of 8 (4 heads of an even size)")
     need(args.method == "tempo" or (args.td_weight == 1.0 and args.scale_td),
          "--td-weight / --no-scale-td apply to --method tempo only")
-    need(not args.unique_segments or args.method == "treeadv", "--unique-segments is TreeAdv's mode: use --method treeadv")
+    need(not args.unique_segments or args.method == "treeadv",
+         "--unique-segments is TreeAdv's mode: use --method treeadv")
     need(not args.gspo_paper or args.objective == "gspo", "--gspo-paper is GSPO's setting: it needs --objective gspo")
     need(0 < args.hepo_rho <= 1, f"--hepo-rho {args.hepo_rho}: must be in (0, 1]")
     need(0 <= args.clip_low < 1, f"--clip-low {args.clip_low}: must be in [0, 1)")
@@ -1447,13 +1452,17 @@ def check_args(args: Args, world_size: int = 1) -> None:
     need(args.weight_decay >= 0, f"--weight-decay {args.weight_decay}: must be >= 0")
     need(args.grad_clip >= 0, f"--grad-clip {args.grad_clip}: must be >= 0 (0 = off)")
     need(args.prompts_per_step % args.mini_batch_prompts == 0,
-         f"--prompts-per-step {args.prompts_per_step} is not a multiple of --mini-batch-prompts {args.mini_batch_prompts}")
+         f"--prompts-per-step {args.prompts_per_step} is not a multiple of "
+         f"--mini-batch-prompts {args.mini_batch_prompts}")
     need(args.mini_batch_prompts % world_size == 0,
-         f"--mini-batch-prompts {args.mini_batch_prompts} does not divide over {world_size} ranks (each rank owns whole groups)")
+         f"--mini-batch-prompts {args.mini_batch_prompts} does not divide over {world_size} ranks "
+         "(each rank owns whole groups)")
     need(args.tree_chains is None or args.tree_chains <= args.group_size,
          f"--tree-chains {args.tree_chains}: must be in [1, group_size={args.group_size}]")
-    need(args.device in ("auto", "cpu") or args.device.startswith("cuda"), f"--device {args.device!r}: auto, cpu or cuda")
-    need(not args.device.startswith("cuda") or torch.cuda.is_available(), f"--device {args.device}: no CUDA device visible")
+    need(args.device in ("auto", "cpu") or args.device.startswith("cuda"),
+         f"--device {args.device!r}: auto, cpu or cuda")
+    need(not args.device.startswith("cuda") or torch.cuda.is_available(),
+         f"--device {args.device}: no CUDA device visible")
     need(not args.fsdp or dist.is_available(), "--fsdp: this torch build has no torch.distributed")
     need(args.dist_timeout > 0, f"--dist-timeout {args.dist_timeout}: must be > 0 minutes")
     need(0 < args.warm_target <= 1, f"--warm-target {args.warm_target}: must be in (0, 1]")
@@ -1506,7 +1515,8 @@ def setup_distributed(device: str = "auto", timeout_minutes: float = 60.0) -> Di
         raise UserError(f"--dist-timeout {timeout_minutes}: must be > 0 minutes")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device.startswith("cuda") else torch.device(device)
+    cuda = device.startswith("cuda")
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if "RANK" in os.environ and not dist.is_initialized():
@@ -1641,7 +1651,8 @@ def load_models(args: Args, d: Dist, compute_dtype: torch.dtype, ckpt: str | Non
     A `model` given (the benchmark's random shapes, built alike on every rank) is used as it is.
     """
     if model is not None:
-        ref = place_model(copy.deepcopy(model), d, args, compute_dtype, None, load=False, trainable=False) if args.kl_coef else None
+        ref = (place_model(copy.deepcopy(model), d, args, compute_dtype, None, load=False, trainable=False)
+               if args.kl_coef else None)
         return place_model(model, d, args, compute_dtype, None, load=False, trainable=True), ref, tokenizer
     initial = None
     if d.rank == 0 and (ckpt is None or args.kl_coef > 0):
@@ -1944,7 +1955,8 @@ def export_pretrained(model, tokenizer, path: str, d: Dist) -> None:
     header, offset = {}, 0
     for name, t in tensors:
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format pads its header to 8 bytes
@@ -1973,7 +1985,8 @@ def load_training_state(ckpt: str, model, optimizer, d: Dist) -> dict:
     state_dir = os.path.join(ckpt, "state")
     if not os.path.isdir(state_dir):
         raise UserError(f"--resume: {ckpt} has no sharded training state (state/); an older train.py wrote it")
-    model_sd, optim_sd = get_state_dict(model, optimizer)  # the layout to read into (the optimizer's made by a no-op step)
+    # the layout to read into (the optimizer's is made by a no-op step)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
     dcp.load(state, checkpoint_id=state_dir, no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
@@ -2129,8 +2142,8 @@ def supervised_warm_start(model, tokenizer, task: str, examples: list[dict], *, 
     varies with seed and machine, so a fixed step count would start RL from 5% or from 60%).
     Returns (steps done, last loss, last accuracy checked or None)."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    pairs = [(evaluate.prompt_ids(task, ex, tokenizer), tokenizer.encode(ex["solution"], add_special_tokens=False) + [eos])
-             for ex in examples]
+    pairs = [(evaluate.prompt_ids(task, ex, tokenizer),
+              tokenizer.encode(ex["solution"], add_special_tokens=False) + [eos]) for ex in examples]
     check_tokens = max(len(a) for _, a in pairs)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -2192,7 +2205,8 @@ def warm_start(args: Args) -> str:
         json.dump({**recipe}, f)
     shutil.rmtree(warm, ignore_errors=True)
     os.replace(tmp, warm)
-    print0(f"warm start: {steps} steps in {time.time() - t:.0f} s, loss {loss:.3f}, training accuracy {acc}; saved to {warm}")
+    print0(f"warm start: {steps} steps in {time.time() - t:.0f} s, loss {loss:.3f}, training accuracy {acc}; "
+           f"saved to {warm}")
     return warm
 
 
@@ -2247,10 +2261,13 @@ def benchmark(args: Args, d: Dist | None = None) -> dict:
     keys = ("t_rollout", "t_reward", "t_advantage", "t_logprob", "t_update", *critic, "t_step", "tokens_per_s",
             "decode_tokens_per_s", "update_tokens_per_s", "response_len", "peak_mem_gb")
     res = {k: med(k) for k in keys}
-    shape = f"tiny {args.tiny_hidden}x{args.tiny_layers}" if args.bench_shape == "tiny" else f"Qwen3-{args.bench_shape} shape"
-    print0(f"\nbenchmark: {shape}, {d.device}, world {d.world}, {'FSDP2' if args.fsdp else 'DDP' if d.world > 1 else 'one process'}, dtype {args.dtype}, "
-           f"grad ckpt {args.grad_ckpt}; {args.prompts_per_step} prompts x G={args.group_size}, max {args.max_new_tokens} "
-           f"new tokens; median of {len(timed)} step(s) after the first ({time.time() - t:.0f} s in all)")
+    shape = f"tiny {args.tiny_hidden}x{args.tiny_layers}" if args.bench_shape == "tiny" \
+        else f"Qwen3-{args.bench_shape} shape"
+    wrap = "FSDP2" if args.fsdp else "DDP" if d.world > 1 else "one process"
+    print0(f"\nbenchmark: {shape}, {d.device}, world {d.world}, {wrap}, dtype {args.dtype}, "
+           f"grad ckpt {args.grad_ckpt}; {args.prompts_per_step} prompts x G={args.group_size}, "
+           f"max {args.max_new_tokens} new tokens; median of {len(timed)} step(s) after the first "
+           f"({time.time() - t:.0f} s in all)")
     for k in keys:
         print0(f"  {k:22s} {res[k]:12.3f}")
     return res
