@@ -150,7 +150,7 @@ class Rollout:
     """[B] long, tree: the row this leaf branched off (-1 for a root chain or a fresh chain)"""
     branch_pos: torch.Tensor | None = None
     """[B] long, tree: response position of the leaf's first own token (0 for a root chain)"""
-    tree_forks: torch.Tensor | None = None
+    forks_made: torch.Tensor | None = None
     """[P] long, tree: forks made per prompt (0 for flat)"""
     peak_kv_tokens: int = 0
     """most cache positions held at once by the rows in flight (prompt + tokens so far, summed; <= kv_capacity)"""
@@ -630,7 +630,7 @@ def _assemble(eng: _Engine) -> Rollout:
         group_index=torch.arange(B, device=dev) // G, finished=o["finished"][:B].clone(),
         decoded_tokens=eng.decoded, prefilled_tokens=int(plen.sum()), decode_steps=eng.steps,
         parent=torch.tensor(eng.parent, device=dev), branch_pos=torch.tensor(eng.branch_pos, device=dev),
-        tree_forks=torch.tensor(eng.forks, device=dev), peak_kv_tokens=eng.peak,
+        forks_made=torch.tensor(eng.forks, device=dev), peak_kv_tokens=eng.peak,
         kv_capacity=eng.K[0].shape[0] * eng.L, kv_traffic=dict(eng.traffic),
     )
 

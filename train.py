@@ -686,13 +686,13 @@ def lr_at(step: int, args: Args) -> float:
     return args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
 
 
-def update_policy(model, optimizer, batch: dict, args: Args, world: int, lr: float, ctx) -> dict:
+def update_policy(model, optimizer, batch: dict, args: Args, world: int, lr: float, make_ctx) -> dict:
     """--epochs passes over a rank's rows, one optimizer step per mini-batch (mini_batch_prompts over all
     ranks). Every epoch's ratio uses the old log-probs stored in `batch`, never the current policy's.
 
     Returns {"sums": statistics summed over every micro-batch, "first": the first mini-batch's (taken
     before any step, so its log-probs are the update's recomputation of the old ones), "grad_norms",
-    "skipped", "updates"}. `ctx` makes a fresh autocast context per use.
+    "skipped", "updates"}. `make_ctx` makes a fresh autocast context per use.
     """
     rows = args.mini_batch_prompts // world * args.group_size
     B = batch["A"].shape[0]
@@ -704,7 +704,7 @@ def update_policy(model, optimizer, batch: dict, args: Args, world: int, lr: flo
             N = torch.tensor([loss_normaliser(mb["response_mask"], mb["weight"], args.loss_agg, args.max_new_tokens)],
                              dtype=torch.float64, device=mb["A"].device)
             N = max(float(all_reduce(N)), 1e-12)
-            part = accumulate_gradients(model, mb, N, args, world, ctx())
+            part = accumulate_gradients(model, mb, N, args, world, make_ctx())
             first = first or part
             norm, was_skipped = apply_update(model, optimizer, lr, args.grad_clip, math.isfinite(part["loss"]))
             norms.append(norm)
@@ -747,16 +747,17 @@ def response_values(critic, mb: dict, ctx) -> torch.Tensor:
 
 
 @torch.no_grad()
-def batch_values(critic, batch: dict, args: Args, ctx) -> torch.Tensor:
+def batch_values(critic, batch: dict, args: Args, make_ctx) -> torch.Tensor:
     """No-grad V_old of every row before the update ([B, T], 0 at padding), in token-budget micro-batches."""
     out = torch.zeros(batch["response_mask"].shape, device=batch["response_mask"].device)
     for rows in plan_micro_batches(row_lengths(batch), args.micro_batch_tokens, args.micro_batch_rows):
-        v = response_values(critic, pack_rows(batch, rows), ctx())
+        v = response_values(critic, pack_rows(batch, rows), make_ctx())
         out[torch.tensor(rows, device=out.device)[:, None], torch.arange(v.shape[1], device=out.device)] = v
     return out
 
 
-def accumulate_value_gradients(critic, batch: dict, normaliser: float, args: Args, world: int, ctx) -> dict[str, float]:
+def accumulate_value_gradients(critic, batch: dict, normaliser: float, args: Args, world: int,
+                               make_ctx) -> dict[str, float]:
     """`accumulate_gradients` for the critic: the value loss of each micro-batch, gradients summed over
     micro-batches and ranks (hence `world`: DDP and FSDP average). Returns its statistics summed."""
     plans = plan_micro_batches(row_lengths(batch), args.micro_batch_tokens, args.micro_batch_rows)
@@ -764,7 +765,7 @@ def accumulate_value_gradients(critic, batch: dict, normaliser: float, args: Arg
     for k, rows in enumerate(plans):
         mb = pack_rows(batch, rows)
         with grad_sync(critic, enabled=k == len(plans) - 1):
-            v = response_values(critic, mb, ctx())
+            v = response_values(critic, mb, make_ctx())
             loss, stats = value_loss(v, mb["old_values"], mb["returns"], mb["response_mask"], normaliser,
                                      args.value_clip)
             (loss * world).backward()
@@ -774,10 +775,10 @@ def accumulate_value_gradients(critic, batch: dict, normaliser: float, args: Arg
     return sums
 
 
-def update_critic(critic, optimizer, batch: dict, args: Args, world: int, ctx) -> dict:
+def update_critic(critic, optimizer, batch: dict, args: Args, world: int, make_ctx) -> dict:
     """--epochs passes, one critic AdamW step per mini-batch (the policy's mini-batches), the value loss's
     token mean with the global normaliser; the same gradient clipping and non-finite skip as the policy.
-    Returns {"sums", "grad_norms", "skipped", "updates"}; `ctx` makes a fresh autocast context per use."""
+    Returns {"sums", "grad_norms", "skipped", "updates"}; `make_ctx` makes a fresh autocast context per use."""
     rows = args.mini_batch_prompts // world * args.group_size
     B = batch["response_mask"].shape[0]
     sums: dict[str, float] = {}
@@ -786,7 +787,7 @@ def update_critic(critic, optimizer, batch: dict, args: Args, world: int, ctx) -
         for s in range(0, B, rows):
             mb = {k: v[s:s + rows] for k, v in batch.items()}
             N = all_reduce(mb["response_mask"].sum().double().reshape(1))
-            part = accumulate_value_gradients(critic, mb, max(float(N), 1e-12), args, world, ctx)
+            part = accumulate_value_gradients(critic, mb, max(float(N), 1e-12), args, world, make_ctx)
             norm, was_skipped = apply_update(critic, optimizer, args.critic_lr, args.grad_clip,
                                              math.isfinite(part["value_loss"]))
             norms.append(norm)
@@ -851,7 +852,7 @@ class Run:
     val_ex: list[dict]
     cfg: rollout.SamplingConfig
     eos_ids: list[int]
-    ctx: object  # () -> a fresh autocast context (a null one under FSDP2 or fp32)
+    make_ctx: object  # () -> a fresh autocast context (a null one under FSDP2 or fp32)
     recompute_old: bool
     start: int
     t_run: float  # time.time() at step 0: the wall clock continues across a resume
@@ -891,7 +892,7 @@ def rollout_step(run: Run, step: int) -> tuple[rollout.Rollout, list[int], dict]
     idx, data_pass, data_offset = step_prompts(step, len(run.prompts), args.prompts_per_step, args.seed)
     keys = rank_places(d.rank, d.world, args.prompts_per_step, args.mini_batch_prompts)
     idx = [idx[k] for k in keys]
-    with sampling_mode(run.model) as policy, run.ctx():
+    with sampling_mode(run.model) as policy, run.make_ctx():
         cfg = run.cfg  # on CUDA the budget defaults to what free memory holds, AdamW's states to come kept
         if cfg.kv_budget is None and d.device.type == "cuda":
             budget = rollout.default_kv_budget(policy, rows=len(idx) * args.group_size, optimizer=run.optimizer)
@@ -918,7 +919,7 @@ def critic_step(run: Run, ro: rollout.Rollout) -> torch.Tensor | None:
         return None
     batch = dict(prompt_ids=ro.prompt_ids, prompt_mask=ro.prompt_mask, response_ids=ro.response_ids,
                  response_mask=ro.response_mask)
-    return batch_values(unwrap(run.critic), batch, run.args, run.ctx)
+    return batch_values(unwrap(run.critic), batch, run.args, run.make_ctx)
 
 
 def advantage_step(run: Run, ro: rollout.Rollout, r: torch.Tensor, step: int, values: torch.Tensor | None = None):
@@ -955,17 +956,17 @@ def update_step(run: Run, ro: rollout.Rollout, A: torch.Tensor, weight: torch.Te
     args, clock = run.args, Clock(run.d)
     batch = dict(prompt_ids=ro.prompt_ids, prompt_mask=ro.prompt_mask, response_ids=ro.response_ids,
                  response_mask=ro.response_mask, A=A, weight=weight)
-    batch["old_logp"] = batch_logprobs(unwrap(run.model), batch, args, run.ctx()) if run.recompute_old \
+    batch["old_logp"] = batch_logprobs(unwrap(run.model), batch, args, run.make_ctx()) if run.recompute_old \
         else ro.logprobs
     if run.ref is not None:
-        batch["ref_logp"] = batch_logprobs(run.ref, batch, args, run.ctx())
+        batch["ref_logp"] = batch_logprobs(run.ref, batch, args, run.make_ctx())
     t_logprob = clock.lap()
-    upd = update_policy(run.model, run.optimizer, batch, args, run.d.world, lr, run.ctx)
+    upd = update_policy(run.model, run.optimizer, batch, args, run.d.world, lr, run.make_ctx)
     upd.update(t_logprob=t_logprob, t_update=clock.lap())
     if run.critic is not None:
         cbatch = dict(prompt_ids=ro.prompt_ids, prompt_mask=ro.prompt_mask, response_ids=ro.response_ids,
                       response_mask=ro.response_mask, old_values=values, returns=returns)
-        upd["critic"] = update_critic(run.critic, run.critic_optimizer, cbatch, args, run.d.world, run.ctx)
+        upd["critic"] = update_critic(run.critic, run.critic_optimizer, cbatch, args, run.d.world, run.make_ctx)
         upd["critic"]["sums"].update(explained_variance_sums(values, returns, ro.response_mask))
         upd["t_critic_update"] = clock.lap()
     return upd
@@ -1028,7 +1029,7 @@ def validate_step(run: Run, step: int) -> dict:
     if not args.val_every or not (step % args.val_every == 0 or step == args.steps):
         return {}
     t = time.time()
-    with sampling_mode(run.model) as policy, run.ctx():
+    with sampling_mode(run.model) as policy, run.make_ctx():
         summary, _ = evaluate.evaluate(policy, run.tokenizer, args.task, run.val_ex, n=1, temperature=0.0,
                                        max_new_tokens=args.max_new_tokens, batch_size=args.val_batch_size,
                                        thinking=args.thinking, seed=args.seed, progress=False,
@@ -1204,7 +1205,7 @@ def start_run(args: Args, d: Dist | None = None, model=None, tokenizer=None) -> 
     return Run(args=args, d=d, model=model, ref=ref, optimizer=optimizer, tokenizer=tokenizer, train_ex=train_ex,
                prompts=prompts, val_ex=val_ex, cfg=sampling_config(args),
                eos_ids=rollout.eos_token_ids(unwrap(model), tokenizer),
-               ctx=lambda: autocast(model, d, compute_dtype), recompute_old=recompute, start=start,
+               make_ctx=lambda: autocast(model, d, compute_dtype), recompute_old=recompute, start=start,
                t_run=time.time() - wall0, nonfinite_run=nonfinite_run, critic=critic, critic_optimizer=critic_optimizer)
 
 

@@ -215,7 +215,7 @@ def tree_vs_flat(args: Args) -> None:
             wall_tree, tree = res[tau]
             dec_tree = statistics.fmean([r.decoded_tokens for r in tree]) / B
             tok_tree = statistics.fmean([int(r.response_mask.sum()) for r in tree]) / B
-            forks = statistics.fmean([float(r.tree_forks.float().mean()) for r in tree])
+            forks = statistics.fmean([float(r.forks_made.float().mean()) for r in tree])
             # leaves that are neither a root chain nor a branch: fresh chains started when no row could fork
             fresh = statistics.fmean([(int((r.parent < 0).sum()) - min(G, rollout.SamplingConfig().num_chains) * P) / P for r in tree])
             branch_pos = torch.cat([r.branch_pos[r.parent >= 0] for r in tree]).float()

@@ -108,7 +108,7 @@ def _check_leaf_invariants(r, prompts, G, cfg):
     assert all(len(v) <= cfg.max_children - 1 for v in points.values())
     for g in range(len(prompts)):
         n_forks = sum(1 for (p, _) in points if p // G == g)
-        assert n_forks == int(r.tree_forks[g])
+        assert n_forks == int(r.forks_made[g])
         if cfg.max_forks:
             assert n_forks <= cfg.max_forks
 
@@ -375,13 +375,13 @@ def test_tau_inf_forks_nothing_and_is_flat_sampling(tiny_model, tiny_tokenizer):
     prompts = _ids(tiny_tokenizer, *PROMPTS)
     flat = _run(tiny_model, tiny_tokenizer, prompts, 5, seed=4, max_new_tokens=16)
     tree = _run(tiny_model, tiny_tokenizer, prompts, 5, seed=4, max_new_tokens=16, sampler="tree", tau=math.inf)
-    assert int(tree.tree_forks.sum()) == 0 and bool((tree.parent == -1).all())
+    assert int(tree.forks_made.sum()) == 0 and bool((tree.parent == -1).all())
     assert torch.equal(flat.response_ids, tree.response_ids) and flat.decoded_tokens == tree.decoded_tokens
     # flat: every row starts at once, so the loop runs until the longest ends (its first token is the prefill's)
     assert flat.decode_steps == tree.decode_steps == int(flat.response_mask.sum(1).max()) - 1
     # a tau above every entropy: no forks either; each root chain's dealt leaves start as fresh chains when it ends
     high = _run(tiny_model, tiny_tokenizer, prompts, 5, seed=4, max_new_tokens=16, sampler="tree", tau=50.0)
-    assert int(high.tree_forks.sum()) == 0 and bool((high.parent == -1).all())
+    assert int(high.forks_made.sum()) == 0 and bool((high.parent == -1).all())
     assert torch.equal(flat.response_ids, high.response_ids)  # same leaf ids, same counters, same tokens
 
 
@@ -396,7 +396,7 @@ def test_tau_0_spends_the_fork_budget(tiny_model, tiny_tokenizer, G, M, C, max_f
     _check_leaf_invariants(r, prompts, G, cfg)
     budget = math.ceil((G - M) / (C - 1))
     want_forks = min(budget, max_forks) if max_forks else budget
-    assert r.tree_forks.tolist() == [want_forks] * len(prompts)
+    assert r.forks_made.tolist() == [want_forks] * len(prompts)
     roots = int((r.parent == -1).sum())
     want_roots = M + max(0, (G - M) - want_forks * (C - 1))  # leaves the forks could not make are root chains
     assert roots == want_roots * len(prompts)
@@ -522,7 +522,7 @@ def test_fork_copies_only_the_shared_prefix(tiny_model, tiny_tokenizer):
     for root in range(cfg.num_chains):
         ts = sorted(int(t) for b, t in enumerate(r.branch_pos) if int(r.parent[b]) == root and t + 1 < T)
         want += sum(p + t for t in ts[:-1])  # all but the deepest, which continues in place
-    assert r.tree_forks.tolist() == [G - cfg.num_chains] and want > 0
+    assert r.forks_made.tolist() == [G - cfg.num_chains] and want > 0
     assert {k: r.kv_traffic[k] for k in ("prefill", "prompt_copy", "fork_copy")} == dict(prefill=p, prompt_copy=p,
                                                                                          fork_copy=want)
     # eager steps compute the live slots only (8 slots form at most 4 runs, rollout.MAX_RUNS): no idle slot
