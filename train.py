@@ -1981,16 +1981,10 @@ def export_pretrained(model, tokenizer, path: str, d: Dist) -> None:
 def load_training_state(ckpt: str, model, optimizer, d: Dist) -> dict:
     """Model and optimizer from the checkpoint's sharded state (any world size), this rank's RNG, and
     trainer_state.json."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     state_dir = os.path.join(ckpt, "state")
     if not os.path.isdir(state_dir):
         raise UserError(f"--resume: {ckpt} has no sharded training state (state/); an older train.py wrote it")
-    # the layout to read into (the optimizer's is made by a no-op step)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(state, checkpoint_id=state_dir, no_dist=not dist.is_initialized())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    load_sharded(state_dir, model, optimizer)
     rng_file = os.path.join(ckpt, f"rng-rank{d.rank}.pt")
     if os.path.exists(rng_file):  # a different world size resumes with fresh RNG (sampling seeds are explicit)
         rng = torch.load(rng_file, weights_only=True)
@@ -2016,15 +2010,20 @@ def save_critic(path: str, critic, optimizer, tokenizer, d: Dist) -> None:
 
 def load_critic_state(ckpt: str, critic, optimizer) -> None:
     """The critic and its AdamW from CKPT/critic/state (any world size), as `load_training_state` does the policy."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     state_dir = os.path.join(ckpt, "critic", "state")
     if not os.path.isdir(state_dir):
         raise ValueError(f"--resume --method ppo: {ckpt} has no critic (critic/state/); it was not a ppo run")
-    model_sd, optim_sd = get_state_dict(critic, optimizer)
+    load_sharded(state_dir, critic, optimizer)
+
+
+def load_sharded(state_dir: str, model, optimizer) -> None:
+    """A model and its optimizer from a torch.distributed.checkpoint directory, resharded to this world size."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_sd, optim_sd = get_state_dict(model, optimizer)  # the layout to read into
     state = {"model": model_sd, "optimizer": optim_sd}
     dcp.load(state, checkpoint_id=state_dir, no_dist=not dist.is_initialized())
-    set_state_dict(critic, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 STOP = {"requested": False}

@@ -262,7 +262,7 @@ def mem_available_gb() -> float:
 
 
 def logprob_section(args: Args) -> None:
-    V, b, bpe = args.vocab, args.rows, torch.finfo(getattr(torch, args.dtype)).bits // 8
+    V, b = args.vocab, args.rows
     print(f"\n== log-prob path memory: Qwen3-1.7B widths, {args.layers} layer(s), vocab {V:,} (tied head), "
           f"{args.dtype} weights and compute on CPU ({args.threads} threads); {b} row(s) x ({args.prompt_tokens} "
           f"prompt + T response) tokens; AFTER chunk {args.chunk}; no gradient checkpointing; each case in a fresh "
