@@ -598,6 +598,23 @@ def pack_rows(batch: dict, rows: list[int]) -> dict:
     return out
 
 
+def micro_batches(batch: dict, args: Args) -> list[list[int]]:
+    """This rank's micro-batches (`plan_micro_batches`), as many on every rank. Why: under FSDP2 every forward
+    gathers each layer's weights from all ranks, so a rank that ran fewer forwards would leave the others
+    waiting in a collective forever. Ranks hold the same number of rows, so splitting the micro-batch with the
+    most rows in two until the counts agree always works, and the gradient (a sum) does not change."""
+    plan = plan_micro_batches(row_lengths(batch), args.micro_batch_tokens, args.micro_batch_rows)
+    n = torch.tensor([float(len(plan))], device=batch["response_mask"].device)
+    n = int(all_reduce(n, dist.ReduceOp.MAX).item())
+    while len(plan) < n:
+        k = max(range(len(plan)), key=lambda i: len(plan[i]))
+        rows = plan.pop(k)
+        if len(rows) < 2:
+            raise RuntimeError(f"micro_batches: {n} micro-batches on some rank, only {len(plan) + 1} rows here")
+        plan[k:k] = [rows[:len(rows) // 2], rows[len(rows) // 2:]]
+    return plan
+
+
 def response_logprobs(model, mb: dict, temperature: float, chunk: int, ctx) -> torch.Tensor:
     """log pi(o_t | q, o_<t) at every response position of a packed micro-batch (`pack_rows`), [b, T]
     float32, 0 at padding. The LM head runs on the valid response tokens only (`head_replaced`)."""
@@ -617,7 +634,7 @@ def response_logprobs(model, mb: dict, temperature: float, chunk: int, ctx) -> t
 def batch_logprobs(model, batch: dict, args: Args, ctx) -> torch.Tensor:
     """No-grad log-probs of every row ([B, T], 0 at padding): old log-probs when recomputed, reference log-probs."""
     out = torch.zeros(batch["response_mask"].shape, device=batch["response_mask"].device)
-    for rows in plan_micro_batches(row_lengths(batch), args.micro_batch_tokens, args.micro_batch_rows):
+    for rows in micro_batches(batch, args):
         mb = pack_rows(batch, rows)
         lp = response_logprobs(model, mb, args.temperature, args.logit_chunk, ctx)
         out[torch.tensor(rows, device=out.device)[:, None], torch.arange(lp.shape[1], device=out.device)] = lp
@@ -636,7 +653,7 @@ def accumulate_gradients(model, batch: dict, normaliser: float, args: Args, worl
     FSDP average over ranks, hence the factor `world`. Returns the `policy_loss` statistics summed
     (maxima for *_max) and the forward's positions and real (prompt + response) tokens.
     """
-    plans = plan_micro_batches(row_lengths(batch), args.micro_batch_tokens, args.micro_batch_rows)
+    plans = micro_batches(batch, args)
     sums: dict[str, float] = {}
     for k, rows in enumerate(plans):
         mb = pack_rows(batch, rows)
@@ -750,7 +767,7 @@ def response_values(critic, mb: dict, ctx) -> torch.Tensor:
 def batch_values(critic, batch: dict, args: Args, make_ctx) -> torch.Tensor:
     """No-grad V_old of every row before the update ([B, T], 0 at padding), in token-budget micro-batches."""
     out = torch.zeros(batch["response_mask"].shape, device=batch["response_mask"].device)
-    for rows in plan_micro_batches(row_lengths(batch), args.micro_batch_tokens, args.micro_batch_rows):
+    for rows in micro_batches(batch, args):
         v = response_values(critic, pack_rows(batch, rows), make_ctx())
         out[torch.tensor(rows, device=out.device)[:, None], torch.arange(v.shape[1], device=out.device)] = v
     return out
@@ -760,7 +777,7 @@ def accumulate_value_gradients(critic, batch: dict, normaliser: float, args: Arg
                                make_ctx) -> dict[str, float]:
     """`accumulate_gradients` for the critic: the value loss of each micro-batch, gradients summed over
     micro-batches and ranks (hence `world`: DDP and FSDP average). Returns its statistics summed."""
-    plans = plan_micro_batches(row_lengths(batch), args.micro_batch_tokens, args.micro_batch_rows)
+    plans = micro_batches(batch, args)
     sums: dict[str, float] = {}
     for k, rows in enumerate(plans):
         mb = pack_rows(batch, rows)

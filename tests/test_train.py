@@ -253,6 +253,27 @@ def test_micro_batches_bound_the_padding_with_few_micro_batches():
         assert len(loose) <= len(plans)  # a looser bound never needs more micro-batches
 
 
+def test_micro_batches_are_as_many_on_every_rank(monkeypatch):
+    """Under FSDP2 every forward is a collective: a rank with fewer micro-batches than another would hang it.
+    micro_batches splits this rank's largest micro-batches until it has the most any rank has (here 5)."""
+    lengths = [30, 30, 29, 12, 8, 7, 5, 3]
+    mask = torch.zeros(8, 40, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = True
+    batch = {"response_mask": mask, "prompt_len": torch.zeros(8, dtype=torch.long)}
+    monkeypatch.setattr(train, "row_lengths", lambda b: lengths)
+    args = train.Args(micro_batch_tokens=120, micro_batch_rows=8)
+    alone = train.micro_batches(batch, args)  # one process: the plan itself
+    assert alone == train.plan_micro_batches(lengths, 120, 8) and len(alone) == 3
+    monkeypatch.setattr(train, "all_reduce", lambda x, op=None: x.fill_(5))  # another rank has 5
+    plans = train.micro_batches(batch, args)
+    assert len(plans) == 5 and all(plans)
+    assert sorted(i for p in plans for i in p) == list(range(8))  # every row once: the same gradient sum
+    monkeypatch.setattr(train, "all_reduce", lambda x, op=None: x.fill_(9))  # more than its 8 rows
+    with pytest.raises(RuntimeError, match="9 micro-batches"):
+        train.micro_batches(batch, args)
+
+
 def test_bench_update_padding_counts():
     """benchmarks/bench_update.py's padding section on a small modelled step: every row planned once, AFTER
     within the padding bound and below BEFORE's consecutive-row padding."""
