@@ -60,7 +60,8 @@ Scale:
   cut into runs with rows x longest <= `micro_batch_tokens`, padding at most 10% of the real positions
   (or of one budget, if more), in as few micro-batches as that allows (`plan_micro_batches`); each row is
   its prompt followed by its response with no padding between, right-padded to the micro-batch's longest.
-  The normaliser is global, so the packing changes no gradient.
+  The normaliser is global, so the packing changes no gradient. Every rank runs as many micro-batches
+  (`micro_batches` splits the largest), because under FSDP2 each forward is a collective.
 - Gradient checkpointing is switched on once; transformers applies it only in training mode, and
   sampling runs in eval mode, so it acts in the update and never while sampling. The update's forward
   passes use_cache=False explicitly (the config's use_cache stays as it is for sampling).
