@@ -1045,13 +1045,10 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     import rollout
 
-    device, dtype = _device_and_dtype(args, torch)
+    device = rollout.setup_device(args.device)  # under torchrun: the process group too
+    dtype = rollout.compute_dtype(args.dtype, device)
     dist = torch.distributed
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():   # under torchrun
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
     model, tokenizer = rollout.load_model_and_tokenizer(args.model, device=device, dtype=dtype, seed=args.seed)
     results = {}
     for name, rows_in in examples.items():
@@ -1171,19 +1168,6 @@ def _prepare_out(out: str) -> None:
             pass
     except OSError as e:
         raise ValueError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-
-
-def _device_and_dtype(args: Args, torch) -> tuple[str, object]:
-    import rollout
-    device = args.device
-    if device == "auto":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if int(device.partition(":")[2] or 0) >= count:
-            raise ValueError(f"--device {args.device}: this machine has {count} CUDA device(s)")
-    dtype = rollout.DTYPES.get(args.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    return device, dtype
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,37 +15,18 @@ rows are scheduled in.
   so trie.py/advantages.py see the shared prefixes as they are.
 
 Part 2 is the decode engine both samplers run on, built for the paper's scale (224 rows of up to
-1,024 + 2,048 tokens per GPU):
-- The KV cache is ours, not transformers' DynamicCache: per layer K and V of [S slots, KV heads, L,
-  head_dim] in the compute dtype (bf16 under autocast, keys included), L = longest prompt +
-  max_new_tokens, allocated once per call and written in place by an attention function registered
-  with transformers' AttentionInterface. The model's own code runs unchanged; only its attention
-  implementation is switched, inside sample(), and restored after.
-- A row (one leaf being decoded) holds one slot from admission until it ends: its prompt at positions
-  0..Tp-1, its response after. S = min(rows, kv_budget // L), so the cache never exceeds the budget.
-- Continuous batching: rows are admitted while slots are free. A waiting prompt is prefilled once,
-  into the slot of its first row; its other rows copy the prompt's positions into their own slots
-  (once per row, never per token). A tree branch at response position t copies only the Tp + t
-  positions it shares with its root; one branch per ending row continues in the root's own slot
-  without any copy, and branches that find no free slot wait on that slot (positions below the fork
-  point of the branch in place are never overwritten while it lives, so they can be copied later).
-- A decode step feeds one token for every row in flight, writes one position per row and layer,
-  samples on the device and records into [B, T] output buffers by index; the host reads one small
-  tensor per step (which rows ended). A row takes the lowest free slot, so live rows stay low and
-  eager steps compute them as a few contiguous runs of slots, each read in place. With
-  SamplingConfig(compile=True) the step's forward runs under torch.compile over slots [0, n) for a few
-  fixed n (CUDA graphs on CUDA), idle slots masked.
+1,024 + 2,048 tokens per GPU): our own KV cache of [S slots, KV heads, L, head_dim] per layer in the
+compute dtype, written in place by an attention function registered with transformers'
+AttentionInterface (the model's own code runs unchanged); at most kv_budget // L slots, each holding one
+row from admission to its end; continuous batching (a waiting prompt is prefilled when its first row is
+admitted, its other rows copy its positions once); a tree branch copies only the positions it shares with
+its root; one small host read per decode step, and an optional torch.compile'd step over fixed slot
+counts (CUDA graphs on CUDA). README "The decode engine" has the design, why slots and not pages, and the
+measurements.
 
-Why slots and not pages: a slot reserves L positions for its row from admission to end, so a row
-that ends early leaves part of its slot unused, and the budget admits fewer rows than the positions
-actually held would allow. vLLM packs rows into fixed-size pages by their actual length and reads
-them with a paged-attention kernel; in plain PyTorch, attention over pages would first gather them
-into a contiguous tensor, a copy of the whole cache every step, which is the cost this engine exists
-to remove. Slots keep every row contiguous, so attention reads the cache in place.
-
-Part 3 loads models: a Hugging Face hub id, a local directory, a checkpoint that train.py wrote, or
-`tiny`, a random Qwen3 of a few hundred thousand parameters with a character tokenizer built offline with
-the `tokenizers` library. The tiny model is what the tests, the CPU demo and the study run on; nothing
+Part 3 places this process on its device (under torchrun, in its process group too) and loads models:
+a Hugging Face hub id, a local directory, a checkpoint that train.py wrote, or `tiny`, a random Qwen3 of a
+few hundred thousand parameters with a character tokenizer built offline with the `tokenizers` library. The tiny model is what the tests, the CPU demo and the study run on; nothing
 here touches the network unless a hub id is given. Input checks come last.
 
 Benchmarks (flat vs `generate`, tree vs flat, the paper-shaped case): `python benchmarks/bench_rollout.py`.
@@ -766,6 +747,34 @@ def default_kv_budget(model, rows: int, optimizer=None, fraction: float = 0.9) -
 
 # ----------------------------------------------------------------------------------------------
 # Models: the tiny offline Qwen3, and loading anything else
+
+
+def setup_device(name: str = "auto", timeout_minutes: float = 60.0) -> torch.device:
+    """This process's device, and under torchrun (RANK set) its process group: NCCL on CUDA, gloo otherwise.
+
+    name: auto (this rank's GPU, LOCAL_RANK, if CUDA is there, else the CPU) | cuda (this rank's GPU) |
+    cuda:N | cpu. The timeout bounds how long a rank waits in a collective (README "Running it" says why
+    train.py's default is an hour). train.py and evaluate.py both start here.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s)")
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ and not torch.distributed.is_initialized():
+        import datetime
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(minutes=timeout_minutes))
+    return device
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype: auto (bf16 on CUDA, fp32 elsewhere) or one of DTYPES."""
+    return DTYPES[name] if name != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+
 
 PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # every entry point's --dtype names

@@ -1,93 +1,22 @@
 """train.py: the GRPO / TEMPO / TreeAdv / HEPO / PPO training loop on Qwen3 (torchrun; DDP or FSDP2), and the demo.
 
-What it implements (SPEC sections):
-- SPEC 6, the shared policy loss: PPO-clip with eps_low 0.2 / eps_high 0.28 and dual clip c = 3 for
-  negative advantages; log-probs of logits / temperature; token mean over the whole step (also the
-  per-sequence mean of token means and Dr. GRPO's divide-by-max-length), computed so that the result
-  does not depend on world size or micro-batch size; k3 KL to a frozen reference (off by default);
-  AdamW (weight decay 0.01), gradient clipping at 1.0, constant lr with optional warmup.
-- SPEC 5, TreeAdv's two objectives: the token ratio, or the GSPO-token ratio
-  s_{i,t} = sg[s_i] * pi(o_t) / sg[pi(o_t)] with s_i = exp(mean_t(log pi - log pi_old)); flattened
-  leaf paths by default, unique segments by `--unique-segments` (see `policy_ratio` for what the
-  1/n(s) weights mean under each ratio). TreeAdv+GSPO runs here use `--objective gspo` inside SPEC 6's
-  shared loss (token mean, eps 0.2 / 0.28, dual clip), since SPEC 6 is the one loss of every method;
-  `--gspo-paper` gives GSPO as published (and as verl runs it): the sequence mean of token means,
-  eps 3e-4 / 4e-4, no dual clip. A sequence ratio moves far less than a token ratio, so the shared
-  loss's eps 0.2 / 0.28 almost never clips it.
-- SPEC 9, PPO with a learned critic (`--method ppo`, TEMPO's first baseline): the critic is the policy's
-  backbone with a value head Linear(hidden, 1) in place of the LM head (a token-classification model,
-  so its forward never makes [T, V] logits), initialised from the policy's initial weights, trained by
-  its own AdamW (`--critic-lr`) with the clipped value loss (`--value-clip`), the policy's mini-batches,
-  epochs, micro-batches, gradient clipping and global token-mean normaliser. V_old comes from a no-grad
-  pass before the update; GAE (`--gamma`, `--lam`) puts the reward on the last response token, and the
-  advantages are whitened over the whole step's valid tokens (gathered from every rank, as for the
-  other methods). The policy loss, KL and sampler are the shared ones. The critic is sharded and wrapped
-  as the policy (DDP / FSDP2) and checkpointed beside it (CKPT/critic/).
-- SPEC 7, the paper's setup as defaults: Qwen/Qwen3-1.7B on MATH, G = 7, 256 prompts a step in
-  64-prompt mini-batches (4 optimizer updates per step), 2,048 new tokens, temperature 1, top-p 1,
-  lr 1e-6, greedy validation on 100 test problems.
-Advantages come from advantages.py (SPEC 1-5), rollouts from rollout.py, rewards and validation
-from evaluate.py. The file reads as the algorithm does: the loss, the log-probs it needs, one
-update, one RL step (rollout -> reward -> advantages -> update -> log -> validate / checkpoint) and
-the loop; the infrastructure (arguments, distributed plumbing, model loading, checkpoints, plots,
-demo, benchmark) comes after it.
-
-Scale:
-- The same run on 1 or N ranks. Each rank owns whole prompt groups: its 1/N share of every
-  mini-batch (`rank_places`), so a mini-batch holds the same prompts on any number of ranks. The
-  sampler's randomness is keyed by (seed, step) and each prompt's place in the whole step, never by
-  rank, so 1, 2 or 8 ranks sample the same responses. The token-mean normaliser is the number of valid
-  tokens of the whole mini-batch on all ranks (an all-reduce), each micro-batch's loss sum is divided by it and the
-  gradients are summed, so the update is the same on 1 or 8 GPUs and with any micro-batch split.
-  Advantages (and the SPEC 8 diagnostics) are computed on the whole step's batch gathered to every
-  rank, so batch-level scaling and HEPO's top-20%-of-the-batch mask do not depend on world size either.
-- Precision: fp32 parameters and AdamW states (master weights); bf16 compute on GPU (torch.autocast
-  under DDP; FSDP2's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)). Why: at lr 1e-6 an
-  update changes a weight by about 1e-6 of itself, far below bf16's resolution (2^-8), so bf16 weights
-  would round most updates away. On CPU compute stays fp32 (bf16 pays only from hidden 512 up there).
-  The KL reference is loaded and wrapped exactly as the policy (fp32 weights, the same autocast or
-  FSDP2 policy), so before the first update its log-probs equal the policy's.
-- Old log-probs: the sampler's decode path (one query token against a KV cache) and the update's
-  full-sequence forward round differently in bf16, so under bf16 compute the old log-probs are
-  recomputed by the update's forward (`--recompute-logprobs auto`); every step logs the mean and max
-  |old - recomputed| on its first mini-batch (old_logp_diff_mean / _max) either way.
-- Logits never exist for a whole micro-batch: the model's forward runs with its LM head replaced by
-  `head_logprobs`, which computes h W^T, the log-softmax and the target's log-prob `logit_chunk`
-  token positions at a time from the final hidden states and recomputes them in the backward pass.
-  The replacement sits inside the root module's forward, so FSDP2's hooks unshard the head (tied to
-  the embeddings or not) as for any forward. Only response tokens reach the head.
-- Micro-batches by a token budget (verl's dynamic batch size): a rank's rows are sorted by length and
-  cut into runs with rows x longest <= `micro_batch_tokens`, padding at most 10% of the real positions
-  (or of one budget, if more), in as few micro-batches as that allows (`plan_micro_batches`); each row is
-  its prompt followed by its response with no padding between, right-padded to the micro-batch's longest.
-  The normaliser is global, so the packing changes no gradient. Every rank runs as many micro-batches
-  (`micro_batches` splits the largest), because under FSDP2 each forward is a collective.
-- Gradient checkpointing is switched on once; transformers applies it only in training mode, and
-  sampling runs in eval mode, so it acts in the update and never while sampling. The update's forward
-  passes use_cache=False explicitly (the config's use_cache stays as it is for sampling).
-- DDP by default (gradient_as_bucket_view: the gradients live in the all-reduce buckets, no second
-  copy); `--fsdp` shards with FSDP2 `fully_shard` (per decoder layer, then the root). rollout.sample
-  drops finished rows, so ranks make different numbers of forward calls; FSDP would all-gather in each
-  and deadlock. `sampling_mode` therefore unshards every FSDP module once before sampling and keeps it
-  unsharded until sampling ends, so no collective runs inside the sampler (the cost: the full bf16
-  weights are resident while sampling, as in any FSDP-to-rollout weight gather).
-- Loading: only rank 0 reads the weights (into CPU memory, once per run); every rank builds the model
-  with its parameters on the meta device, shards or places them, and receives the values from rank 0
-  (`set_model_state_dict(broadcast_from_rank0=True)`).
-
-Checkpoints: OUT/ckpt-NNNNNN/ holds state/ (model and optimizer, sharded: every rank writes its own
-part with torch.distributed.checkpoint, and --resume reads it back on any world size), model.safetensors
-+ config + tokenizer (loadable with `from_pretrained` and as `--model`; rank 0 writes it one tensor at a
-time, each gathered from its shards just before, so no rank holds the whole model), rng-rank{r}.pt and
-trainer_state.json (step, data position, wall clock). All of it is written to a .tmp directory, sealed
-with COMPLETE.json (the step and every file's size, written last) and renamed with os.replace; OUT/latest
-then names it. Older checkpoints are deleted only after that, so a crash mid-write leaves the previous
-one intact. `--resume` takes the newest checkpoint that is sealed, unchanged since and loads (skipping the
-others with the reason), refuses flags that change the experiment (RESUME_FREE lists those that may
-change), trims the logs to its step, and never deletes anything. SIGTERM and Ctrl-C finish the current
-step, save, and exit 0; `--resume` continues exactly (N + N steps == 2N straight). A weight that turns inf
-or NaN stops the run before anything of it is saved; a collective that times out (--dist-timeout) stops
-it with the step and phase each rank was in.
+What it implements (README's SPEC sections):
+- SPEC 6, the one policy loss of every method: PPO-clip (eps 0.2 / 0.28, dual clip 3) on log-probs of
+  logits / temperature; token mean over the whole step (or the sequence mean of token means, or Dr. GRPO's
+  divide-by-max-length) that does not depend on world size or micro-batch size; optional k3 KL to a
+  frozen reference; AdamW with gradient clipping.
+- SPEC 5, TreeAdv's objectives: the token ratio, or the GSPO-token ratio (`--objective gspo`), over
+  flattened leaf paths or unique segments (`--unique-segments`); `--gspo-paper` gives GSPO as published.
+- SPEC 9, PPO with a learned critic (`--method ppo`): the policy's backbone with a value head, its own
+  AdamW and clipped value loss, GAE from its values, advantages whitened over the step.
+- SPEC 7, the paper's setup as the defaults (Qwen3-1.7B, MATH, G = 7, 256 prompts a step in 64-prompt
+  mini-batches, 2,048 new tokens, lr 1e-6).
+Advantages come from advantages.py, rollouts from rollout.py, rewards and validation from evaluate.py.
+The file reads as the algorithm does: the loss, the log-probs it needs, one update, one RL step
+(rollout -> reward -> advantages -> update -> log -> validate / checkpoint) and the loop; the
+infrastructure (arguments, distributed plumbing, model loading, checkpoints, logs, demo) comes after it.
+README "How train.py runs at scale" says how ranks share the work, why the weights stay fp32, how
+log-probs are computed without [B, T, V] logits, how micro-batches are planned and what a checkpoint holds.
 
 Departures: dual clip also applies to the GSPO-token ratio in the shared loss (SPEC 6); warmup counts
 RL steps; `--shuffle-rewards` (a control, not in the papers) permutes the rewards over the step's rows.
@@ -97,16 +26,13 @@ Run:
     torchrun --nproc_per_node 8 train.py --method tempo      # the paper's setup (downloads Qwen3-1.7B, MATH)
     torchrun --nproc_per_node 2 train.py --device cpu --model tiny --task add --steps 2 --prompts-per-step 4 \\
         --mini-batch-prompts 4 --max-new-tokens 8            # gloo on CPU (add --fsdp for FSDP2)
-    python train.py --bench                                  # step-time split and tokens/s (tiny, CPU)
-    python train.py --bench --bench-shape 0.6b               # a Qwen3-0.6B-shaped random model, GPU
-    python benchmarks/bench_update.py                        # the update's memory and padding at Qwen3-1.7B's shapes
+    python benchmarks/bench_step.py                          # one step's time split and tokens/s
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import dataclasses
-import datetime
 import json
 import math
 import os
@@ -307,10 +233,6 @@ class Args:
     """demo: warm-start learning rate"""
     warm_dir: str | None = None
     """demo: where the warm-started model is cached (default OUT/warm-start)"""
-    bench: bool = False
-    """benchmark: run a few steps and print the step-time split and tokens/s"""
-    bench_shape: str = "tiny"
-    """benchmark model: tiny (--tiny-hidden/--tiny-layers) | 0.6b | 1.7b (Qwen3-shaped, random weights)"""
 
 
 # ==============================================================================================
@@ -860,7 +782,7 @@ def sample_seed(seed: int, step: int) -> int:
 class Run:
     """What the loop carries from step to step (built once by `start_run`; a record, no behaviour)."""
     args: Args
-    d: Dist
+    worker: Worker
     model: torch.nn.Module  # the policy: fp32 master weights, wrapped for DDP / FSDP2
     ref: torch.nn.Module | None  # the frozen KL reference, loaded and wrapped as the policy
     optimizer: torch.optim.Optimizer
@@ -883,12 +805,12 @@ class Run:
 class Clock:
     """Wall-clock laps; the accelerator is synchronised first, so a lap holds its kernels."""
 
-    def __init__(self, d: Dist):
-        self.d = d
+    def __init__(self, worker: Worker):
+        self.worker = worker
         self.t = self.now()
 
     def now(self) -> float:
-        _sync(self.d)
+        _sync(self.worker)
         return time.time()
 
     def lap(self) -> float:
@@ -906,13 +828,13 @@ def rank_places(rank: int, world: int, P: int, M: int) -> list[int]:
 
 def rollout_step(run: Run, step: int) -> tuple[rollout.Rollout, list[int], dict]:
     """This rank's share of the step's prompts, G responses each; prompts keyed by their place in the step."""
-    args, d = run.args, run.d
+    args, worker = run.args, run.worker
     idx, data_pass, data_offset = step_prompts(step, len(run.prompts), args.prompts_per_step, args.seed)
-    keys = rank_places(d.rank, d.world, args.prompts_per_step, args.mini_batch_prompts)
+    keys = rank_places(worker.rank, worker.world_size, args.prompts_per_step, args.mini_batch_prompts)
     idx = [idx[k] for k in keys]
     with sampling_mode(run.model) as policy, run.make_ctx():
         cfg = run.cfg  # on CUDA the budget defaults to what free memory holds, AdamW's states to come kept
-        if cfg.kv_budget is None and d.device.type == "cuda":
+        if cfg.kv_budget is None and worker.device.type == "cuda":
             budget = rollout.default_kv_budget(policy, rows=len(idx) * args.group_size, optimizer=run.optimizer)
             cfg = dataclasses.replace(cfg, kv_budget=budget)
         ro = rollout.sample(policy, [run.prompts[i] for i in idx], args.group_size, cfg, eos_token_ids=run.eos_ids,
@@ -945,7 +867,7 @@ def advantage_step(run: Run, ro: rollout.Rollout, r: torch.Tensor, step: int, va
     computed on the whole step's batch (every rank's groups, in rank order: per-group and batch-wide
     statistics do not depend on the order of the groups), so nothing depends on the world size.
     --method ppo: GAE from `values` (V_old), whitened over every rank's valid tokens; returns R for the critic."""
-    args, d, G = run.args, run.d, run.args.group_size
+    args, worker, G = run.args, run.worker, run.args.group_size
     mask = ro.response_mask  # [B, T] bool
     B, T = mask.shape
     resp_all, mask_all = gather_rows(ro.response_ids), gather_rows(mask.long()).bool()
@@ -956,10 +878,10 @@ def advantage_step(run: Run, ro: rollout.Rollout, r: torch.Tensor, step: int, va
     returns = None
     if args.method == "ppo":
         A_all, R_all = advantages.gae_advantages(r_all, gather_rows(values), mask_all, args.gamma, args.lam)
-        A = advantages.whiten(A_all, mask_all)[d.rank * B:(d.rank + 1) * B, :T]
-        returns = R_all[d.rank * B:(d.rank + 1) * B, :T]
+        A = advantages.whiten(A_all, mask_all)[worker.rank * B:(worker.rank + 1) * B, :T]
+        returns = R_all[worker.rank * B:(worker.rank + 1) * B, :T]
     else:
-        A = compute_advantages(args, resp_all, mask_all, r_all, ent_all)[d.rank * B:(d.rank + 1) * B, :T]
+        A = compute_advantages(args, resp_all, mask_all, r_all, ent_all)[worker.rank * B:(worker.rank + 1) * B, :T]
     diag = advantages.branch_diagnostics(resp_all, mask_all, r_all, G)
     weight = torch.ones_like(A)
     if args.unique_segments:  # SPEC 5b: n copies of a shared token, weight 1/n each = trained once
@@ -971,7 +893,7 @@ def update_step(run: Run, ro: rollout.Rollout, A: torch.Tensor, weight: torch.Te
                 values: torch.Tensor | None = None, returns: torch.Tensor | None = None) -> dict:
     """Old log-probs (the sampler's, or recomputed), reference log-probs, then `update_policy`; with a
     critic (--method ppo) then `update_critic` on (V_old = values, R = returns)."""
-    args, clock = run.args, Clock(run.d)
+    args, clock = run.args, Clock(run.worker)
     batch = dict(prompt_ids=ro.prompt_ids, prompt_mask=ro.prompt_mask, response_ids=ro.response_ids,
                  response_mask=ro.response_mask, A=A, weight=weight)
     batch["old_logp"] = batch_logprobs(unwrap(run.model), batch, args, run.make_ctx()) if run.recompute_old \
@@ -979,12 +901,13 @@ def update_step(run: Run, ro: rollout.Rollout, A: torch.Tensor, weight: torch.Te
     if run.ref is not None:
         batch["ref_logp"] = batch_logprobs(run.ref, batch, args, run.make_ctx())
     t_logprob = clock.lap()
-    upd = update_policy(run.model, run.optimizer, batch, args, run.d.world, lr, run.make_ctx)
+    upd = update_policy(run.model, run.optimizer, batch, args, run.worker.world_size, lr, run.make_ctx)
     upd.update(t_logprob=t_logprob, t_update=clock.lap())
     if run.critic is not None:
         cbatch = dict(prompt_ids=ro.prompt_ids, prompt_mask=ro.prompt_mask, response_ids=ro.response_ids,
                       response_mask=ro.response_mask, old_values=values, returns=returns)
-        upd["critic"] = update_critic(run.critic, run.critic_optimizer, cbatch, args, run.d.world, run.make_ctx)
+        upd["critic"] = update_critic(run.critic, run.critic_optimizer, cbatch, args, run.worker.world_size,
+                                      run.make_ctx)
         upd["critic"]["sums"].update(explained_variance_sums(values, returns, ro.response_mask))
         upd["t_critic_update"] = clock.lap()
     return upd
@@ -1019,7 +942,7 @@ def log_step(run: Run, step: int, ro: rollout.Rollout, r: torch.Tensor, counters
              **{f"reward_{k[2:]}": int(v) for k, v in tot.items() if k.startswith("c_")},
              **times, t_logprob=upd["t_logprob"], t_update=upd["t_update"], t_step=t_step,
              tokens_per_s=tot["tokens"] / t_step, decode_tokens_per_s=tot["decoded"] / times["t_rollout"],
-             update_tokens_per_s=args.epochs * tot["tokens"] / upd["t_update"], peak_mem_gb=peak_memory_gb(run.d))
+             update_tokens_per_s=args.epochs * tot["tokens"] / upd["t_update"], peak_mem_gb=peak_memory_gb(run.worker))
     if "critic" in upd:
         m.update(critic_metrics(tot, upd["critic"]))
     run.nonfinite_run = run.nonfinite_run + 1 if upd["skipped"] else 0
@@ -1060,15 +983,15 @@ def validate_step(run: Run, step: int) -> dict:
 def checkpoint_step(run: Run, step: int) -> bool:
     """Save every --save-every steps, after the last and when a stop was requested on any rank; stop after
     --max-nonfinite skipped steps in a row. Returns whether to stop."""
-    args, d = run.args, run.d
+    args, worker = run.args, run.worker
     done = step + 1
-    stop = bool(all_reduce(torch.tensor([float(STOP["requested"])], device=d.device), dist.ReduceOp.MAX).item())
+    stop = bool(all_reduce(torch.tensor([float(STOP["requested"])], device=worker.device), dist.ReduceOp.MAX).item())
     if args.save_every and (done % args.save_every == 0 or done == args.steps or stop):
         next_pass, next_k = divmod(done, len(run.prompts) // args.prompts_per_step)
         state = {"step": done, "wall_s": time.time() - run.t_run, "nonfinite_in_a_row": run.nonfinite_run,
                  "data_pass": next_pass, "data_offset": next_k * args.prompts_per_step,
-                 "world_size": d.world, "seed": args.seed}
-        save_checkpoint(args.out, done, run.model, run.optimizer, run.tokenizer, state, d, args.keep_last,
+                 "world_size": worker.world_size, "seed": args.seed}
+        save_checkpoint(args.out, done, run.model, run.optimizer, run.tokenizer, state, worker, args.keep_last,
                         critic=None if run.critic is None else (run.critic, run.critic_optimizer))
     if run.nonfinite_run >= args.max_nonfinite:
         raise StopRun(f"{run.nonfinite_run} steps in a row had a non-finite loss or gradient; stopping "
@@ -1081,7 +1004,7 @@ def checkpoint_step(run: Run, step: int) -> bool:
 def write_sample(run: Run, step: int, idx: list[int], completions: list[str], r: torch.Tensor, A: torch.Tensor):
     """One group's completions, rewards and first-token advantages to samples.jsonl (rank 0, every --sample-every)."""
     args, G = run.args, run.args.group_size
-    if run.d.rank == 0 and args.sample_every and (step + 1) % args.sample_every == 0:
+    if run.worker.rank == 0 and args.sample_every and (step + 1) % args.sample_every == 0:
         _append_jsonl(os.path.join(args.out, "samples.jsonl"), {
             "step": step + 1, "prompt": run.tokenizer.decode(run.prompts[idx[0]]), "completions": completions[:G],
             "rewards": r[:G].tolist(), "advantage_first_token": A[:G, 0].tolist()})
@@ -1091,14 +1014,14 @@ def write_sample(run: Run, step: int, idx: list[int], completions: list[str], r:
 # 7. The loop
 
 
-def train(args: Args, d: Dist | None = None, model=None, tokenizer=None) -> dict:
+def train(args: Args, worker: Worker | None = None, model=None, tokenizer=None) -> dict:
     """Run (or resume) RL training; returns {"val_acc": [(step, acc), ...], "steps": last step, "out": OUT}.
 
     `model`/`tokenizer` may be given (the benchmark's random shapes); otherwise --model is loaded.
     """
     with collective_errors(args):
         set_phase("setup", 0)
-        run = start_run(args, d, model, tokenizer)
+        run = start_run(args, worker, model, tokenizer)
         if run.start == 0 and args.val_every:
             set_phase("validation", 0)
             row = {"step": 0, "wall_s": time.time() - run.t_run, **validate_step(run, 0)}
@@ -1115,9 +1038,9 @@ def train(args: Args, d: Dist | None = None, model=None, tokenizer=None) -> dict
 
 def train_step(run: Run, step: int, bar) -> bool:
     """One RL step, each phase named for the message of a collective that times out; returns whether to stop."""
-    args, clock = run.args, Clock(run.d)
+    args, clock = run.args, Clock(run.worker)
     set_phase("rollout", step + 1)
-    _test_hang(run.d.rank, step + 1)
+    _test_hang(run.worker.rank, step + 1)
     ro, idx, data = rollout_step(run, step)
     t_rollout = clock.lap()
     set_phase("reward")
@@ -1189,29 +1112,28 @@ def _test_hang(rank: int, step: int) -> None:
             time.sleep(0.1)
 
 
-def start_run(args: Args, d: Dist | None = None, model=None, tokenizer=None) -> Run:
+def start_run(args: Args, worker: Worker | None = None, model=None, tokenizer=None) -> Run:
     """Everything before the first step: arguments checked, data, models, optimizer, then the resumed
     state or a fresh OUT. Data comes first: a wrong --task/--data fails in seconds, before a model loads."""
-    d = checked_and_joined(args, d)
+    worker = checked_and_joined(args, worker)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # no "Loading weights" / "Writing model shards" bars between ours
-    compute_dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and d.device.type == "cuda") \
-        else torch.float32
-    torch.manual_seed(args.seed + d.rank)
-    random.seed(args.seed + d.rank)
+    compute_dtype = rollout.compute_dtype(args.dtype, worker.device)
+    torch.manual_seed(args.seed + worker.rank)
+    random.seed(args.seed + worker.rank)
     try:  # every row is checked here, named by file and line: a user error, before a model loads
         train_ex = evaluate.load_examples(args.task, "train", data=args.data, limit=args.train_limit, seed=args.seed)
         val_ex = evaluate.load_examples(args.task, "test", data=args.val_data, limit=args.val_limit, seed=args.seed,
                                         flag="--val-data") if args.val_every else []
     except ValueError as e:
         raise UserError(str(e)) from None
-    loaded = resume_run(args, d, compute_dtype, model, tokenizer) if args.resume else None
+    loaded = resume_run(args, worker, compute_dtype, model, tokenizer) if args.resume else None
     if loaded is None:
-        model, ref, tokenizer = load_models(args, d, compute_dtype, None, model, tokenizer)
+        model, ref, tokenizer = load_models(args, worker, compute_dtype, None, model, tokenizer)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        critic, critic_optimizer = make_critic(args, d, compute_dtype, model, None)
+        critic, critic_optimizer = make_critic(args, worker, compute_dtype, model, None)
         start, wall0, nonfinite_run = 0, 0.0, 0
-        prepare_out(args, d, compute_dtype)
+        prepare_out(args, worker, compute_dtype)
     else:
         model, ref, tokenizer, optimizer, (critic, critic_optimizer), state = loaded
         start, wall0, nonfinite_run = state["step"], state["wall_s"], state["nonfinite_in_a_row"]
@@ -1220,14 +1142,14 @@ def start_run(args: Args, d: Dist | None = None, model=None, tokenizer=None) -> 
         dist.barrier()
     recompute = args.recompute_logprobs == "always" or (args.recompute_logprobs == "auto" and (
         compute_dtype != torch.float32 or args.top_p < 1 or args.top_k > 0))
-    return Run(args=args, d=d, model=model, ref=ref, optimizer=optimizer, tokenizer=tokenizer, train_ex=train_ex,
-               prompts=prompts, val_ex=val_ex, cfg=sampling_config(args),
+    return Run(args=args, worker=worker, model=model, ref=ref, optimizer=optimizer, tokenizer=tokenizer,
+               train_ex=train_ex, prompts=prompts, val_ex=val_ex, cfg=sampling_config(args),
                eos_ids=rollout.eos_token_ids(unwrap(model), tokenizer),
-               make_ctx=lambda: autocast(model, d, compute_dtype), recompute_old=recompute, start=start,
+               make_ctx=lambda: autocast(model, worker, compute_dtype), recompute_old=recompute, start=start,
                t_run=time.time() - wall0, nonfinite_run=nonfinite_run, critic=critic, critic_optimizer=critic_optimizer)
 
 
-def resume_run(args: Args, d: Dist, compute_dtype: torch.dtype, model=None, tokenizer=None):
+def resume_run(args: Args, worker: Worker, compute_dtype: torch.dtype, model=None, tokenizer=None):
     """--resume: (policy, reference, tokenizer, optimizer, (critic, its optimizer), trainer state) from OUT's
     newest checkpoint that is complete and loads, or None when OUT holds no run at all (a fresh start). Never
     deletes anything: a checkpoint that fails is skipped with the reason, and a run with no usable checkpoint
@@ -1238,22 +1160,22 @@ def resume_run(args: Args, d: Dist, compute_dtype: torch.dtype, model=None, toke
     candidates = resumable_checkpoints(args.out)
     for ckpt in candidates:
         try:
-            policy, ref, tok = load_models(args, d, compute_dtype, ckpt, model, tokenizer)
+            policy, ref, tok = load_models(args, worker, compute_dtype, ckpt, model, tokenizer)
             optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-            state = load_training_state(ckpt, policy, optimizer, d)
-            critic = make_critic(args, d, compute_dtype, policy, ckpt)
+            state = load_training_state(ckpt, policy, optimizer, worker)
+            critic = make_critic(args, worker, compute_dtype, policy, ckpt)
             error = None
         except (Exception, CheckpointException) as e:  # a damaged file raises what its reader raises (DCP's
             text = str(e).strip()                         # CheckpointException is a BaseException)
             error = f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
-        failed = all_reduce(torch.tensor([float(error is not None)], device=d.device), dist.ReduceOp.MAX).item()
+        failed = all_reduce(torch.tensor([float(error is not None)], device=worker.device), dist.ReduceOp.MAX).item()
         if failed:  # every rank moves on together, whichever rank could not read its part
             print0(f"skipped {ckpt}: loading failed" + (f" ({error})" if error else " on another rank"))
             continue
         print0(f"resumed from {ckpt} at step {state['step']}")
-        if d.rank == 0:
+        if worker.rank == 0:
             trim_logs(args.out, state["step"])
-            write_config(args, d, compute_dtype, changed, state["step"])
+            write_config(args, worker, compute_dtype, changed, state["step"])
         return policy, ref, tok, optimizer, critic, state
     if candidates:
         raise UserError(f"--resume: no checkpoint in {args.out} could be loaded (each is named above, with why); "
@@ -1282,10 +1204,10 @@ def training_prompts(args: Args, train_ex: list[dict], tokenizer) -> tuple[list[
     return [train_ex[i] for i in keep], [prompts[i] for i in keep]
 
 
-def prepare_out(args: Args, d: Dist, compute_dtype: torch.dtype) -> None:
+def prepare_out(args: Args, worker: Worker, compute_dtype: torch.dtype) -> None:
     """A fresh run: OUT emptied of an earlier run's files (check_args let that through only with --overwrite;
     --resume reaches here only when OUT holds no run, and deletes nothing), config.json written (rank 0)."""
-    if d.rank != 0:
+    if worker.rank != 0:
         return
     os.makedirs(args.out, exist_ok=True)
     for name in [] if args.resume else os.listdir(args.out):  # nothing of an earlier run may pass for this one's
@@ -1293,10 +1215,11 @@ def prepare_out(args: Args, d: Dist, compute_dtype: torch.dtype) -> None:
             shutil.rmtree(os.path.join(args.out, name))
         elif name in ("metrics.jsonl", "samples.jsonl", "latest", "plot.png"):
             os.remove(os.path.join(args.out, name))
-    write_config(args, d, compute_dtype)
+    write_config(args, worker, compute_dtype)
 
 
-def write_config(args: Args, d: Dist, compute_dtype: torch.dtype, changed: dict | None = None, step: int = 0) -> None:
+def write_config(args: Args, worker: Worker, compute_dtype: torch.dtype, changed: dict | None = None,
+                 step: int = 0) -> None:
     """OUT/config.json: the flags of the run (rank 0; replaced atomically). On a resume with --resume-override the
     changed fields are appended to its `overrides` list with the step they apply from."""
     path = os.path.join(args.out, "config.json")
@@ -1307,8 +1230,8 @@ def write_config(args: Args, d: Dist, compute_dtype: torch.dtype, changed: dict 
                 overrides = json.load(f).get("overrides", [])
         overrides.append({"from_step": step, **{k: {"was": old, "now": new} for k, (old, new) in changed.items()}})
     with open(path + ".tmp", "w") as f:
-        json.dump({**dataclasses.asdict(args), "world_size": d.world, "compute_dtype": str(compute_dtype),
-                   "device": str(d.device), **({"overrides": overrides} if overrides else {})}, f, indent=1)
+        json.dump({**dataclasses.asdict(args), "world_size": worker.world_size, "compute_dtype": str(compute_dtype),
+                   "device": str(worker.device), **({"overrides": overrides} if overrides else {})}, f, indent=1)
     os.replace(path + ".tmp", path)
 
 
@@ -1360,7 +1283,7 @@ def trim_logs(out: str, step: int) -> None:
 
 
 def write_metrics(run: Run, row: dict) -> None:
-    if run.d.rank == 0:
+    if run.worker.rank == 0:
         _append_jsonl(os.path.join(run.args.out, "metrics.jsonl"), row)
 
 
@@ -1368,7 +1291,7 @@ def write_metrics(run: Run, row: dict) -> None:
 def progress_bar(run: Run):
     from tqdm.auto import tqdm
     bar = tqdm(total=run.args.steps, initial=run.start, desc=run.args.method, dynamic_ncols=True,
-               disable=not run.args.progress or run.d.rank != 0)
+               disable=not run.args.progress or run.worker.rank != 0)
     try:
         yield bar
     finally:
@@ -1384,25 +1307,20 @@ DEMO = dict(model="tiny", tiny_hidden=128, tiny_layers=4, task="add", train_limi
             group_size=8, prompts_per_step=64, mini_batch_prompts=64, micro_batch_rows=512, max_new_tokens=8,
             lr=2e-4, warmup_steps=10, steps=200, val_every=50, save_every=200, sample_every=50,
             device="cpu", dtype="fp32", grad_ckpt=False, max_prompt_tokens=64, overwrite=True)
-# The benchmark's settings: "chain" has the longest responses of the offline tasks.
-BENCH = dict(model="tiny", tiny_hidden=128, tiny_layers=4, task="chain", train_limit=None, group_size=8,
-             prompts_per_step=16, mini_batch_prompts=16, micro_batch_rows=32, max_new_tokens=64, lr=1e-5,
-             steps=4, val_every=0, save_every=0, sample_every=0, overwrite=True, progress=False)
 # GSPO as its paper states it and verl's gspo loss runs it: sequence mean of token means, a sequence
 # ratio clipped to [1 - 3e-4, 1 + 4e-4], no dual clip.
 GSPO_PAPER = dict(objective="gspo", loss_agg="seq-mean", clip_low=3e-4, clip_high=4e-4, dual_clip=0.0)
 
 
-def parse_args(argv: list[str] | None = None) -> Args:
-    """Args from the command line. Defaults: the field's, then DEMO/BENCH/GSPO_PAPER for --demo/--bench/
-    --gspo-paper, then the flags given."""
+def parse_args(argv: list[str] | None = None, preset: dict | None = None) -> Args:
+    """Args from the command line. Defaults: the field's, then `preset` (a benchmark's), then DEMO/GSPO_PAPER
+    for --demo/--gspo-paper, then the flags given."""
     parser = evaluate.dataclass_parser(Args, __doc__.splitlines()[0])
     given = vars(parser.parse_args(argv))
-    presets = [p for flag, p in (("demo", DEMO), ("bench", BENCH), ("gspo_paper", GSPO_PAPER)) if given.get(flag)]
+    presets = [preset or {}] + [p for flag, p in (("demo", DEMO), ("gspo_paper", GSPO_PAPER)) if given.get(flag)]
     args = Args(**{k: v for p in presets for k, v in p.items()} | given)
     if args.out is None:  # derived: the run directory
-        args.out = os.path.join("runs", "demo-" + args.method if args.demo else "bench" if args.bench
-                                else f"{args.method}-{args.task}")
+        args.out = os.path.join("runs", "demo-" + args.method if args.demo else f"{args.method}-{args.task}")
     return args
 
 
@@ -1439,7 +1357,6 @@ def check_args(args: Args, world_size: int = 1) -> None:
     choose("task", args.task, evaluate.BENCHES)
     choose("recompute-logprobs", args.recompute_logprobs, RECOMPUTE)
     choose("dtype", args.dtype, ("auto", "bf16", "fp32"))
-    choose("bench-shape", args.bench_shape, ("tiny", "0.6b", "1.7b"))
     need(args.tiny_hidden % 8 == 0,
          f"--tiny-hidden {args.tiny_hidden}: must be a multiple of 8 (4 heads of an even size)")
     need(args.method == "tempo" or (args.td_weight == 1.0 and args.scale_td),
@@ -1504,44 +1421,30 @@ def check_args(args: Args, world_size: int = 1) -> None:
 
 
 @dataclass
-class Dist:
-    """This process's place: rank, world size, and its device."""
+class Worker:
+    """This process in the torchrun group: its rank, the number of ranks, and its device."""
     rank: int = 0
-    world: int = 1
+    world_size: int = 1
     device: torch.device = torch.device("cpu")
 
 
-def checked_and_joined(args: Args, d: Dist | None = None) -> Dist:
-    """`check_args`, then the process group (`setup_distributed`) unless `d` is given. The checks come first,
+def checked_and_joined(args: Args, worker: Worker | None = None) -> Worker:
+    """`check_args`, then the process group (`setup_distributed`) unless `worker` is given. The checks come first,
     with the world size torchrun puts in the environment: a bad flag is one line, whatever it would break
     in the setup (`--device cuda` without CUDA)."""
-    check_args(args, d.world if d else int(os.environ.get("WORLD_SIZE", 1)))
-    return d or setup_distributed(args.device, args.dist_timeout)
+    check_args(args, worker.world_size if worker else int(os.environ.get("WORLD_SIZE", 1)))
+    return worker or setup_distributed(args.device, args.dist_timeout)
 
 
-def setup_distributed(device: str = "auto", timeout_minutes: float = 60.0) -> Dist:
-    """Under torchrun (RANK in the environment) join the process group: NCCL on CUDA, gloo on CPU.
-
-    The timeout bounds how long a rank waits in a collective for the others. Ranks do not talk while
-    they sample, so after a rollout the fastest waits for the slowest: an 8,192-token rollout is 8,192
-    sequential decode steps, each tens of milliseconds for a 1.7B-4B model over a few hundred rows with a
-    long KV cache, i.e. several minutes, more for a tree (its branches start when their parents end) and
-    for validation's long greedy answers; NCCL's default of 10 minutes is about that. 60 minutes leaves
-    room for slower GPUs and larger models, and a real hang still ends the run within the hour.
-    """
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+def setup_distributed(device: str = "auto", timeout_minutes: float = 60.0) -> Worker:
+    """This process's rank, world size and device; under torchrun it joins the process group (`rollout.setup_device`)."""
     if timeout_minutes <= 0:
         raise UserError(f"--dist-timeout {timeout_minutes}: must be > 0 minutes")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    cuda = device.startswith("cuda")
-    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
-    return Dist(rank, world, dev)
+    try:
+        dev = rollout.setup_device(device, timeout_minutes)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return Worker(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), dev)
 
 
 def print0(*a, **k):
@@ -1577,7 +1480,7 @@ def unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def wrap_model(model, d: Dist, fsdp: bool, compute_dtype: torch.dtype, trainable: bool = True):
+def wrap_model(model, worker: Worker, fsdp: bool, compute_dtype: torch.dtype, trainable: bool = True):
     """FSDP2 (each decoder layer, then the root; bf16 compute, fp32 reduce) or DDP (more than one rank).
 
     FSDP2 takes a model with meta or real parameters (`place_model` materialises after it). DDP takes
@@ -1589,24 +1492,24 @@ def wrap_model(model, d: Dist, fsdp: bool, compute_dtype: torch.dtype, trainable
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         from torch.distributed.device_mesh import init_device_mesh
-        mesh = init_device_mesh(d.device.type, (d.world,))  # explicit: gloo on CPU even where CUDA exists
+        mesh = init_device_mesh(worker.device.type, (worker.world_size,))  # explicit: gloo on CPU where CUDA exists
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
         fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=not trainable)
         return model
-    if d.world > 1 and trainable:
+    if worker.world_size > 1 and trainable:
         return torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[d.device.index] if d.device.type == "cuda" else None, init_sync=False,
+            model, device_ids=[worker.device.index] if worker.device.type == "cuda" else None, init_sync=False,
             gradient_as_bucket_view=True)
     return model
 
 
-def autocast(model, d: Dist, compute_dtype: torch.dtype):
+def autocast(model, worker: Worker, compute_dtype: torch.dtype):
     """bf16 autocast over fp32 weights (DDP / one process); FSDP2 casts by its MixedPrecisionPolicy."""
     if compute_dtype == torch.float32 or _fsdp_modules(model):
         return contextlib.nullcontext()
-    return torch.autocast(d.device.type, dtype=compute_dtype)
+    return torch.autocast(worker.device.type, dtype=compute_dtype)
 
 
 @contextlib.contextmanager
@@ -1643,16 +1546,16 @@ def grad_sync(model, enabled: bool):
     return contextlib.nullcontext()
 
 
-def _sync(d: Dist):
-    if d.device.type == "cuda":
-        torch.cuda.synchronize(d.device)
+def _sync(worker: Worker):
+    if worker.device.type == "cuda":
+        torch.cuda.synchronize(worker.device)
 
 
-def peak_memory_gb(d: Dist) -> float:
+def peak_memory_gb(worker: Worker) -> float:
     """Peak accelerator memory since the last call (CUDA), or the process's peak RSS (CPU)."""
-    if d.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(d.device) / 2**30
-        torch.cuda.reset_peak_memory_stats(d.device)
+    if worker.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(worker.device) / 2**30
+        torch.cuda.reset_peak_memory_stats(worker.device)
         return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -1661,7 +1564,7 @@ def peak_memory_gb(d: Dist) -> float:
 # 10. Models: read once on rank 0, built on the meta device everywhere, placed, then filled
 
 
-def load_models(args: Args, d: Dist, compute_dtype: torch.dtype, ckpt: str | None, model=None, tokenizer=None):
+def load_models(args: Args, worker: Worker, compute_dtype: torch.dtype, ckpt: str | None, model=None, tokenizer=None):
     """(policy, frozen reference or None, tokenizer), both models placed and wrapped on every rank.
 
     Rank 0 alone reads weights, once, into CPU memory: the initial model's state dict, which fills the
@@ -1670,22 +1573,22 @@ def load_models(args: Args, d: Dist, compute_dtype: torch.dtype, ckpt: str | Non
     A `model` given (the benchmark's random shapes, built alike on every rank) is used as it is.
     """
     if model is not None:
-        ref = (place_model(copy.deepcopy(model), d, args, compute_dtype, None, load=False, trainable=False)
+        ref = (place_model(copy.deepcopy(model), worker, args, compute_dtype, None, load=False, trainable=False)
                if args.kl_coef else None)
-        return place_model(model, d, args, compute_dtype, None, load=False, trainable=True), ref, tokenizer
+        return place_model(model, worker, args, compute_dtype, None, load=False, trainable=True), ref, tokenizer
     initial = None
-    if d.rank == 0 and (ckpt is None or args.kl_coef > 0):
+    if worker.rank == 0 and (ckpt is None or args.kl_coef > 0):
         initial = rollout.load_model_and_tokenizer(args.model, device="cpu", dtype=torch.float32,
                                                    tiny_hidden=args.tiny_hidden, tiny_layers=args.tiny_layers,
                                                    seed=args.seed)[0].state_dict()
     if dist.is_initialized():
         dist.barrier()  # a hub model is in the local cache now; the other ranks read its config and tokenizer
     tokenizer = load_tokenizer(ckpt or args.model)
-    policy = place_model(skeleton(ckpt or args.model, args, tokenizer), d, args, compute_dtype,
+    policy = place_model(skeleton(ckpt or args.model, args, tokenizer), worker, args, compute_dtype,
                          initial, load=ckpt is None, trainable=True)
     ref = None
     if args.kl_coef > 0:  # the frozen reference: the initial model, never a checkpoint
-        ref = place_model(skeleton(args.model, args, tokenizer), d, args, compute_dtype, initial, load=True,
+        ref = place_model(skeleton(args.model, args, tokenizer), worker, args, compute_dtype, initial, load=True,
                           trainable=False)
     return policy, ref, tokenizer
 
@@ -1731,9 +1634,9 @@ def skeleton(source: str, args: Args, tokenizer):
     return model
 
 
-def place_model(model, d: Dist, args: Args, compute_dtype: torch.dtype, full_state: dict | None, *,
+def place_model(model, worker: Worker, args: Args, compute_dtype: torch.dtype, full_state: dict | None, *,
                 load: bool, trainable: bool):
-    """A model (meta parameters from `skeleton`, or real ones) -> this rank's parameters on d.device,
+    """A model (meta parameters from `skeleton`, or real ones) -> this rank's parameters on worker.device,
     sharded (FSDP2) or whole, wrapped. With `load` (the same on every rank), the values of rank 0's
     `full_state`: the other ranks receive them by broadcast, and their `full_state` is not read. A
     frozen model goes to eval mode without gradients; the policy gets gradient checkpointing
@@ -1744,17 +1647,17 @@ def place_model(model, d: Dist, args: Args, compute_dtype: torch.dtype, full_sta
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
     if args.fsdp:
-        model = wrap_model(model, d, True, compute_dtype, trainable)
-    materialize_(model, d.device)
+        model = wrap_model(model, worker, True, compute_dtype, trainable)
+    materialize_(model, worker.device)
     if load:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         if dist.is_initialized():
-            set_model_state_dict(model, dict(full_state) if d.rank == 0 else {},  # a copy: it replaces the entries
+            set_model_state_dict(model, dict(full_state) if worker.rank == 0 else {},  # a copy: it replaces the entries
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         else:
             model.load_state_dict(full_state)
     if not args.fsdp:
-        model = wrap_model(model, d, False, compute_dtype, trainable)
+        model = wrap_model(model, worker, False, compute_dtype, trainable)
     return model.train() if trainable else model
 
 
@@ -1776,18 +1679,18 @@ def materialize_(model, device: torch.device) -> None:
             b.copy_(buffers[name])
 
 
-def make_critic(args: Args, d: Dist, compute_dtype: torch.dtype, policy, ckpt: str | None):
+def make_critic(args: Args, worker: Worker, compute_dtype: torch.dtype, policy, ckpt: str | None):
     """(critic, its AdamW) for --method ppo, fresh from the policy or restored from `ckpt`; (None, None) otherwise."""
     if args.method != "ppo":
         return None, None
-    critic = load_critic(args, d, compute_dtype, policy, fresh=ckpt is None)
+    critic = load_critic(args, worker, compute_dtype, policy, fresh=ckpt is None)
     optimizer = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
     if ckpt is not None:
         load_critic_state(ckpt, critic, optimizer)
     return critic, optimizer
 
 
-def load_critic(args: Args, d: Dist, compute_dtype: torch.dtype, policy, fresh: bool):
+def load_critic(args: Args, worker: Worker, compute_dtype: torch.dtype, policy, fresh: bool):
     """--method ppo's critic (SPEC 9), placed and wrapped as the policy (DDP or FSDP2, gradient checkpointing):
     the policy's architecture as a token-classification model, i.e. its backbone with a value head
     Linear(hidden, 1) instead of the LM head, so the value forward never makes [T, V] logits. Fresh
@@ -1807,13 +1710,13 @@ def load_critic(args: Args, d: Dist, compute_dtype: torch.dtype, policy, fresh: 
             full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         else:
             full = {k: v.detach().cpu() for k, v in unwrap(policy).state_dict().items()}
-        if d.rank == 0:
+        if worker.rank == 0:
             g = torch.Generator().manual_seed(args.seed)
             head = torch.randn((1, config.hidden_size), generator=g) * config.initializer_range  # [1, H]
             state = {k: v for k, v in full.items() if not k.startswith("lm_head.")}
             state.update({"score.weight": head, "score.bias": torch.zeros(1)})
         del full
-    return place_model(critic, d, args, compute_dtype, state, load=fresh, trainable=True)
+    return place_model(critic, worker, args, compute_dtype, state, load=fresh, trainable=True)
 
 
 # ==============================================================================================
@@ -1903,7 +1806,7 @@ def resumable_checkpoints(out: str) -> list[str]:
     return good
 
 
-def save_checkpoint(out: str, step: int, model, optimizer, tokenizer, state: dict, d: Dist, keep_last: int,
+def save_checkpoint(out: str, step: int, model, optimizer, tokenizer, state: dict, worker: Worker, keep_last: int,
                     critic: tuple | None = None) -> str:
     """Write OUT/ckpt-{step} (the layout is in the module docstring). Every rank must call it: the sharded
     state and the export's gathers are collectives. The one place that writes checkpoints. `critic`:
@@ -1912,7 +1815,7 @@ def save_checkpoint(out: str, step: int, model, optimizer, tokenizer, state: dic
     from torch.distributed.checkpoint.state_dict import get_state_dict
     name = f"ckpt-{step:06d}"
     final, tmp = os.path.join(out, name), os.path.join(out, name + ".tmp")
-    if d.rank == 0:
+    if worker.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     if dist.is_initialized():
@@ -1922,19 +1825,19 @@ def save_checkpoint(out: str, step: int, model, optimizer, tokenizer, state: dic
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(tmp, "state"),
              no_dist=not dist.is_initialized())
-    export_pretrained(model, tokenizer, tmp, d)
+    export_pretrained(model, tokenizer, tmp, worker)
     if critic is not None:
-        save_critic(os.path.join(tmp, "critic"), *critic, tokenizer, d)
+        save_critic(os.path.join(tmp, "critic"), *critic, tokenizer, worker)
     rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if d.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(d.device)
-    torch.save(rng, os.path.join(tmp, f"rng-rank{d.rank}.pt"))
-    if d.rank == 0:
+    if worker.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(worker.device)
+    torch.save(rng, os.path.join(tmp, f"rng-rank{worker.rank}.pt"))
+    if worker.rank == 0:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump(state, f, indent=1)
     if dist.is_initialized():
         dist.barrier()  # every rank's files are written
-    if d.rank == 0:
+    if worker.rank == 0:
         seal_checkpoint(tmp, step)  # last: a checkpoint without it is one whose write did not finish
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -1962,7 +1865,7 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float1
                       torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 
 
-def export_pretrained(model, tokenizer, path: str, d: Dist) -> None:
+def export_pretrained(model, tokenizer, path: str, worker: Worker) -> None:
     """path/model.safetensors, config.json, generation_config.json and the tokenizer: what `from_pretrained`
     and `--model` read. Rank 0 writes the safetensors header (every shape is known in advance), then one
     tensor at a time; under FSDP2 each is all-gathered from its shards just before it is written (every
@@ -1979,7 +1882,7 @@ def export_pretrained(model, tokenizer, path: str, d: Dist) -> None:
         offset += nbytes
     blob = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format pads its header to 8 bytes
-    with open(os.path.join(path, "model.safetensors"), "wb") if d.rank == 0 else contextlib.nullcontext() as f:
+    with open(os.path.join(path, "model.safetensors"), "wb") if worker.rank == 0 else contextlib.nullcontext() as f:
         if f:
             f.write(struct.pack("<Q", len(blob)) + blob)
         for _, t in tensors:
@@ -1987,7 +1890,7 @@ def export_pretrained(model, tokenizer, path: str, d: Dist) -> None:
             if f:
                 f.write(full.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
             del full
-    if d.rank == 0:
+    if worker.rank == 0:
         config = copy.deepcopy(hf.config)
         config.dtype = torch.float32  # the master weights' dtype, which the file holds
         config.save_pretrained(path)
@@ -1996,25 +1899,25 @@ def export_pretrained(model, tokenizer, path: str, d: Dist) -> None:
         tokenizer.save_pretrained(path)
 
 
-def load_training_state(ckpt: str, model, optimizer, d: Dist) -> dict:
+def load_training_state(ckpt: str, model, optimizer, worker: Worker) -> dict:
     """Model and optimizer from the checkpoint's sharded state (any world size), this rank's RNG, and
     trainer_state.json."""
     state_dir = os.path.join(ckpt, "state")
     if not os.path.isdir(state_dir):
         raise UserError(f"--resume: {ckpt} has no sharded training state (state/); an older train.py wrote it")
     load_sharded(state_dir, model, optimizer)
-    rng_file = os.path.join(ckpt, f"rng-rank{d.rank}.pt")
+    rng_file = os.path.join(ckpt, f"rng-rank{worker.rank}.pt")
     if os.path.exists(rng_file):  # a different world size resumes with fresh RNG (sampling seeds are explicit)
         rng = torch.load(rng_file, weights_only=True)
         random.setstate(rng["python"])
         torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and d.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], d.device)
+        if "cuda" in rng and worker.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], worker.device)
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
         return json.load(f)
 
 
-def save_critic(path: str, critic, optimizer, tokenizer, d: Dist) -> None:
+def save_critic(path: str, critic, optimizer, tokenizer, worker: Worker) -> None:
     """CKPT/critic/: state/ (the critic and its AdamW, sharded as the policy's) and the critic exported like
     the policy (`AutoModelForTokenClassification.from_pretrained` loads it). Every rank calls it."""
     import torch.distributed.checkpoint as dcp
@@ -2023,7 +1926,7 @@ def save_critic(path: str, critic, optimizer, tokenizer, d: Dist) -> None:
     model_sd, optim_sd = get_state_dict(critic, optimizer)
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(path, "state"),
              no_dist=not dist.is_initialized())
-    export_pretrained(critic, tokenizer, path, d)
+    export_pretrained(critic, tokenizer, path, worker)
 
 
 def load_critic_state(ckpt: str, critic, optimizer) -> None:
@@ -2228,14 +2131,14 @@ def warm_start(args: Args) -> str:
     return warm
 
 
-def demo(args: Args, d: Dist | None = None) -> dict:
+def demo(args: Args, worker: Worker | None = None) -> dict:
     """`python train.py --demo`: tiny Qwen3 + character tokenizer, a supervised warm start on the
     synthetic task to partial accuracy (cached), RL with --method, greedy accuracy before and after,
     and the plot. Everything offline, a few minutes on 2 CPU cores."""
-    d = checked_and_joined(args, d)
+    worker = checked_and_joined(args, worker)
     rl = dataclasses.replace(args, model=warm_start(args), demo=False)
     t = time.time()
-    result = train(rl, d)
+    result = train(rl, worker)
     (s0, before), (s1, after) = result["val_acc"][0], result["val_acc"][-1]
     png = plot_runs([args.out], os.path.join(args.out, "plot.png"), labels=[f"{args.method} (demo)"])
     print0(f"\n{args.method}: greedy accuracy on {args.val_limit} {args.task} test prompts: {before:.3f} at step {s0} "
@@ -2244,59 +2147,10 @@ def demo(args: Args, d: Dist | None = None) -> dict:
     return {**result, "before": before, "after": after}
 
 
-QWEN3_SHAPES = {  # Qwen3-0.6B / -1.7B as in their config.json (vocab 151,936, tied embeddings)
-    "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                 num_key_value_heads=8, head_dim=128),
-    "1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                 num_key_value_heads=8, head_dim=128),
-}
-
-
-def benchmark(args: Args, d: Dist | None = None) -> dict:
-    """`python train.py --bench`: a few RL steps, then the step-time split and tokens/s (median after step 1).
-
-    tiny: the tiny Qwen3 (--tiny-hidden x --tiny-layers) on CPU. 0.6b / 1.7b: a Qwen3-shaped model
-    with random weights and the real vocabulary (151,936) with the character tokenizer; random weights
-    almost never sample EOS, so every response runs to --max-new-tokens: a worst-case step.
-    """
-    d = checked_and_joined(args, d)
-    model = tokenizer = None
-    if args.bench_shape != "tiny":
-        from transformers import Qwen3Config, Qwen3ForCausalLM
-        tokenizer = rollout.build_tiny_tokenizer()
-        config = Qwen3Config(vocab_size=151_936, tie_word_embeddings=True, max_position_embeddings=40_960,
-                             rope_theta=1_000_000.0, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id, **QWEN3_SHAPES[args.bench_shape])
-        torch.manual_seed(args.seed)
-        with torch.device("cpu" if args.fsdp else d.device):
-            model = Qwen3ForCausalLM(config)
-    t = time.time()
-    train(args, d, model, tokenizer)
-    rows = [r for r in read_metrics(args.out) if "t_step" in r]
-    timed = rows[1:] or rows  # the first step pays for warm-up (allocator, kernels)
-    med = lambda k: sorted(r[k] for r in timed)[len(timed) // 2]  # noqa: E731
-    critic = ("t_critic",) if "t_critic" in rows[0] else ()  # --method ppo: the critic's value pass and update
-    keys = ("t_rollout", "t_reward", "t_advantage", "t_logprob", "t_update", *critic, "t_step", "tokens_per_s",
-            "decode_tokens_per_s", "update_tokens_per_s", "response_len", "peak_mem_gb")
-    res = {k: med(k) for k in keys}
-    shape = f"tiny {args.tiny_hidden}x{args.tiny_layers}" if args.bench_shape == "tiny" \
-        else f"Qwen3-{args.bench_shape} shape"
-    wrap = "FSDP2" if args.fsdp else "DDP" if d.world > 1 else "one process"
-    print0(f"\nbenchmark: {shape}, {d.device}, world {d.world}, {wrap}, dtype {args.dtype}, "
-           f"grad ckpt {args.grad_ckpt}; {args.prompts_per_step} prompts x G={args.group_size}, "
-           f"max {args.max_new_tokens} new tokens; median of {len(timed)} step(s) after the first "
-           f"({time.time() - t:.0f} s in all)")
-    for k in keys:
-        print0(f"  {k:22s} {res[k]:12.3f}")
-    return res
-
-
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
     if args.demo:
         return demo(args)
-    if args.bench:
-        return benchmark(args)
     return train(args)
 
 

@@ -341,8 +341,9 @@ def plan(args: Args) -> list[Job]:
 
 
 def read_metrics(d: str) -> list[dict]:
-    with open(os.path.join(d, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """train.py's metrics.jsonl reader (it skips a torn last line); imported here because it imports torch."""
+    import train
+    return train.read_metrics(d)
 
 
 def run_summary(rows: list[dict]) -> dict:

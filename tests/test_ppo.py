@@ -126,7 +126,7 @@ def test_critic_is_the_policys_backbone_with_a_value_head(tiny_model, tmp_path):
     import contextlib
     args = train.parse_args(["--method", "ppo", "--device", "cpu", "--out", str(tmp_path), "--no-grad-ckpt"])
     policy = copy.deepcopy(tiny_model)
-    critic = train.load_critic(args, train.Dist(), torch.float32, policy, fresh=True)
+    critic = train.load_critic(args, train.Worker(), torch.float32, policy, fresh=True)
     sd, psd = critic.state_dict(), policy.state_dict()
     assert not any(k.startswith("lm_head") for k in sd) and sd["score.weight"].shape == (1, 64)
     assert all(torch.equal(v, psd[k]) for k, v in sd.items() if k.startswith("model."))

@@ -541,7 +541,7 @@ def test_export_is_what_from_pretrained_loads(tiny_tokenizer, tmp_path, tied):
     if not tied:
         model.config.tie_word_embeddings = False
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() * 2)
-    train.export_pretrained(model, tiny_tokenizer, str(tmp_path), train.Dist())
+    train.export_pretrained(model, tiny_tokenizer, str(tmp_path), train.Worker())
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tied
     ref = model.state_dict()
@@ -621,31 +621,31 @@ import rollout
 import train
 
 batch_file, out_file, fsdp, tied = sys.argv[1], sys.argv[2], sys.argv[3] == "fsdp", sys.argv[4] == "tied"
-d = train.setup_distributed("cpu")
+worker = train.setup_distributed("cpu")
 args = train.Args(**torch.load(batch_file)["args"], fsdp=fsdp)
 tok = rollout.build_tiny_tokenizer()
 with train.parameters_on_meta():  # every rank: no weights in memory; rank 0 alone builds them and broadcasts
     model = rollout.build_tiny_model(tok, hidden=64, layers=2)
-full = rollout.build_tiny_model(tok, hidden=64, layers=2) if d.rank == 0 else None
+full = rollout.build_tiny_model(tok, hidden=64, layers=2) if worker.rank == 0 else None
 if not tied:
     model.config.tie_word_embeddings = False
     model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight))
     if full is not None:
         full.lm_head.weight = torch.nn.Parameter(full.lm_head.weight.detach() * 2)
-model = train.place_model(model, d, args, torch.float32, full and full.state_dict(), load=True, trainable=True)
+model = train.place_model(model, worker, args, torch.float32, full and full.state_dict(), load=True, trainable=True)
 batch = torch.load(batch_file)["batch"]
-rows = [r for p in train.rank_places(d.rank, d.world, 4, 4) for r in range(2 * p, 2 * p + 2)]  # this rank's groups
+rows = [r for p in train.rank_places(worker.rank, worker.world_size, 4, 4) for r in range(2 * p, 2 * p + 2)]  # this rank's groups
 mine = {k: v[rows] for k, v in batch.items()}
 N = torch.tensor([train.loss_normaliser(mine["response_mask"], mine["weight"], args.loss_agg, args.max_new_tokens)])
 N = float(train.all_reduce(N.double()))
-train.accumulate_gradients(model, mine, N, args, d.world, contextlib.nullcontext())
+train.accumulate_gradients(model, mine, N, args, worker.world_size, contextlib.nullcontext())
 whole = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
 named = list(train.unwrap(model).named_parameters())
 grads = {n: whole(p.grad).clone() for n, p in named}
 opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 train.apply_update(model, opt, args.lr, args.grad_clip, True)
 params = {n: whole(p.detach()).clone() for n, p in named}
-if d.rank == 0:
+if worker.rank == 0:
     hf = train.unwrap(model)
     torch.save({"grads": grads, "params": params, "tied": hf.lm_head.weight is hf.model.embed_tokens.weight}, out_file)
 torch.distributed.barrier()
@@ -737,10 +737,10 @@ import torch.distributed as dist
 import rollout
 import train
 
-d = train.setup_distributed("cpu")
-m = train.wrap_model(rollout.build_tiny_model(rollout.build_tiny_tokenizer()), d, True, torch.float32)
+worker = train.setup_distributed("cpu")
+m = train.wrap_model(rollout.build_tiny_model(rollout.build_tiny_tokenizer()), worker, True, torch.float32)
 with train.sampling_mode(m) as policy, torch.no_grad():
-    for _ in range(1 + 3 * d.rank):  # rank 0 one forward call, rank 1 four: rows finishing at different times
+    for _ in range(1 + 3 * worker.rank):  # rank 0 one forward call, rank 1 four: rows finishing at different times
         policy(input_ids=torch.tensor([[3, 4, 5]]))
 m(input_ids=torch.tensor([[3, 4, 5]])).logits.sum().backward()  # FSDP's collectives must still line up
 dist.barrier()
