@@ -869,34 +869,51 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 # Input checks: a ValueError naming the argument, before any model work
 
 
+def check_config(cfg: SamplingConfig, group_size: int, longest_prompt: int) -> None:
+    """A ValueError "cfg.FIELD=VALUE: why" for every invalid setting; sample() calls it, and
+    train.py calls it on its flags before anything loads (a row reserves longest_prompt + max_new_tokens)."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+    if not isinstance(cfg.max_new_tokens, int) or not 1 <= cfg.max_new_tokens < 2**24:
+        raise ValueError(f"cfg.max_new_tokens={cfg.max_new_tokens!r}: must be an int in [1, 2^24)")
+    if not (isinstance(cfg.temperature, (int, float)) and math.isfinite(cfg.temperature) and cfg.temperature >= 0):
+        raise ValueError(f"cfg.temperature={cfg.temperature!r}: must be a finite number >= 0 (0 = greedy)")
+    if not (isinstance(cfg.top_p, (int, float)) and 0 < cfg.top_p <= 1):
+        raise ValueError(f"cfg.top_p={cfg.top_p!r}: must be in (0, 1]")
+    if isinstance(cfg.top_k, bool) or not isinstance(cfg.top_k, int) or cfg.top_k < 0:
+        raise ValueError(f"cfg.top_k={cfg.top_k!r}: must be an int >= 0 (0 = off)")
+    if cfg.sampler not in ("flat", "tree"):
+        raise ValueError(f"cfg.sampler={cfg.sampler!r}: must be 'flat' or 'tree'")
+    if not isinstance(cfg.tau, (int, float)) or math.isnan(cfg.tau) or cfg.tau < 0:
+        raise ValueError(f"cfg.tau={cfg.tau!r}: must be >= 0 nats (inf = never fork)")
+    if cfg.sampler == "tree":
+        if cfg.temperature == 0:
+            raise ValueError("cfg.temperature=0: greedy with cfg.sampler = 'tree' would repeat the argmax in every "
+                             "branch; use temperature > 0 or sampler = 'flat'")
+        if not isinstance(cfg.num_chains, int) or not 1 <= cfg.num_chains <= group_size:
+            raise ValueError(f"cfg.num_chains={cfg.num_chains!r}: must be an int in [1, group_size={group_size}]")
+        if not isinstance(cfg.max_children, int) or not 2 <= cfg.max_children <= 256:
+            raise ValueError(f"cfg.max_children={cfg.max_children!r}: must be an int in [2, 256]")
+        if not isinstance(cfg.max_forks, int) or cfg.max_forks < 0:
+            raise ValueError(f"cfg.max_forks={cfg.max_forks!r}: must be an int >= 0 (0 = no limit)")
+    L = longest_prompt + cfg.max_new_tokens
+    if cfg.kv_budget is not None and (isinstance(cfg.kv_budget, bool) or not isinstance(cfg.kv_budget, int)
+                                      or cfg.kv_budget < L):
+        raise ValueError(f"cfg.kv_budget={cfg.kv_budget!r}: cannot hold one row: a row reserves the "
+                         f"longest prompt ({L - cfg.max_new_tokens}) + max_new_tokens ({cfg.max_new_tokens}) = {L} "
+                         "positions; give at least that (or None: every row at once)")
+    if not isinstance(cfg.compile, bool):
+        raise ValueError(f"cfg.compile={cfg.compile!r}: must be a bool")
+
+
 def _check_sample_args(model, prompts, group_size, cfg: SamplingConfig, eos_token_ids, pad_token_id,
                        prompt_keys) -> list[int]:
     if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
         raise ValueError("prompts must be a non-empty list of token-id lists")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
-    if not isinstance(cfg.max_new_tokens, int) or not 1 <= cfg.max_new_tokens < 2**24:
-        raise ValueError(f"cfg.max_new_tokens must be an int in [1, 2^24), got {cfg.max_new_tokens!r}")
-    if not (isinstance(cfg.temperature, (int, float)) and math.isfinite(cfg.temperature) and cfg.temperature >= 0):
-        raise ValueError(f"cfg.temperature must be a finite number >= 0 (0 = greedy), got {cfg.temperature!r}")
-    if not (isinstance(cfg.top_p, (int, float)) and 0 < cfg.top_p <= 1):
-        raise ValueError(f"cfg.top_p must be in (0, 1], got {cfg.top_p!r}")
-    if isinstance(cfg.top_k, bool) or not isinstance(cfg.top_k, int) or cfg.top_k < 0:
-        raise ValueError(f"cfg.top_k must be an int >= 0 (0 = off), got {cfg.top_k!r}")
-    if cfg.sampler not in ("flat", "tree"):
-        raise ValueError(f"cfg.sampler must be 'flat' or 'tree', got {cfg.sampler!r}")
-    if not isinstance(cfg.tau, (int, float)) or math.isnan(cfg.tau) or cfg.tau < 0:
-        raise ValueError(f"cfg.tau must be >= 0 nats (inf = never fork), got {cfg.tau!r}")
-    if cfg.sampler == "tree":
-        if cfg.temperature == 0:
-            raise ValueError("cfg.temperature = 0 (greedy) with cfg.sampler = 'tree': every branch would "
-                             "repeat the argmax; use temperature > 0 or sampler = 'flat'")
-        if not isinstance(cfg.num_chains, int) or not 1 <= cfg.num_chains <= group_size:
-            raise ValueError(f"cfg.num_chains must be an int in [1, group_size={group_size}], got {cfg.num_chains!r}")
-        if not isinstance(cfg.max_children, int) or not 2 <= cfg.max_children <= 256:
-            raise ValueError(f"cfg.max_children must be an int in [2, 256], got {cfg.max_children!r}")
-        if not isinstance(cfg.max_forks, int) or cfg.max_forks < 0:
-            raise ValueError(f"cfg.max_forks must be an int >= 0 (0 = no limit), got {cfg.max_forks!r}")
+    if not all(isinstance(q, (list, tuple)) and q for q in prompts):
+        i = next(i for i, q in enumerate(prompts) if not (isinstance(q, (list, tuple)) and q))
+        raise ValueError(f"prompts[{i}] must be a non-empty list of token ids")
+    check_config(cfg, group_size, max(map(len, prompts)))
     eos = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids or [])
     V = model.config.get_text_config().vocab_size
     if not eos or not all(isinstance(e, int) and 0 <= e < V for e in eos):
@@ -906,8 +923,6 @@ def _check_sample_args(model, prompts, group_size, cfg: SamplingConfig, eos_toke
         raise ValueError(f"pad_token_id must be a token id in [0, {V}), got {pad_token_id!r}")
     n_ctx = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     for i, q in enumerate(prompts):
-        if not isinstance(q, (list, tuple)) or len(q) == 0:
-            raise ValueError(f"prompts[{i}] must be a non-empty list of token ids")
         if not all(isinstance(t, int) and 0 <= t < V for t in q):
             raise ValueError(f"prompts[{i}] holds an id outside [0, {V}) or a non-int")
         if n_ctx is not None and len(q) + cfg.max_new_tokens > n_ctx:
@@ -917,14 +932,6 @@ def _check_sample_args(model, prompts, group_size, cfg: SamplingConfig, eos_toke
     if prompt_keys is not None and (len(prompt_keys) != P
                                     or not all(isinstance(k, int) and k >= 0 for k in prompt_keys)):
         raise ValueError(f"prompt_keys must hold one int >= 0 per prompt ({P}), got {prompt_keys!r}")
-    L = max(map(len, prompts)) + cfg.max_new_tokens
-    if cfg.kv_budget is not None and (isinstance(cfg.kv_budget, bool) or not isinstance(cfg.kv_budget, int)
-                                      or cfg.kv_budget < L):
-        raise ValueError(f"cfg.kv_budget={cfg.kv_budget!r} token positions cannot hold one row: a row reserves the "
-                         f"longest prompt ({L - cfg.max_new_tokens}) + max_new_tokens ({cfg.max_new_tokens}) = {L} "
-                         "positions; give at least that (or None: every row at once)")
-    if not isinstance(cfg.compile, bool):
-        raise ValueError(f"cfg.compile must be a bool, got {cfg.compile!r}")
     text = model.config.get_text_config()
     if any(kind != "full_attention" for kind in getattr(text, "layer_types", None) or []):
         raise ValueError("sample() needs full attention in every layer; sliding-window or linear-attention layers are "

@@ -1324,6 +1324,9 @@ def parse_args(argv: list[str] | None = None, preset: dict | None = None) -> Arg
     return args
 
 
+# SamplingConfig's fields that train.py names otherwise (the rest share their names with the flags).
+SAMPLER_FLAGS = dict(tau="tree_tau", num_chains="tree_chains", max_children="tree_children", max_forks="tree_forks",
+                     compile="compile_decode")
 # Count flags and their least value; a None flag (where the field allows it) means "the default" and is not checked.
 AT_LEAST = dict(tiny_hidden=8, tiny_layers=1, epochs=1, prompts_per_step=1, mini_batch_prompts=1, micro_batch_tokens=1,
                 micro_batch_rows=1, max_new_tokens=1, max_prompt_tokens=1, logit_chunk=1, val_batch_size=1,
@@ -1375,14 +1378,13 @@ def check_args(args: Args, world_size: int = 1) -> None:
          f"--critic-lr {args.critic_lr} / --gamma {args.gamma} / --lam {args.lam} / --value-clip {args.value_clip}: "
          "need critic_lr > 0, 0 < gamma <= 1, 0 <= lam <= 1, value_clip > 0")
     need(args.temperature > 0, f"--temperature {args.temperature}: training needs > 0 (log-probs of logits / T)")
-    need(0 < args.top_p <= 1, f"--top-p {args.top_p}: must be in (0, 1]")
-    need(args.tree_tau is None or args.tree_tau >= 0, f"--tree-tau {args.tree_tau}: must be >= 0 nats")
+    try:  # the sampler's own rules, named by train.py's flags
+        rollout.check_config(sampling_config(args), args.group_size, args.max_prompt_tokens)
+    except ValueError as e:
+        raise UserError(re.sub(r"cfg\.(\w+)=", lambda m: f"--{SAMPLER_FLAGS.get(m[1], m[1]).replace('_', '-')} ", str(e)))
     need(args.recompute_logprobs != "never" or (args.top_p == 1 and args.top_k == 0),
          "--recompute-logprobs never: with --top-p/--top-k the sampler's log-probs are of the truncated distribution, "
          "not the policy's")
-    need(args.kv_budget is None or args.kv_budget >= args.max_prompt_tokens + args.max_new_tokens,
-         f"--kv-budget {args.kv_budget}: a row reserves --max-prompt-tokens + --max-new-tokens = "
-         f"{args.max_prompt_tokens + args.max_new_tokens} positions; give at least that")
     need(args.lr > 0, f"--lr {args.lr}: must be > 0")
     need(args.warm_lr > 0, f"--warm-lr {args.warm_lr}: must be > 0")
     need(args.weight_decay >= 0, f"--weight-decay {args.weight_decay}: must be >= 0")
@@ -1393,8 +1395,6 @@ def check_args(args: Args, world_size: int = 1) -> None:
     need(args.mini_batch_prompts % world_size == 0,
          f"--mini-batch-prompts {args.mini_batch_prompts} does not divide over {world_size} ranks "
          "(each rank owns whole groups)")
-    need(args.tree_chains is None or args.tree_chains <= args.group_size,
-         f"--tree-chains {args.tree_chains}: must be in [1, group_size={args.group_size}]")
     need(args.device in ("auto", "cpu") or args.device.startswith("cuda"),
          f"--device {args.device!r}: auto, cpu or cuda")
     need(not args.device.startswith("cuda") or torch.cuda.is_available(),

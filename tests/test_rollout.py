@@ -609,7 +609,7 @@ def test_compiled_decode_gives_the_same_tokens(tiny_model, tiny_tokenizer):
     ([[5, 6]], 2, dict(sampler="tree", temperature=0.0), "temperature"),
     ([[5, 6], [7]], 2, dict(prompt_keys=[0]), "prompt_keys"),
     ([[5, 6]], 2, dict(prompt_keys=[-1]), "prompt_keys"),
-    ([[5, 6, 7], [5]], 2, dict(max_new_tokens=10, kv_budget=12), r"kv_budget=12 .*prompt \(3\) \+ max_new_tokens \(10\) = 13"),
+    ([[5, 6, 7], [5]], 2, dict(max_new_tokens=10, kv_budget=12), r"kv_budget=12: .*prompt \(3\) \+ max_new_tokens \(10\) = 13"),
     ([[5, 6]], 2, dict(kv_budget=0), "kv_budget"),
     ([[5, 6]], 2, dict(kv_budget=1000.0), "kv_budget"),
     ([[5, 6]], 2, dict(compile="yes"), "compile"),
