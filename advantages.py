@@ -1,7 +1,7 @@
 """advantages.py: GRPO, Dr. GRPO, TEMPO (P2T), TreeAdv and HEPO advantages as batched tensor functions.
 
 Implements SPEC sections 1 (GRPO; scale "group" | "batch" | "none" = Dr. GRPO), 2 (the prefix tree,
-without building one), 3 (TEMPO), 4 (HEPO), 5 (TreeAdv redistribution), 9 (PPO's GAE from a critic's
+without building a trie), 3 (TEMPO), 4 (HEPO), 5 (TreeAdv redistribution), 9 (PPO's GAE from a critic's
 values, and the batch whitening) and the SPEC 8 diagnostics.
 `trie.py` computes the same numbers with a dictionary trie that reads like the paper; the tests
 check the two against each other and against a third, loop-by-loop reading of the SPEC.
@@ -11,7 +11,7 @@ Layout: rows g*G .. g*G+G-1 answer prompt g (B = P*G); responses [B, T] are righ
 function runs on the input's device, accumulates in float64 (float32 on MPS, which has none) and
 returns float32 with zeros at padding.
 
-How the tree is read without building it (SPEC 2): for two rows i, j of a group let lcp(i, j) be
+How the tree is read without building a trie (SPEC 2): for two rows i, j of a group let lcp(i, j) be
 the length of their longest common prefix (at most either row's length; lcp(i, i) = len_i). Then
 D(s_t) on row i's path is {j : lcp(i, j) >= t}. Sorting row i's G lcp values ascending, the
 members of D(s_t) are the sorted positions k(t) .. G-1 with k(t) = #{j : lcp(i, j) < t} (a
@@ -21,7 +21,9 @@ rewards. TEMPO needs V only where it changes: delta_{i,t} != 0 only at t = some 
 those. TreeAdv and prefix_counts read k(t) for every token (one searchsorted over [B, T]). lcp values
 are found by comparing the G(G-1)/2 pairs of each group over windows of doubling width that stop once
 every pair has diverged: a loop of at most log2(T) steps, never over tokens or rows. Memory is
-O(B*G + B*T); nothing is B*T*T or B*B*T.
+O(B*G + B*T); nothing is B*T*T or B*B*T. The sorted lcp values and their columns are a `PrefixTree`:
+`prefix_tree` builds it once, and TEMPO, TreeAdv, prefix_counts and the diagnostics take it as `tree=`
+(train.py builds one a step and passes it to all four).
 
 Departures from the papers (all from SPEC): the END of a response counts as a child (a truncated
 response that is a strict prefix of a sibling leaves at its own end); a group of one has mu = 0 and
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
 
@@ -135,22 +138,45 @@ def pairwise_lcp(responses: torch.Tensor, mask: torch.Tensor, group_size: int,
     return lcp
 
 
-def _prefix_sets(responses, mask, r, G):
-    """Row i's lcp values sorted ascending [B, G], and V_from [B, G+1].
+class PrefixTree(NamedTuple):
+    """Each group's prefix tree as sorted lcp values (read, never built as a trie); see `prefix_tree`."""
+    lcp_sorted: torch.Tensor  # [B, G] int64: row i's lcp(i, j) over j in its group, ascending; the last is len_i
+    order: torch.Tensor  # [B, G] int64: the column j (in the group) of each sorted value
+
+    def rows(self, index) -> PrefixTree:
+        """The tree of some whole groups: the same rows (`index`, e.g. a slice) of each tensor."""
+        return PrefixTree(self.lcp_sorted[index], self.order[index])
+
+
+def prefix_tree(responses: torch.Tensor, mask: torch.Tensor, group_size: int) -> PrefixTree:
+    """Row i's G lcp values lcp(i, j) sorted ascending, and the column j of each (SPEC 2).
 
     D(s_t) on row i's path = {j : lcp(i, j) >= t} = the sorted positions k(t) .. G-1 with
-    k(t) = #{j : lcp(i, j) < t} = searchsorted(lcp_sorted, t). So n(s_t) = G - k(t) and
-    V(s_t) = V_from[i, k(t)], the mean of the sorted rewards from position k(t) on.
+    k(t) = #{j : lcp(i, j) < t} = searchsorted(lcp_sorted, t), so n(s_t) = G - k(t). Build it once
+    and pass it as `tree=` to tempo_advantages, treeadv_advantages, prefix_counts and
+    branch_diagnostics; each builds it itself when not given.
     """
+    mask = _check_tokens(responses, mask)
+    G = _check_group_size(group_size, responses.shape[0], "responses")
+    return _tree_of(responses, mask, G, None)
+
+
+def _tree_of(responses, mask, G, tree) -> PrefixTree:
+    """`tree` as given (checked against these rows), or built from responses and mask (checked) when None."""
+    if tree is None:
+        return PrefixTree(*pairwise_lcp(responses, mask, G).sort(1))
+    return _check_tree(tree, mask, G)
+
+
+def _prefix_sets(tree, r, G):
+    """V_from [B, G+1]: V(s_t) = V_from[i, k(t)], the mean of row i's sorted rewards from position k(t) on."""
     B = r.shape[0]
-    lcp_sorted, order = pairwise_lcp(responses, mask, G).sort(1)  # [B, G]
     r_rows = r.view(B // G, 1, G).expand(B // G, G, G).reshape(B, G)  # [B, G] rewards of row i's group
-    r_sorted = r_rows.gather(1, order)  # [B, G] in the order of lcp_sorted
+    r_sorted = r_rows.gather(1, tree.order)  # [B, G] in the order of tree.lcp_sorted
     suffix = r_sorted.flip(1).cumsum(1).flip(1)  # [B, G] reward sum over sorted positions k..G-1
     suffix = torch.cat([suffix, torch.zeros_like(suffix[:, :1])], 1)  # [B, G+1]
     n_from = torch.arange(G, -1, -1, device=r.device, dtype=r.dtype)  # [G+1] G - k
-    V_from = suffix / n_from.clamp(min=1)  # [B, G+1]; k = G (empty set) only past a row's end
-    return lcp_sorted, V_from
+    return suffix / n_from.clamp(min=1)  # [B, G+1]; k = G (empty set) only past a row's end
 
 
 def _k_dense(lcp_sorted: torch.Tensor, T: int) -> torch.Tensor:
@@ -159,16 +185,17 @@ def _k_dense(lcp_sorted: torch.Tensor, T: int) -> torch.Tensor:
     return torch.searchsorted(lcp_sorted, t.contiguous(), side="left")
 
 
-def prefix_counts(responses: torch.Tensor, mask: torch.Tensor, group_size: int) -> torch.Tensor:
+def prefix_counts(responses: torch.Tensor, mask: torch.Tensor, group_size: int, *,
+                  tree: PrefixTree | None = None) -> torch.Tensor:
     """n(s_{t+1}) [B, T] int64: rows of the group sharing the prefix up to and including token t.
 
     1 for a token no other row shares; 0 at padding. train.py weights TreeAdv's unique-segment
-    loss by 1/n (SPEC 5b).
+    loss by 1/n (SPEC 5b). `tree`: `prefix_tree` of these rows (built here when None).
     """
     mask = _check_tokens(responses, mask)
     G = _check_group_size(group_size, responses.shape[0], "responses")
-    lcp_sorted = pairwise_lcp(responses, mask, G).sort(1).values  # [B, G]
-    k_next = _k_dense(lcp_sorted, responses.shape[1])[:, 1:]  # [B, T] k(t+1)
+    tree = _tree_of(responses, mask, G, tree)
+    k_next = _k_dense(tree.lcp_sorted, responses.shape[1])[:, 1:]  # [B, T] k(t+1)
     return (G - k_next).masked_fill_(~mask, 0)  # past a row's end k = G already; the fill says so
 
 
@@ -176,7 +203,7 @@ def prefix_counts(responses: torch.Tensor, mask: torch.Tensor, group_size: int) 
 # SPEC 3: TEMPO
 
 
-def _tempo_events(responses, mask, r, G, eps, td_weight, scale, scale_td):
+def _tempo_events(tree, r, G, eps, td_weight, scale, scale_td):
     """TEMPO where it differs from GRPO: the token positions emitted at branch nodes.
 
     delta_{i,t} = V(s_{t+1}) - V(s_t) is non-zero only where D(s_{t+1}) != D(s_t), i.e. where t equals
@@ -186,7 +213,7 @@ def _tempo_events(responses, mask, r, G, eps, td_weight, scale, scale_td):
     (the event's t), A_event [B, G] (float64, the advantage there). Equal-reward groups get zeros.
     """
     mu, denom = _baseline(r, G, eps, scale)
-    lcp_sorted, V_from = _prefix_sets(responses, mask, r, G)  # [B, G], [B, G+1]
+    lcp_sorted, V_from = tree.lcp_sorted, _prefix_sets(tree, r, G)  # [B, G], [B, G+1]
     k_at = torch.searchsorted(lcp_sorted, lcp_sorted, side="left")  # [B, G] k(L)
     k_after = torch.searchsorted(lcp_sorted, lcp_sorted, side="right")  # [B, G] k(L+1) = #{lcp <= L}
     delta = V_from.gather(1, k_after) - V_from.gather(1, k_at)  # [B, G] V(s_{L+1}) - V(s_L)
@@ -204,17 +231,19 @@ def _tempo_events(responses, mask, r, G, eps, td_weight, scale, scale_td):
 
 def tempo_advantages(responses: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
                      group_size: int, eps: float = 1e-6, td_weight: float = 1.0,
-                     scale: str = "group", scale_td: bool = True) -> torch.Tensor:
+                     scale: str = "group", scale_td: bool = True, *,
+                     tree: PrefixTree | None = None) -> torch.Tensor:
     """A_{i,t} = ((r_i - mu) + w * delta_{i,t}) / (sigma + eps), delta_{i,t} = V(s_{t+1}) - V(s_t).
 
     [B, T] float32, zeros at padding. w = td_weight (1.0 = the paper, 0.0 = GRPO broadcast);
     scale_td=False: A = (r_i - mu)/(sigma + eps) + w * delta (the TD term unscaled, SPEC 8).
     Built as A_i on every valid token, then the branch events written in (SPEC 3's branch gate).
+    `tree`: `prefix_tree` of these rows (built here when None).
     """
     mask, r, G, eps, scale = _check_batch(responses, mask, rewards, group_size, eps, scale)
     td_weight = _check_scalar("td_weight", td_weight)
-    A_i, event, col, A_event = _tempo_events(responses, mask, r, G, eps, td_weight, scale,
-                                             bool(scale_td))
+    tree = _tree_of(responses, mask, G, tree)
+    A_i, event, col, A_event = _tempo_events(tree, r, G, eps, td_weight, scale, bool(scale_td))
     A = torch.where(mask, A_i.float()[:, None], 0.0)  # [B, T] GRPO broadcast
     rows, m = event.nonzero(as_tuple=True)  # events are valid tokens: L < len_i
     A[rows, col[rows, m]] = A_event[rows, m].float()
@@ -258,18 +287,21 @@ def hepo_advantages(entropy: torch.Tensor, mask: torch.Tensor, rewards: torch.Te
 
 
 def treeadv_advantages(responses: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
-                       group_size: int, eps: float = 1e-6, scale: str = "group") -> torch.Tensor:
+                       group_size: int, eps: float = 1e-6, scale: str = "group", *,
+                       tree: PrefixTree | None = None) -> torch.Tensor:
     """Ahat_{i,t} = (V(s_{t+1}) - mu) / (sigma + eps): the mean leaf advantage under token t's node.
 
     [B, T] float32, zeros at padding. A token no other row shares has V(s_{t+1}) = r_i and keeps A_i.
     Summed over the rows sharing a token this gives the sum of their GRPO advantages (SPEC 5a).
+    `tree`: `prefix_tree` of these rows (built here when None).
     """
     mask, r, G, eps, scale = _check_batch(responses, mask, rewards, group_size, eps, scale)
+    tree = _tree_of(responses, mask, G, tree)
     mu, denom = _baseline(r, G, eps, scale)
-    lcp_sorted, V_from = _prefix_sets(responses, mask, r, G)  # [B, G], [B, G+1]
+    V_from = _prefix_sets(tree, r, G)  # [B, G+1]
     Ahat_from = ((V_from - mu[:, None]) / denom[:, None]).float()  # [B, G+1] per prefix set
     Ahat_from.masked_fill_(_equal_groups(r, G)[:, None], 0.0)
-    k_next = _k_dense(lcp_sorted, responses.shape[1])[:, 1:]  # [B, T] k(t+1): D(s_{t+1})
+    k_next = _k_dense(tree.lcp_sorted, responses.shape[1])[:, 1:]  # [B, T] k(t+1): D(s_{t+1})
     return Ahat_from.gather(1, k_next).masked_fill_(~mask, 0.0)
 
 
@@ -357,17 +389,19 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
 
 
 def branch_diagnostics(responses: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
-                       group_size: int, eps: float = 1e-6) -> dict[str, float]:
+                       group_size: int, eps: float = 1e-6, *, tree: PrefixTree | None = None) -> dict[str, float]:
     """Per-step numbers that say whether TEMPO had anything to work with (scale "group", w = 1).
 
     branch_token_frac: valid tokens emitted at a branch node / valid tokens;
     first_divergence_depth: mean over rows of min_{j != i} lcp(i, j) (nan for groups of one);
     unique_depth: mean over rows of max_{j != i} lcp(i, j) (nan for groups of one);
     td_share: sum |A_tempo - A_grpo| / sum |A_tempo| over valid tokens (0 if the denominator is 0).
-    All from the branch events alone: off them A_tempo = A_grpo = A_i.
+    All from the branch events alone: off them A_tempo = A_grpo = A_i. `tree`: `prefix_tree` of these
+    rows (built here when None).
     """
     mask, r, G, eps, _ = _check_batch(responses, mask, rewards, group_size, eps, "group")
-    A_i, event, lcp_sorted, A_event = _tempo_events(responses, mask, r, G, eps, 1.0, "group", True)
+    tree = _tree_of(responses, mask, G, tree)
+    A_i, event, lcp_sorted, A_event = _tempo_events(tree, r, G, eps, 1.0, "group", True)
     lengths = lcp_sorted[:, -1]  # [B]
     n_tokens = int(lengths.sum())
     n_event = event.sum(1)  # [B] tokens of row i at branch nodes
@@ -402,6 +436,20 @@ def _check_batch(responses, mask, rewards, group_size, eps, scale):
     r = _check_rewards(rewards, responses.shape[0], responses.device)
     G = _check_group_size(group_size, r.shape[0])
     return mask, r, G, _check_scalar("eps", eps, 0.0), _check_scale(scale)
+
+
+def _check_tree(tree, mask, G: int) -> PrefixTree:
+    """`prefix_tree` of these rows: two [B, G] tensors on mask's device, row i's largest lcp = len_i."""
+    B = mask.shape[0]
+    if not isinstance(tree, PrefixTree):
+        raise ValueError(f"tree must be a PrefixTree (from prefix_tree) or None, got {type(tree)}")
+    for name, x in zip(tree._fields, tree):
+        if not isinstance(x, torch.Tensor) or x.shape != (B, G) or x.device != mask.device:
+            got = (tuple(x.shape), str(x.device)) if isinstance(x, torch.Tensor) else type(x)
+            raise ValueError(f"tree.{name} must be a [B, G] = [{B}, {G}] tensor on {mask.device}, got {got}")
+    if not (tree.lcp_sorted[:, -1] == mask.sum(1)).all():  # lcp(i, i) = len_i is row i's largest
+        raise ValueError("tree is not the tree of these rows: a row's largest lcp is not its length")
+    return tree
 
 
 def _check_group_size(group_size, B: int, rows: str = "rewards") -> int:

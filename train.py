@@ -750,16 +750,16 @@ def explained_variance_sums(values: torch.Tensor, returns: torch.Tensor, mask: t
 # 6. One RL step: rollout -> reward -> advantages -> update -> log -> validate / checkpoint
 
 
-def compute_advantages(args: Args, responses, mask, rewards, entropy) -> torch.Tensor:
-    """A [B, T] float32 for `--method`; 0 at padding."""
+def compute_advantages(args: Args, responses, mask, rewards, entropy, tree=None) -> torch.Tensor:
+    """A [B, T] float32 for `--method`; 0 at padding. `tree`: advantages.prefix_tree of these rows, or None."""
     G = args.group_size
     if args.method == "grpo":
         return advantages.grpo_advantages(rewards, G, scale=args.scale)[:, None] * mask
     if args.method == "tempo":
         return advantages.tempo_advantages(responses, mask, rewards, G, td_weight=args.td_weight,
-                                           scale=args.scale, scale_td=args.scale_td)
+                                           scale=args.scale, scale_td=args.scale_td, tree=tree)
     if args.method == "treeadv":
-        return advantages.treeadv_advantages(responses, mask, rewards, G, scale=args.scale)
+        return advantages.treeadv_advantages(responses, mask, rewards, G, scale=args.scale, tree=tree)
     return advantages.hepo_advantages(entropy, mask, rewards, G, rho=args.hepo_rho, scale=args.scale)
 
 
@@ -870,22 +870,25 @@ def advantage_step(run: Run, ro: rollout.Rollout, r: torch.Tensor, step: int, va
     args, worker, G = run.args, run.worker, run.args.group_size
     mask = ro.response_mask  # [B, T] bool
     B, T = mask.shape
+    mine = slice(worker.rank * B, (worker.rank + 1) * B)  # this rank's rows of the step's batch: whole groups
     resp_all, mask_all = gather_rows(ro.response_ids), gather_rows(mask.long()).bool()
     r_all, ent_all = gather_rows(r[:, None])[:, 0], gather_rows(ro.entropy)
     if args.shuffle_rewards:  # the control: rewards no longer belong to their responses
         g = torch.Generator().manual_seed(sample_seed(args.seed, step))
         r_all = r_all[torch.randperm(len(r_all), generator=g).to(r_all.device)]
+    tree = advantages.prefix_tree(resp_all, mask_all, G)  # SPEC 2, once: advantages, diagnostics, weights
     returns = None
     if args.method == "ppo":
         A_all, R_all = advantages.gae_advantages(r_all, gather_rows(values), mask_all, args.gamma, args.lam)
-        A = advantages.whiten(A_all, mask_all)[worker.rank * B:(worker.rank + 1) * B, :T]
-        returns = R_all[worker.rank * B:(worker.rank + 1) * B, :T]
+        A = advantages.whiten(A_all, mask_all)[mine, :T]
+        returns = R_all[mine, :T]
     else:
-        A = compute_advantages(args, resp_all, mask_all, r_all, ent_all)[worker.rank * B:(worker.rank + 1) * B, :T]
-    diag = advantages.branch_diagnostics(resp_all, mask_all, r_all, G)
+        A = compute_advantages(args, resp_all, mask_all, r_all, ent_all, tree)[mine, :T]
+    diag = advantages.branch_diagnostics(resp_all, mask_all, r_all, G, tree=tree)
     weight = torch.ones_like(A)
     if args.unique_segments:  # SPEC 5b: n copies of a shared token, weight 1/n each = trained once
-        weight = 1.0 / advantages.prefix_counts(ro.response_ids, mask, G).clamp(min=1).float()
+        n = advantages.prefix_counts(ro.response_ids, mask, G, tree=tree.rows(mine))  # [B, T]
+        weight = 1.0 / n.clamp(min=1).float()
     return A, weight, diag, returns
 
 

@@ -223,6 +223,9 @@ def test_tempo_three_ways(batch, scale, td_weight, scale_td):
     T = responses.shape[1]
     fast = adv.tempo_advantages(responses, mask, rewards, G, td_weight=td_weight, scale=scale,
                                 scale_td=scale_td)
+    tree = adv.prefix_tree(responses, mask, G)  # a tree built once and passed changes nothing, bit for bit
+    assert torch.equal(fast, adv.tempo_advantages(responses, mask, rewards, G, td_weight=td_weight, scale=scale,
+                                                  scale_td=scale_td, tree=tree))
     slow = trie_batch.tempo_batch(responses, mask, rewards, G, td_weight=td_weight, scale=scale,
                             scale_td=scale_td)
     ref = padded(reference(responses, mask, rewards, G, scale=scale, td_weight=td_weight,
@@ -240,6 +243,8 @@ def test_treeadv_grpo_counts_three_ways(batch, scale):
     T = responses.shape[1]
     ref = reference(responses, mask, rewards, G, scale=scale)
     fast = adv.treeadv_advantages(responses, mask, rewards, G, scale=scale)
+    tree = adv.prefix_tree(responses, mask, G)
+    assert torch.equal(fast, adv.treeadv_advantages(responses, mask, rewards, G, scale=scale, tree=tree))
     torch.testing.assert_close(fast, padded(ref["treeadv"], T).float(), **TOL)
     torch.testing.assert_close(trie_batch.treeadv_batch(responses, mask, rewards, G, scale=scale),
                                padded(ref["treeadv"], T).float(), **TOL)
@@ -249,6 +254,12 @@ def test_treeadv_grpo_counts_three_ways(batch, scale):
     assert counts.dtype == torch.int64
     assert counts.tolist() == padded(ref["counts"], T, torch.int64).tolist()
     assert trie_batch.prefix_counts_batch(responses, mask, G).tolist() == counts.tolist()
+    assert torch.equal(adv.prefix_counts(responses, mask, G, tree=tree), counts)
+    # as train.py does: this rank's whole groups, narrower T, the rows of the whole batch's tree
+    lo = G * (responses.shape[0] // G // 2)
+    T_mine = int(mask[lo:].sum(1).max())
+    mine = adv.prefix_counts(responses[lo:, :T_mine], mask[lo:, :T_mine], G, tree=tree.rows(slice(lo, None)))
+    assert torch.equal(mine, counts[lo:, :T_mine])
 
 
 @FAST
@@ -259,6 +270,8 @@ def test_diagnostics_three_ways(batch):
     slow = trie_batch.diagnostics_batch(responses, mask, rewards, G)
     ref = ref_diagnostics(responses, mask, rewards, G)
     assert set(fast) == set(ref) == set(slow)
+    shared = adv.branch_diagnostics(responses, mask, rewards, G, tree=adv.prefix_tree(responses, mask, G))
+    assert all(shared[k] == fast[k] or math.isnan(shared[k]) and math.isnan(fast[k]) for k in fast)
     for key in ref:
         for got in (fast[key], slow[key]):
             if math.isnan(ref[key]):
@@ -276,6 +289,11 @@ def test_pairwise_lcp_small_windows(batch, window):
     lcp = adv.pairwise_lcp(responses, mask, G, window=window)
     expected = [[ref_lcp(rows[i], rows[i - i % G + k]) for k in range(G)] for i in range(len(rows))]
     assert lcp.tolist() == expected
+    # the tree: each row's lcp values ascending, `order` the column each came from (a permutation)
+    tree = adv.prefix_tree(responses, mask, G)
+    assert tree.lcp_sorted.tolist() == [sorted(row) for row in expected]
+    assert torch.equal(lcp.gather(1, tree.order), tree.lcp_sorted)
+    assert torch.equal(tree.order.sort(1).values, torch.arange(G).expand(len(rows), G))
 
 
 def test_long_shared_prefixes_cross_windows():
@@ -532,6 +550,27 @@ def test_bad_inputs(fn, takes_rewards):
     for args, name in cases:
         with pytest.raises(ValueError, match=name):
             fn(*args)
+
+
+def _prefix_counts_with_tree(responses, mask, rewards, G, tree):
+    return adv.prefix_counts(responses, mask, G, tree=tree)
+
+
+@pytest.mark.parametrize("fn", [adv.tempo_advantages, adv.treeadv_advantages, adv.branch_diagnostics,
+                                _prefix_counts_with_tree])
+def test_bad_tree(fn):
+    # a tree that is not these rows' would read other rows' prefix sets without an error
+    responses, mask, rewards = _good()
+    fn(responses, mask, rewards, 2, tree=adv.prefix_tree(responses, mask, 2))  # the good case runs
+    four = torch.cat([responses, responses]), torch.cat([mask, mask])
+    swapped = adv.prefix_tree(responses.flip(0), mask.flip(0), 2)  # [2, 2], but rows of lengths 3, 2
+    for tree in (adv.prefix_tree(*four, 2),  # the whole batch's tree for half of it
+                 adv.prefix_tree(responses, mask, 1),  # another group size: [B, 1]
+                 adv.PrefixTree(swapped.lcp_sorted, swapped.order[:, :1]),
+                 tuple(adv.prefix_tree(responses, mask, 2)),  # not a PrefixTree
+                 swapped):
+        with pytest.raises(ValueError, match="tree"):
+            fn(responses, mask, rewards, 2, tree=tree)
 
 
 def test_bad_scalars():

@@ -497,6 +497,22 @@ def test_nonfinite_loss_is_skipped_then_stops(tiny_model_dir, tmp_path, monkeypa
     assert [r["step"] for r in rows] == [1, 2] and all(r["skipped_updates"] == 2 for r in rows)
 
 
+def test_one_step_builds_the_prefix_tree_once(tiny_model_dir, tmp_path, monkeypatch):
+    """TreeAdv's advantages, the SPEC 8 diagnostics and --unique-segments' weights share one tree a step:
+    a second pairwise_lcp (anything rebuilding it, or a tree slice that does not fit) fails here."""
+    calls, real = [], train.advantages.pairwise_lcp
+
+    def counting(responses, *a, **k):
+        calls.append(responses.shape[0])
+        return real(responses, *a, **k)
+    monkeypatch.setattr(train.advantages, "pairwise_lcp", counting)
+    args = train.parse_args(_small(tmp_path, tiny_model_dir, "--steps", "1", "--method", "treeadv",
+                                   "--unique-segments", "--save-every", "0"))
+    train.train(args)
+    assert [r["step"] for r in train.read_metrics(tmp_path)] == [1]
+    assert calls == [8 * 4]  # once, on the whole step's batch (prompts-per-step x group-size rows)
+
+
 def test_kl_at_low_temperature_trains(warm_dir, tmp_path):
     """The issue's reproduction: the warm-started model at temperature 0.1 gives the pad token a log-prob
     near -120 (logits / 0.1), exp(ref - logp) overflowed at padding, every update was skipped and the run
