@@ -261,17 +261,7 @@ def hepo_advantages(entropy: torch.Tensor, mask: torch.Tensor, rewards: torch.Te
 
     Ties are broken by position (row-major, earlier first), so the result is deterministic.
     """
-    if not isinstance(entropy, torch.Tensor) or entropy.dim() != 2 or not entropy.is_floating_point():
-        raise ValueError("entropy must be a 2-D floating tensor [B, T]")
-    if not isinstance(mask, torch.Tensor) or mask.shape != entropy.shape:
-        raise ValueError(f"mask must be a tensor of the same shape as entropy {tuple(entropy.shape)}")
-    mask = _check_prefix_mask(mask, entropy.device)
-    r = _check_rewards(rewards, entropy.shape[0], entropy.device)
-    G = _check_group_size(group_size, r.shape[0])
-    rho, eps = _check_scalar("rho", rho, 0.0, 1.0), _check_scalar("eps", eps, 0.0)
-    scale = _check_scale(scale)
-    if not torch.isfinite(entropy[mask]).all():
-        raise ValueError("entropy contains non-finite values at valid (mask=True) positions")
+    mask, r, G, rho, eps, scale = _check_hepo(entropy, mask, rewards, group_size, rho, eps, scale)
     mu, denom = _baseline(r, G, eps, scale)
     A_i = ((r - mu) / denom).masked_fill(_equal_groups(r, G), 0.0)  # [B]
     k = math.floor(rho * int(mask.sum()))
@@ -344,20 +334,11 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
     With gamma = lam = 1 (the defaults, verl's) A_t = r_T - V_t and R_t = r_T. Rows are right-padded
     (`mask` is a prefix mask); padding may hold any value.
     """
-    if not isinstance(values, torch.Tensor) or values.dim() != 2 or not values.is_floating_point():
-        raise ValueError("values must be a 2-D floating tensor [B, T]")
-    if not isinstance(mask, torch.Tensor) or mask.shape != values.shape:
-        raise ValueError(f"mask must be a tensor of the same shape as values {tuple(values.shape)}")
-    mask = _check_prefix_mask(mask, values.device)
-    gamma, lam = _check_scalar("gamma", gamma, 0.0, 1.0), _check_scalar("lam", lam, 0.0, 1.0)
+    mask, gamma, lam = _check_gae(rewards, values, mask, gamma, lam)
     acc = _acc_dtype(values.device)
     m = mask.to(acc)
     V = torch.where(mask, values.detach().to(acc), 0.0)  # [B, T]
-    if not torch.isfinite(V).all():
-        raise ValueError("values contains non-finite values at valid (mask=True) positions")
     if isinstance(rewards, torch.Tensor) and rewards.dim() == 2:
-        if rewards.shape != values.shape:
-            raise ValueError(f"per-token rewards must have the shape of values {tuple(values.shape)}")
         r = torch.where(mask, rewards.detach().to(device=values.device, dtype=acc), 0.0)  # [B, T]
     else:
         r1 = _check_rewards(rewards, values.shape[0], values.device)  # [B]
@@ -515,3 +496,29 @@ def _check_prefix_mask(mask, device) -> torch.Tensor:
         raise ValueError(f"mask must be a prefix mask (True then False) in every row; row {row} "
                          f"has a real token after padding")
     return mask
+
+
+def _same_shape(x, mask, name: str):
+    """x a 2-D floating tensor [B, T] and mask a tensor of its shape (then checked as a prefix mask)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"{name} must be a 2-D floating tensor [B, T]")
+    if not isinstance(mask, torch.Tensor) or mask.shape != x.shape:
+        raise ValueError(f"mask must be a tensor of the same shape as {name} {tuple(x.shape)}")
+    mask = _check_prefix_mask(mask, x.device)
+    if not torch.isfinite(x[mask]).all():
+        raise ValueError(f"{name} contains non-finite values at valid (mask=True) positions")
+    return mask
+
+
+def _check_hepo(entropy, mask, rewards, group_size, rho, eps, scale):
+    mask = _same_shape(entropy, mask, "entropy")
+    r = _check_rewards(rewards, entropy.shape[0], entropy.device)
+    G = _check_group_size(group_size, r.shape[0])
+    return mask, r, G, _check_scalar("rho", rho, 0.0, 1.0), _check_scalar("eps", eps, 0.0), _check_scale(scale)
+
+
+def _check_gae(rewards, values, mask, gamma, lam):
+    mask = _same_shape(values, mask, "values")
+    if isinstance(rewards, torch.Tensor) and rewards.dim() == 2 and rewards.shape != values.shape:
+        raise ValueError(f"per-token rewards must have the shape of values {tuple(values.shape)}")
+    return mask, _check_scalar("gamma", gamma, 0.0, 1.0), _check_scalar("lam", lam, 0.0, 1.0)
