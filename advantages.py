@@ -299,28 +299,6 @@ def treeadv_advantages(responses: torch.Tensor, mask: torch.Tensor, rewards: tor
 # SPEC 9: PPO's GAE from a critic's values, and the batch whitening
 
 
-def _discounted_suffix_sum(x: torch.Tensor, c: float, block: int = 128) -> torch.Tensor:
-    """y_t = sum_{s >= t} c^(s - t) x_s along the last axis of x [B, T], c in [0, 1].
-
-    Vectorised in blocks of `block` positions from the end: inside a block y = x M^T with
-    M[t, s] = c^(s - t) for s >= t (a [block, block] matrix), plus c^(n - t) times the carry y at the
-    next block's first position. Why not c^-t-scaled cumulative sums: c^-T overflows for long rows and
-    small c. Memory O(B T + block^2), T / block steps.
-    """
-    B, T = x.shape
-    y = torch.zeros_like(x)  # [B, T]
-    carry = torch.zeros(B, dtype=x.dtype, device=x.device)  # [B] y at the next block's first position
-    for start in range((T - 1) // block * block, -1, -block):
-        n = min(block, T - start)
-        i = torch.arange(n, device=x.device, dtype=x.dtype)
-        gap = i[None, :] - i[:, None]  # [n, n] s - t
-        M = torch.where(gap >= 0, torch.pow(torch.tensor(c, dtype=x.dtype, device=x.device), gap.clamp(min=0)), 0.0)
-        y[:, start:start + n] = x[:, start:start + n] @ M.t() + carry[:, None] * torch.pow(
-            torch.tensor(c, dtype=x.dtype, device=x.device), n - i)[None, :]
-        carry = y[:, start]
-    return y
-
-
 def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
                    lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE (SPEC 9): (A [B, T], returns R [B, T]), float32, 0 at padding.
@@ -346,7 +324,11 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
         r = torch.zeros_like(V).scatter_(1, last[:, None], r1[:, None]) * m  # [B, T]
     V_next = torch.cat([V[:, 1:], torch.zeros_like(V[:, :1])], 1)  # [B, T]: 0 after the last valid token
     delta = (r + gamma * V_next - V) * m
-    A = _discounted_suffix_sum(delta, gamma * lam) * m
+    A = torch.zeros_like(delta)  # [B, T]
+    A_next = torch.zeros_like(delta[:, 0])  # [B] A_{t+1}: 0 after the last position
+    for t in reversed(range(delta.shape[1])):  # A_t = delta_t + gamma lam A_{t+1}, as verl computes it
+        A_next = A[:, t] = delta[:, t] + gamma * lam * A_next
+    A = A * m
     return A.float(), ((A + V) * m).float()
 
 

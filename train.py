@@ -2054,7 +2054,7 @@ def _last_newline_end(f, end: int, block: int = 1 << 16) -> int:
 
 
 # ==============================================================================================
-# 13. The offline demo and the step benchmark
+# 13. The offline demo: a supervised warm start, then RL
 
 
 def supervised_warm_start(model, tokenizer, task: str, examples: list[dict], *, steps: int, batch_size: int,
