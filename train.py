@@ -1936,7 +1936,7 @@ def load_critic_state(ckpt: str, critic, optimizer) -> None:
     """The critic and its AdamW from CKPT/critic/state (any world size), as `load_training_state` does the policy."""
     state_dir = os.path.join(ckpt, "critic", "state")
     if not os.path.isdir(state_dir):
-        raise ValueError(f"--resume --method ppo: {ckpt} has no critic (critic/state/); it was not a ppo run")
+        raise UserError(f"--resume --method ppo: {ckpt} has no critic (critic/state/); it was not a ppo run")
     load_sharded(state_dir, critic, optimizer)
 
 
