@@ -6,15 +6,13 @@ FSDP2) equal to one process.
 import math
 import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import advantages
 import train
-from test_train import ENV, ROOT, _assert_same_checkpoint, _assert_same_metrics, _small, _stable
+from test_train import _assert_same_checkpoint, _assert_same_metrics, _small, _stable, torchrun_straight_and_resumed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,31 +194,13 @@ def test_ppo_trains_and_resumes_exactly(tiny_model_dir, tmp_path, capsys):
     assert "no critic" in capsys.readouterr().out
 
 
-TORCHRUN_PPO = """
-import sys
-import train
-
-base = sys.argv[1:]
-for mode in ("ddp", "fsdp"):
-    flags = base + (["--fsdp"] if mode == "fsdp" else [])
-    out = lambda name: ["--out", f"{OUT}/{mode}-{name}"]  # noqa: E731
-    train.train(train.parse_args(flags + out("straight") + ["--steps", "2"]))
-    train.train(train.parse_args(flags + out("resumed") + ["--steps", "1"]))
-    train.train(train.parse_args(flags + out("resumed") + ["--steps", "2", "--resume"]))
-"""
-
-
 def test_torchrun_ppo_ddp_and_fsdp2_equal_one_process_and_resume_exactly(tiny_model_dir, tmp_path):
     """2 gloo ranks, DDP and FSDP2, --method ppo: per-step metrics (the critic's included) equal one process's
     (V_old per rank, GAE whitened over the gathered step); 1 + 1 steps with --resume == 2 straight, metrics
     and both checkpoints (policy and critic/, sharded model and AdamW state) bit for bit."""
-    script = tmp_path / "ppo.py"
-    script.write_text(TORCHRUN_PPO.replace("{OUT}", str(tmp_path)))
     flags = [*_small(tmp_path / "unused", tiny_model_dir), *PPO, "--save-every", "1"]
     flags = flags[:flags.index("--out")] + flags[flags.index("--out") + 2:]
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), *flags], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    torchrun_straight_and_resumed(tmp_path, flags, 1, timeout=900)
     train.train(train.parse_args([*flags, "--out", str(tmp_path / "one"), "--steps", "2"]))
     one = train.read_metrics(tmp_path / "one")
     _assert_critic_trained(tmp_path / "one", tiny_model_dir, one)

@@ -713,27 +713,34 @@ RESUME = """
 import sys
 import train
 
-base = sys.argv[1:]
+n, base = int(sys.argv[1]), sys.argv[2:]
 for mode in ("ddp", "fsdp"):
     flags = base + (["--fsdp"] if mode == "fsdp" else [])
     out = lambda name: ["--out", f"{OUT}/{mode}-{name}"]  # noqa: E731
-    train.train(train.parse_args(flags + out("straight") + ["--steps", "4"]))
-    train.train(train.parse_args(flags + out("resumed") + ["--steps", "2"]))
-    train.train(train.parse_args(flags + out("resumed") + ["--steps", "4", "--resume"]))
+    train.train(train.parse_args(flags + out("straight") + ["--steps", str(2 * n)]))
+    train.train(train.parse_args(flags + out("resumed") + ["--steps", str(n)]))
+    train.train(train.parse_args(flags + out("resumed") + ["--steps", str(2 * n), "--resume"]))
 """
+
+
+def torchrun_straight_and_resumed(tmp_path, flags: list[str], n: int, timeout: int) -> None:
+    """Under torchrun (2 gloo ranks), DDP then FSDP2: 2n steps straight into TMP/{ddp,fsdp}-straight, and n steps
+    then --resume to 2n into TMP/{ddp,fsdp}-resumed. `flags` must not hold --out or --steps."""
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME.replace("{OUT}", str(tmp_path)))
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(n), *flags], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=timeout)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
 
 
 def test_torchrun_resume_continues_exactly_ddp_and_fsdp2(warm_dir, tmp_path):
     """N + N steps == 2N straight under torchrun, DDP and FSDP2: metrics, exported weights and the sharded
     model and optimizer state, bit for bit; and the export loads as --model (one process, no FSDP)."""
-    script = tmp_path / "resume.py"
-    script.write_text(RESUME.replace("{OUT}", str(tmp_path)))
     flags = _small(tmp_path / "unused", warm_dir, "--epochs", "2", "--save-every", "2", "--method", "tempo",
                    "--max-new-tokens", "4", "--kl-coef", "0.05")
     flags = flags[:flags.index("--out")] + flags[flags.index("--out") + 2:]
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), *flags], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    torchrun_straight_and_resumed(tmp_path, flags, 2, timeout=600)
     for mode in ("ddp", "fsdp"):
         a, b = train.read_metrics(tmp_path / f"{mode}-straight"), train.read_metrics(tmp_path / f"{mode}-resumed")
         assert [r["step"] for r in b] == [1, 2, 3, 4] and _stable(a) == _stable(b)
