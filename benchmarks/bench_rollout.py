@@ -337,6 +337,26 @@ def paper_case(args: Args) -> None:
     r = res["no budget"][2]
     print("  cache bytes per decoded position (no budget): "
           + ", ".join(f"{k} {v * bpp / r.decoded_tokens:,.0f}" for k, v in r.kv_traffic.items()))
+    lengths = r.response_mask.sum(1).tolist()
+    for shared in (False, True):
+        steps = paged_steps_bound([len(q) for q in prompts], G, lengths, quarter, shared)
+        print(f"  a cache paged by actual length at the 1/4 budget{', prompts shared by their G rows' * shared}: at "
+              f"least {steps} decode steps, so at best {r.decode_steps / steps:.2f}x no budget where a step costs "
+              "the same for any number of rows (this CPU)")
+
+
+def paged_steps_bound(prompt_lens: list[int], G: int, lengths: list[int], budget: int, shared: bool) -> int:
+    """The fewest decode steps any schedule needs if the cache held exactly the positions in use (pages of one
+    position): every step holds at most `budget` positions, and a row at response position t holds Tp + t.
+    So steps >= (sum over rows and steps of positions held) / budget, and >= the longest row. With `shared`,
+    a prompt's positions are held once for its G rows, for as long as its longest row runs."""
+    rows = [(prompt_lens[i // G], n) for i, n in enumerate(lengths)]
+    held = sum(n * (n + 1) // 2 for _, n in rows)  # the responses' own positions
+    if shared:
+        held += sum(prompt_lens[g] * max(lengths[g * G:(g + 1) * G]) for g in range(len(prompt_lens)))
+    else:
+        held += sum(tp * n for tp, n in rows)
+    return max(max(lengths), -(-held // budget))
 
 
 def traffic(args: Args) -> None:

@@ -629,3 +629,14 @@ def test_bad_input_raises_before_decoding(tiny_model, tiny_tokenizer, prompts, G
             sample(tiny_model, [[5]], 2, SamplingConfig(), eos_token_ids=EOS_ID, pad_token_id=-1)
     finally:
         h.remove()
+
+
+def test_bench_rollout_paged_steps_bound_by_hand():
+    """The paper case's 'paged cache' line: prompts of 4 and 2 tokens, G = 2, response lengths 3, 1, 2, 2.
+    Positions held over the steps: responses 6 + 1 + 3 + 3 = 13; prompts per row 4*3 + 4*1 + 2*2 + 2*2 = 24, or
+    shared by their rows for their longest row 4*3 + 2*2 = 16. A budget of 10: ceil(37 / 10) = 4 and
+    ceil(29 / 10) = 3 steps; a budget of 100: the longest row, 3."""
+    from benchmarks import bench_rollout
+    assert bench_rollout.paged_steps_bound([4, 2], 2, [3, 1, 2, 2], 10, shared=False) == 4
+    assert bench_rollout.paged_steps_bound([4, 2], 2, [3, 1, 2, 2], 10, shared=True) == 3
+    assert bench_rollout.paged_steps_bound([4, 2], 2, [3, 1, 2, 2], 100, shared=False) == 3
