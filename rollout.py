@@ -26,8 +26,9 @@ measurements.
 
 Part 3 places this process on its device (under torchrun, in its process group too) and loads models:
 a Hugging Face hub id, a local directory, a checkpoint that train.py wrote, or `tiny`, a random Qwen3 of a
-few hundred thousand parameters with a character tokenizer built offline with the `tokenizers` library. The tiny model is what the tests, the CPU demo and the study run on; nothing
-here touches the network unless a hub id is given. Input checks come last.
+few hundred thousand parameters with a character tokenizer built offline with the `tokenizers` library.
+The tiny model is what the tests, the CPU demo and the study run on; nothing here touches the network
+unless a hub id is given. Input checks come last.
 
 Benchmarks (flat vs `generate`, tree vs flat, the paper-shaped case): `python benchmarks/bench_rollout.py`.
 """
@@ -52,7 +53,7 @@ import torch.nn.functional as F
 class SamplingConfig:
     """How to sample. Flat fields first, then the tree's (used only when sampler == "tree"), then the engine's.
 
-    Tree defaults (TreeAdv did not publish its values; README "Tree sampling" has the measurements):
+    Tree defaults (TreeAdv did not publish its values; README "Benchmarks" has the tree-vs-flat measurements):
     - tau = 0.5 nat, the entropy of an 80/20 choice between two tokens: a branch forked there has at
       least about a 20% chance of a token other than its root's, so the two leaves differ from the fork
       on. Forks go to a root's highest-entropy positions anyway, so tau is a floor, not the selector: it
@@ -253,7 +254,7 @@ def fork_rule(entropy: list[float], root: int, G: int, M: int, C: int, max_forks
 
     Why a fixed deal (the rule before it gave an ending row a share of the prompt's unspent leaves over
     the rows still open): which rows are open at a given moment depends on the schedule, and so on
-    kv_budget; a deal depends on the root's own tokens only. README "Tree sampling" measures both.
+    kv_budget; a deal depends on the root's own tokens only.
     """
     forks, leaves, extra = [0] * M, [0] * M, G - M
     n_forks = -(-extra // (C - 1))
