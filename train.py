@@ -1384,7 +1384,8 @@ def check_args(args: Args, world_size: int = 1) -> None:
     try:  # the sampler's own rules, named by train.py's flags
         rollout.check_config(sampling_config(args), args.group_size, args.max_prompt_tokens)
     except ValueError as e:
-        raise UserError(re.sub(r"cfg\.(\w+)=", lambda m: f"--{SAMPLER_FLAGS.get(m[1], m[1]).replace('_', '-')} ", str(e)))
+        flag = lambda m: "--" + SAMPLER_FLAGS.get(m[1], m[1]).replace("_", "-") + " "  # noqa: E731
+        raise UserError(re.sub(r"cfg\.(\w+)=", flag, str(e))) from None
     need(args.recompute_logprobs != "never" or (args.top_p == 1 and args.top_k == 0),
          "--recompute-logprobs never: with --top-p/--top-k the sampler's log-probs are of the truncated distribution, "
          "not the policy's")
@@ -1440,7 +1441,8 @@ def checked_and_joined(args: Args, worker: Worker | None = None) -> Worker:
 
 
 def setup_distributed(device: str = "auto", timeout_minutes: float = 60.0) -> Worker:
-    """This process's rank, world size and device; under torchrun it joins the process group (`rollout.setup_device`)."""
+    """This process's rank, world size and device; under torchrun it joins the process group
+    (`rollout.setup_device`)."""
     if timeout_minutes <= 0:
         raise UserError(f"--dist-timeout {timeout_minutes}: must be > 0 minutes")
     try:
