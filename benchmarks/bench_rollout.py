@@ -342,7 +342,7 @@ def paper_case(args: Args) -> None:
         steps = paged_steps_bound([len(q) for q in prompts], G, lengths, quarter, shared)
         print(f"  a cache paged by actual length at the 1/4 budget{', prompts shared by their G rows' * shared}: at "
               f"least {steps} decode steps, so at best {r.decode_steps / steps:.2f}x no budget where a step costs "
-              "the same for any number of rows (this CPU)")
+              "the same for any number of rows")
 
 
 def paged_steps_bound(prompt_lens: list[int], G: int, lengths: list[int], budget: int, shared: bool) -> int:
