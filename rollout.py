@@ -754,8 +754,8 @@ def setup_device(name: str = "auto", timeout_minutes: float = 60.0) -> torch.dev
     """This process's device, and under torchrun (RANK set) its process group: NCCL on CUDA, gloo otherwise.
 
     name: auto (this rank's GPU, LOCAL_RANK, if CUDA is there, else the CPU) | cuda (this rank's GPU) |
-    cuda:N | cpu. The timeout bounds how long a rank waits in a collective (README "Running it" says why
-    train.py's default is an hour). train.py and evaluate.py both start here.
+    cuda:N | cpu. The timeout bounds how long a rank waits in a collective (README "How train.py runs at
+    scale" says why train.py's default is an hour). train.py and evaluate.py both start here.
     """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -911,9 +911,9 @@ def _check_sample_args(model, prompts, group_size, cfg: SamplingConfig, eos_toke
                        prompt_keys) -> list[int]:
     if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
         raise ValueError("prompts must be a non-empty list of token-id lists")
-    if not all(isinstance(q, (list, tuple)) and q for q in prompts):
-        i = next(i for i, q in enumerate(prompts) if not (isinstance(q, (list, tuple)) and q))
-        raise ValueError(f"prompts[{i}] must be a non-empty list of token ids")
+    for i, q in enumerate(prompts):
+        if not isinstance(q, (list, tuple)) or len(q) == 0:
+            raise ValueError(f"prompts[{i}] must be a non-empty list of token ids")
     check_config(cfg, group_size, max(map(len, prompts)))
     eos = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids or [])
     V = model.config.get_text_config().vocab_size
