@@ -15,14 +15,15 @@ rows are scheduled in.
   so trie.py/advantages.py see the shared prefixes as they are.
 
 Part 2 is the decode engine both samplers run on, built for the paper's scale (224 rows of up to
-1,024 + 2,048 tokens per GPU): our own KV cache of [S slots, KV heads, L, head_dim] per layer in the
-compute dtype, written in place by an attention function registered with transformers'
-AttentionInterface (the model's own code runs unchanged); at most kv_budget // L slots, each holding one
-row from admission to its end; continuous batching (a waiting prompt is prefilled when its first row is
-admitted, its other rows copy its positions once); a tree branch copies only the positions it shares with
-its root; one small host read per decode step, and an optional torch.compile'd step over fixed slot
-counts (CUDA graphs on CUDA). README "The decode engine" has the design, why slots and not pages, and the
-measurements.
+1,024 + 2,048 tokens per GPU): a paged KV cache of [pages, KV heads, page_size, head_dim] per layer in the
+compute dtype, written in place by an attention function registered with transformers' AttentionInterface
+(the model's own code runs unchanged) and read in place (`page_attention`, flash-decoding over pages). A
+row holds a table of pages; a group's rows share its prompt's pages and a tree's branches share their
+root's, each copying at most the part of one page before its first own position (copy on write).
+Continuous batching: a waiting prompt is prefilled when the free pages hold it, rows leave as they end, and
+when a step finds no page free the newest group is swapped out to host memory and back in later, bit for
+bit (vLLM's preemption by swap). One small host read per decode step, and an optional torch.compile'd step
+over fixed slot counts (CUDA graphs on CUDA). README "The decode engine" has the design and the measurements.
 
 Part 3 places this process on its device (under torchrun, in its process group too) and loads models:
 a Hugging Face hub id, a local directory, a checkpoint that train.py wrote, or `tiny`, a random Qwen3 of a
@@ -72,8 +73,8 @@ class SamplingConfig:
     leaves over-represent long responses (`benchmarks/bench_rollout.py` prints tokens per leaf, tree
     against flat). Any sampler that shares deep prefixes pays some of this.
 
-    kv_budget bounds the memory of the rows in flight; it changes the schedule (how many rows decode at
-    once), never the tokens.
+    kv_budget bounds the cache; it changes the schedule (which groups decode at once, which are swapped
+    out), never the tokens.
     """
 
     max_new_tokens: int = 256
@@ -95,8 +96,10 @@ class SamplingConfig:
     max_forks: int = 0
     """tree: most forks per prompt (0 = limited by the leaf budget G only)"""
     kv_budget: int | None = None
-    """most cached token positions (prompt + response, summed over the rows in flight; None = every row at once).
-    Each row reserves longest prompt + max_new_tokens positions; `default_kv_budget` derives one from free GPU memory"""
+    """most cached token positions, counted in whole pages and one scratch page (None = every group at once at its
+    longest); rows share their prompt's and their root's pages. `default_kv_budget` derives one from free GPU memory"""
+    page_size: int = 128
+    """cache positions per page: a row holds its positions in pages of this size (the last one partly filled)"""
     compile: bool = False
     """run the decode step's forward under torch.compile (mode reduce-overhead, i.e. CUDA graphs, on CUDA)"""
 
@@ -135,13 +138,14 @@ class Rollout:
     forks_made: torch.Tensor | None = None
     """[P] long, tree: forks made per prompt (0 for flat)"""
     peak_kv_tokens: int = 0
-    """most cache positions held at once by the rows in flight (prompt + tokens so far, summed; <= kv_capacity)"""
+    """most cache positions held at once: pages in use x page_size, a shared page counted once (< kv_capacity)"""
     kv_capacity: int = 0
-    """cache positions allocated: slots x (longest prompt + max_new_tokens); <= cfg.kv_budget when one is set"""
+    """cache positions allocated: pages x page_size, the scratch page included; <= cfg.kv_budget when one is set"""
     kv_traffic: dict = field(default_factory=dict)
     """cache positions written or copied, by kind: prefill (written by prompt prefills, padding included), decode
-    (one per computed slot and step, idle slots included), prompt_copy (a prompt copied into another row's slot),
-    fork_copy (a root's prefix copied into a branch's slot). x kv_bytes_per_position = bytes"""
+    (one per computed slot and step, idle slots included), copy (the shared part of a page a row copies before
+    writing into it), swap (positions of pages copied to the host and back by preemption, both ways).
+    x kv_bytes_per_position = bytes"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,18 +289,19 @@ def sample(model, prompts: list[list[int]], group_size: int, cfg: SamplingConfig
     prompt_keys: the integer each prompt's randomness is keyed by (default 0..P-1). train.py passes a
     prompt's position in the whole step, so 1 or 8 ranks sample the same responses.
 
-    The loop: admit rows into free slots (prefilling a waiting prompt into its first row's slot, or
-    copying a waiting row's prefix into its own), decode one token for every row in flight (recorded
-    on the device), then retire the rows that ended: a tree root forks (`fork_rule`), and its slot
-    goes to the deepest row waiting on it (no copy) or back to the free slots.
+    The loop: admit groups while the cache has pages for them (prefill a waiting prompt, or swap a preempted
+    group back in), give every row the page its next position needs (a fresh one, or a private copy of a
+    page it shares), decode one token for every row in flight (recorded on the device), then retire the
+    rows that ended: a tree root forks (`fork_rule`), its branches start at once on the root's pages.
     """
     eos = _check_sample_args(model, prompts, group_size, cfg, eos_token_ids, pad_token_id, prompt_keys)
     eng = _Engine.create(model, prompts, group_size, cfg, eos, pad_token_id, seed, prompt_keys)
-    with _slot_attention(model):
+    with _paged_attention(model):
         while True:
             _admit(eng)
             if not eng.rows:
                 break
+            _grow(eng)
             for s in _decode_step(eng):
                 _retire(eng, s)
     return _assemble(eng)
@@ -304,11 +309,13 @@ def sample(model, prompts: list[list[int]], group_size: int, cfg: SamplingConfig
 
 @dataclass
 class _Engine:
-    """One sample() call: the cache and per-slot tensors on the device, the schedule on the host.
+    """One sample() call: the paged cache and per-slot tensors on the device, the schedule on the host.
 
-    A slot is free, or holds one row (a leaf being decoded, `rows`: slot -> [leaf, response position
-    it samples next]) and the rows waiting on its cached prefix (`pending`: slot -> [(t, leaf)], a
-    leaf that continues from the slot's first Tp + t positions, its token at t already drawn).
+    A row (a leaf being decoded) sits in a slot (its row of the decode batch) and owns a page table: the
+    pages holding its positions 0, 1, ... in blocks of `page`. Rows share pages (a group's prompt, a root's
+    prefix under its branches); `ref` counts the tables holding each page, and a row copies a shared page
+    before it writes into it. A group (a prompt's rows) is in flight, waiting to be prefilled, or swapped
+    out to host memory.
     """
 
     model: torch.nn.Module
@@ -317,25 +324,33 @@ class _Engine:
     G: int
     M: int  # rows a prompt starts with: G (flat), num_chains (tree)
     C: int  # draws per row and step: its own token + C - 1 fork alternatives
-    L: int  # cache positions per slot: longest prompt + max_new_tokens
+    L: int  # positions a row can reach: longest prompt + max_new_tokens
+    page: int  # positions per page
     pad: int
     seed_word: torch.Tensor  # 0-d int64
     keys: torch.Tensor  # [P + 1] long: prompt keys (the last for idle slots)
     eos: torch.Tensor  # [E] long
-    K: list[torch.Tensor]  # per layer [S, Hkv, L, D], compute dtype
+    K: list[torch.Tensor]  # per layer [N + 1, Hkv, page, D], compute dtype; page N: scratch for idle slots, never read
     V: list[torch.Tensor]
     # outputs by leaf, row B the scratch row of idle slots: tokens, logprobs, entropy [B+1, Tmax];
     # alt_tok, alt_lp [B+1, Tmax, C-1] (fork alternatives); finished [B+1]
     out: dict[str, torch.Tensor]
-    slot: dict[str, torch.Tensor]  # leaf, t, tp [S] long; live [S] bool: the device's copy of `rows`
+    # the device's copy of the schedule. Per slot, slot S meaning "no row": leaf, t, tp [S+1] long, live [S+1] bool,
+    # pages [S+1, J] (the slot's page table). Per page: j [N+1] (its block of positions), reader [N+1, G] (the slot
+    # of the row in each lane of its group that reads it, S if none)
+    dev: dict[str, torch.Tensor]
     forward: object  # _forward, or its torch.compile'd twin
-    runs: list[tuple[int, int]] = field(default_factory=list)  # the slots the last step computed (as runs)
-    idx: torch.Tensor | None = None  # and their indices [n] on the device
-    rows: dict[int, list[int]] = field(default_factory=dict)
-    pending: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
-    free: list[int] = field(default_factory=list)  # a heap: the lowest free slot first
+    live: list[int] = field(default_factory=list)  # the slots the last step computed
+    idx: torch.Tensor | None = None  # and their indices on the device
+    rows: dict[int, list[int]] = field(default_factory=dict)  # slot -> [leaf, response position it samples next]
+    table: dict[int, list[int]] = field(default_factory=dict)  # leaf in flight -> its pages
+    ref: list[int] = field(default_factory=list)  # per page: tables holding it (0 = free)
+    free_pages: list[int] = field(default_factory=list)  # heaps: the lowest first
+    free_slots: list[int] = field(default_factory=list)
+    top: int = 0  # pages [0, top) hold every page in use: the range an eager step reads
     waiting: collections.deque = field(default_factory=collections.deque)  # prompts not yet prefilled
-    updates: dict[int, tuple] = field(default_factory=dict)  # slot -> (leaf, t, tp, live) not yet on the device
+    swapped: dict = field(default_factory=dict)  # group -> (its pages on the host, [(leaf, t, table as page indices)])
+    updates: dict[str, dict] = field(default_factory=dict)  # device tensor -> {index: value} not yet on the device
     length: list[int] = field(default_factory=list)  # per leaf: tokens sampled
     parent: list[int] = field(default_factory=list)
     branch_pos: list[int] = field(default_factory=list)
@@ -343,8 +358,8 @@ class _Engine:
     first_eos: list[list[bool]] = field(default_factory=list)  # per prompt and lane: the prefill's token is EOS
     steps: int = 0
     decoded: int = 0
-    peak: int = 0
-    traffic: dict = field(default_factory=lambda: dict(prefill=0, decode=0, prompt_copy=0, fork_copy=0))
+    peak: int = 0  # pages in use
+    traffic: dict = field(default_factory=lambda: dict(prefill=0, decode=0, copy=0, swap=0))
 
     @property
     def tree(self) -> bool:
@@ -352,19 +367,20 @@ class _Engine:
 
     @classmethod
     def create(cls, model, prompts, G, cfg, eos, pad, seed, prompt_keys) -> "_Engine":
-        P, Tmax, B = len(prompts), cfg.max_new_tokens, len(prompts) * G
+        P, Tmax, B, page = len(prompts), cfg.max_new_tokens, len(prompts) * G, cfg.page_size
         device = next(model.parameters()).device
         tree = cfg.sampler == "tree" and not math.isinf(cfg.tau)  # tau = inf never forks: all G start at once
         L = max(map(len, prompts)) + Tmax
-        S = B if cfg.kv_budget is None else min(B, cfg.kv_budget // L)
+        N = sum(group_pages(len(q), G, Tmax, page) for q in prompts) if cfg.kv_budget is None else \
+            cfg.kv_budget // page - 1  # usable pages; one more is the scratch page
         C = cfg.max_children if tree else 1
         keys = list(prompt_keys) if prompt_keys is not None else list(range(P))
         t = model.config.get_text_config()
         Hkv, D = t.num_key_value_heads, getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
         dtype = _cache_dtype(model, device)
         # zeros, not empty: attention multiplies masked positions by 0, and 0 * NaN garbage would be NaN
-        K = [torch.zeros(S, Hkv, L, D, dtype=dtype, device=device) for _ in range(t.num_hidden_layers)]
-        V = [torch.zeros(S, Hkv, L, D, dtype=dtype, device=device) for _ in range(t.num_hidden_layers)]
+        K = [torch.zeros(N + 1, Hkv, page, D, dtype=dtype, device=device) for _ in range(t.num_hidden_layers)]
+        V = [torch.zeros(N + 1, Hkv, page, D, dtype=dtype, device=device) for _ in range(t.num_hidden_layers)]
         if cfg.compile:  # the same tensors every step: CUDA graphs write them in place instead of copying them in
             for x in K + V:
                 torch._dynamo.mark_static_address(x)
@@ -372,15 +388,25 @@ class _Engine:
         out = dict(tokens=torch.full((B + 1, Tmax), pad, dtype=torch.long, device=device),  # row B: idle slots
                    logprobs=zeros(B + 1, Tmax), entropy=zeros(B + 1, Tmax), finished=zeros(B + 1, dtype=torch.bool),
                    alt_tok=zeros(B + 1, Tmax, C - 1, dtype=torch.long), alt_lp=zeros(B + 1, Tmax, C - 1))
-        slot = dict(leaf=torch.full((S,), B, dtype=torch.long, device=device), t=zeros(S, dtype=torch.long),
-                    tp=zeros(S, dtype=torch.long), live=zeros(S, dtype=torch.bool))
-        eng = cls(model=model, cfg=cfg, prompts=prompts, G=G, M=cfg.num_chains if tree else G, C=C, L=L, pad=pad,
-                  seed_word=_seed_word(seed, device), keys=torch.tensor(keys + [0], device=device),
-                  eos=torch.tensor(eos, device=device), K=K, V=V, out=out, slot=slot,
+        S = B  # every row could be in flight: a slot costs no cache, only a row of the decode batch
+        dev = dict(leaf=torch.full((S + 1,), B, dtype=torch.long, device=device), t=zeros(S + 1, dtype=torch.long),
+                   tp=zeros(S + 1, dtype=torch.long), live=zeros(S + 1, dtype=torch.bool),
+                   pages=torch.full((S + 1, -(-L // page)), N, dtype=torch.long, device=device),
+                   j=zeros(N + 1, dtype=torch.long), reader=torch.full((N + 1, G), S, dtype=torch.long, device=device))
+        eng = cls(model=model, cfg=cfg, prompts=prompts, G=G, M=cfg.num_chains if tree else G, C=C, L=L, page=page,
+                  pad=pad, seed_word=_seed_word(seed, device), keys=torch.tensor(keys + [0], device=device),
+                  eos=torch.tensor(eos, device=device), K=K, V=V, out=out, dev=dev,
                   forward=_compiled_forward(device) if cfg.compile else _forward)
-        eng.free, eng.waiting = list(range(S)), collections.deque(range(P))
+        eng.free_pages, eng.free_slots, eng.ref = list(range(N)), list(range(S)), [0] * N
+        eng.waiting, eng.updates = collections.deque(range(P)), {k: {} for k in dev}
         eng.length, eng.parent, eng.branch_pos, eng.forks, eng.first_eos = [0] * B, [-1] * B, [0] * B, [0] * P, [[]] * P
         return eng
+
+
+def group_pages(prompt_len: int, G: int, max_new_tokens: int, page: int) -> int:
+    """The most pages one group can hold: its prompt, and for each of its G rows the positions only it
+    holds (at most max_new_tokens, starting part-way into a page: one page more)."""
+    return -(-prompt_len // page) + G * (-(-max_new_tokens // page) + 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,43 +418,49 @@ PREFILL_TOKENS = 8192
 
 
 def _admit(eng: _Engine) -> None:
-    """Fill free slots, lowest first: rows waiting on a slot's prefix first (copied out, shallowest), then
-    new prompts, as many as leave each a slot per starting row (at least one), prefilled together."""
-    while eng.free:
-        if eng.pending:
-            src = min(eng.pending)
-            t, c = eng.pending[src].pop()
-            if not eng.pending[src]:
-                del eng.pending[src]
-            dst = heapq.heappop(eng.free)
-            n = len(eng.prompts[c // eng.G]) + t  # the prompt and the tokens before t: all the branch shares
-            for x in eng.K + eng.V:
-                x[dst, :, :n] = x[src, :, :n]
-            eng.traffic["fork_copy" if t else "prompt_copy"] += n
-            _start(eng, dst, c, t)
-        elif eng.waiting:
-            batch = [eng.waiting.popleft()]
-            while (eng.waiting and len(batch) < max(1, len(eng.free) // eng.M)
-                   and (len(batch) + 1) * max(len(eng.prompts[g]) for g in [*batch, eng.waiting[0]]) <= PREFILL_TOKENS):
-                batch.append(eng.waiting.popleft())
-            _prefill(eng, batch, [heapq.heappop(eng.free) for _ in batch])
-        else:
-            return
+    """Bring groups in, oldest first, while the free pages hold them and still leave a page for every row in
+    flight (each may open one next step): a swapped-out group back, else waiting prompts, prefilled together.
+    With no row in flight the oldest group comes in if it fits at all, which the budget check guarantees."""
+    P = lambda g: -(-len(eng.prompts[g]) // eng.page)  # noqa: E731  pages of prompt g
+    fits = lambda pages, rows: pages + len(eng.rows) + rows <= len(eng.free_pages)  # noqa: E731
+    alone = lambda pages: not eng.rows and pages <= len(eng.free_pages)  # noqa: E731
+    while eng.swapped or eng.waiting:
+        if eng.swapped:  # every swapped group is older than every waiting prompt: prompts start in order
+            g = min(eng.swapped)
+            pages, rows = len(eng.swapped[g][0][0]), len(eng.swapped[g][1])
+            if not (fits(pages, rows) or alone(pages)):
+                break
+            _swap_in(eng, g)
+            continue
+        batch = [eng.waiting[0]]
+        if not (fits(P(batch[0]), eng.M) or alone(P(batch[0]))):
+            break
+        eng.waiting.popleft()
+        while (eng.waiting and fits(sum(map(P, batch + [eng.waiting[0]])), eng.M * (len(batch) + 1))
+               and (len(batch) + 1) * max(len(eng.prompts[g]) for g in [*batch, eng.waiting[0]]) <= PREFILL_TOKENS):
+            batch.append(eng.waiting.popleft())
+        _prefill(eng, batch)
+    if not eng.rows and (eng.swapped or eng.waiting):
+        raise RuntimeError(f"rollout: no group fits the {len(eng.free_pages)} free pages ({eng.cfg.kv_budget=})")
 
 
-def _prefill(eng: _Engine, batch: list[int], slots: list[int]) -> None:
-    """Run prompts `batch` (right-padded, so causal attention never sees the padding) into `slots`, draw the
+def _prefill(eng: _Engine, batch: list[int]) -> None:
+    """Run prompts `batch` (right-padded, so causal attention never sees the padding) into fresh pages, draw the
     first token of all G lanes of each (C draws a lane; later fresh chains use theirs), start the first rows."""
-    G, C, dev = eng.G, eng.C, eng.keys.device
+    G, C, dev, page = eng.G, eng.C, eng.keys.device, eng.page
     plen = torch.tensor([len(eng.prompts[g]) for g in batch], device=dev)  # [b]
     Tq = int(plen.max())
     ids = torch.full((len(batch), Tq), eng.pad, dtype=torch.long, device=dev)  # [b, Tq]
+    where = torch.full((len(batch), -(-Tq // page)), len(eng.ref), dtype=torch.long)  # [b, Tq/page] padding: scratch
+    tables = []
     for i, g in enumerate(batch):
         ids[i, : len(eng.prompts[g])] = torch.tensor(eng.prompts[g], device=dev)
-    view = _SlotView(eng.K, eng.V, torch.tensor(slots, device=dev), None, None)
-    pos = torch.arange(Tq, device=dev).expand(len(batch), Tq)
-    logits = eng.model(input_ids=ids, position_ids=pos, attention_mask={"full_attention": None}, use_cache=False,
-                       slot_kv=view, logits_to_keep=(plen - 1)[:, None]).logits[:, 0]  # [b, V]
+        tables.append(_alloc(eng, -(-len(eng.prompts[g]) // page)))
+        where[i, : len(tables[-1])] = torch.tensor(tables[-1])
+    pos = torch.arange(Tq, device=dev)
+    view = _PageView(eng.K, eng.V, where.to(dev).repeat_interleave(page, 1)[:, :Tq], (pos % page).expand(len(batch), Tq))
+    logits = eng.model(input_ids=ids, position_ids=pos.expand(len(batch), Tq), attention_mask={"full_attention": None},
+                       use_cache=False, page_kv=view, logits_to_keep=(plen - 1)[:, None]).logits[:, 0]  # [b, V]
     eng.traffic["prefill"] += len(batch) * Tq
     g_t = torch.tensor(batch, device=dev)
     lanes = (torch.arange(G, device=dev)[:, None] + (torch.arange(C, device=dev) << 32)).flatten()  # [G*C]
@@ -440,66 +472,82 @@ def _prefill(eng: _Engine, batch: list[int], slots: list[int]) -> None:
     o["alt_tok"][leaves, 0], o["alt_lp"][leaves, 0] = tok[..., 1:], lp[..., 1:]
     is_eos = torch.isin(tok[..., 0], eng.eos)  # [b, G]
     o["finished"][leaves] = is_eos
-    for g, s, first_eos in zip(batch, slots, is_eos.tolist()):
+    for g, table, first_eos in zip(batch, tables, is_eos.tolist()):
         eng.first_eos[g] = first_eos
-        items = []
         for c in range(g * G, g * G + eng.M):
             eng.length[c] = 1
             ends = first_eos[c - g * G] or eng.cfg.max_new_tokens == 1
-            items += _end_leaf(eng, c) if ends else [(0, c)]
-        _place(eng, s, items)
+            for t, b in _end_leaf(eng, c) if ends else [(0, c)]:
+                _start(eng, b, t, table)
+        _release(eng, table)  # the prompt's pages now belong to its rows (freed if none continues)
+
+
+def _grow(eng: _Engine) -> None:
+    """Give every row the page its next position goes to: a fresh page when the position opens one, a private
+    copy of the positions before it when the page is shared (copy on write: a branch's or a prompt's last,
+    partly filled page). With no page free, the newest group in flight is swapped out (`_swap_out`) until
+    one is; the oldest groups are served first, so they always progress."""
+    for s in sorted(eng.rows, key=lambda s: eng.rows[s][0]):  # leaf order: the oldest group first
+        if s not in eng.rows:
+            continue  # its group was swapped out in this loop
+        c, t = eng.rows[s]
+        j, off = divmod(len(eng.prompts[c // eng.G]) + t - 1, eng.page)  # the page and offset it writes
+        table = eng.table[c]
+        if j < len(table) and eng.ref[table[j]] == 1:
+            continue
+        while not eng.free_pages:
+            newest = max(b // eng.G for b, _ in eng.rows.values())
+            if newest == c // eng.G and len({b // eng.G for b, _ in eng.rows.values()}) == 1:
+                raise RuntimeError("rollout: one group outgrew the cache; group_pages() is wrong")
+            _swap_out(eng, newest)
+        if s not in eng.rows:
+            continue
+        new = _alloc(eng, 1)[0]
+        if j < len(table):  # copy on write: the positions before `off` are the shared prefix
+            for x in eng.K + eng.V:
+                x[new, :, :off] = x[table[j], :, :off]
+            eng.traffic["copy"] += off
+            _release(eng, table[j: j + 1], c % eng.G)
+            table[j] = new
+        else:
+            table.append(new)
+        _hold(eng, s, c, [new], j)
+        _release(eng, [new])  # _alloc's temporary hold: the table holds it now
+    eng.peak = max(eng.peak, len(eng.ref) - len(eng.free_pages))
 
 
 def _decode_step(eng: _Engine) -> list[int]:
     """One token for every row in flight: feed its last token at its own position, write that position's
     keys and values in place, draw on the device, record by index. Returns the slots whose row ended."""
     _flush(eng)
-    runs, Lh = _step_slots(eng)
-    if runs != eng.runs:  # the computed slots changed (a row ended or started): their indices, made on the device
-        eng.runs, eng.idx = runs, torch.cat([torch.arange(a, b, device=eng.keys.device) for a, b in runs])
-    idx, sl = eng.idx, eng.slot  # [n] the slots computed, in run order
-    leaf, t, live = sl["leaf"][idx], sl["t"][idx], sl["live"][idx]  # [n]
-    kv_len = torch.where(live, sl["tp"][idx] + t, 1)  # [n] positions each row attends to, this step's included
-    pos = torch.where(live, kv_len - 1, eng.L - 1)  # [n] where its keys go; idle slots: the last column, never read
-    valid = (torch.arange(Lh, device=pos.device) < kv_len[:, None])[:, None, None, :]  # [n, 1, 1, Lh]
-    view = _SlotView(eng.K, eng.V, idx, pos, valid, runs)
+    live, dev, N = sorted(eng.rows), eng.keys.device, len(eng.ref)
+    if eng.cfg.compile:  # a few fixed slot counts (S, S/2, S/4, S/8) and every page: a handful of graphs
+        S = len(eng.dev["live"]) - 1
+        live = list(range(min(b for b in (S, -(-S // 2), -(-S // 4), -(-S // 8)) if b > live[-1])))
+    if live != eng.live:  # the computed slots changed (a row ended or started): their indices, made on the device
+        eng.live, eng.idx = live, torch.tensor(live, device=dev)
+    while eng.top and not eng.ref[eng.top - 1]:
+        eng.top -= 1
+    u = N + 1 if eng.cfg.compile else eng.top
+    idx, d = eng.idx, eng.dev  # [n] the slots computed
+    leaf, t, live_n = d["leaf"][idx], d["t"][idx], d["live"][idx]  # [n]
+    kv_len = torch.where(d["live"], d["tp"] + d["t"], 0)  # [S+1] positions each slot's row attends to, this step's too
+    pos = (kv_len[idx] - 1).clamp(min=0)  # [n] where its keys go
+    page = torch.where(live_n, d["pages"][idx, pos // eng.page], N)  # [n] idle slots write the scratch page
+    view = _PageView(eng.K, eng.V, page, pos % eng.page, idx, kv_len, d["j"][:u], d["reader"][:u], d["pages"].shape[1])
     logits = eng.forward(eng.model, eng.out["tokens"][leaf, t - 1][:, None], pos[:, None], view)  # [n, V]
     G, C = eng.G, eng.C
-    lanes = (leaf % G)[:, None] + (torch.arange(C, device=pos.device) << 32)  # [n, C]: lane 0 = the row's own token
+    lanes = (leaf % G)[:, None] + (torch.arange(C, device=dev) << 32)  # [n, C]: lane 0 = the row's own token
     tok, lp, H = _draw(eng, logits, leaf // G, lanes, t)
     _record(eng, leaf, t, tok, lp, H)
-    ended = live & (torch.isin(tok[:, 0], eng.eos) | (t + 1 >= eng.cfg.max_new_tokens))  # [n]
-    sl["t"][idx] = t + live
+    ended = live_n & (torch.isin(tok[:, 0], eng.eos) | (t + 1 >= eng.cfg.max_new_tokens))  # [n]
+    d["t"][idx] = t + live_n
     eng.steps += 1
     eng.decoded += len(eng.rows)
     eng.traffic["decode"] += len(idx)
     for row in eng.rows.values():
         row[1] += 1
     return [s for s in torch.where(ended, idx, -1).tolist() if s >= 0]  # the step's one device-to-host transfer
-
-
-MAX_RUNS = 4
-"""eager decode: the live slots are computed as at most this many contiguous runs (one attention call each)"""
-
-
-def _step_slots(eng: _Engine) -> tuple[list[tuple[int, int]], int]:
-    """The slots a step computes, as contiguous runs [(first, end)], and the cache positions it reads.
-
-    Eager: the live slots, split at the MAX_RUNS - 1 widest gaps between them (narrower gaps are computed
-    idle), and the longest live row. Compiled: slots [0, n) with n one of a few fixed sizes (S, S/2, S/4,
-    S/8) and all L positions, so a handful of graphs serve every step. Also measures the positions held
-    (the budget's quantity)."""
-    S = eng.slot["live"].shape[0]
-    held = [len(eng.prompts[c // eng.G]) + t for c, t in eng.rows.values()]  # this step's keys included
-    eng.peak = max(eng.peak, sum(held))
-    live = sorted(eng.rows)
-    if eng.cfg.compile:
-        return [(0, min(b for b in (S, -(-S // 2), -(-S // 4), -(-S // 8)) if b > live[-1]))], eng.L
-    gaps = sorted((live[i + 1] - live[i], i) for i in range(len(live) - 1) if live[i + 1] - live[i] > 1)
-    cuts = sorted(i for _, i in gaps[len(gaps) - (MAX_RUNS - 1):]) if gaps else []
-    firsts = [live[0]] + [live[i + 1] for i in cuts]
-    ends = [live[i] + 1 for i in cuts] + [live[-1] + 1]
-    return list(zip(firsts, ends)), max(held)
 
 
 def _draw(eng: _Engine, logits: torch.Tensor, prompt: torch.Tensor, lanes: torch.Tensor, pos: torch.Tensor):
@@ -525,16 +573,19 @@ def _record(eng: _Engine, leaf, t, tok, lp, H) -> None:
 
 
 def _retire(eng: _Engine, s: int) -> None:
-    """Slot s's row has ended: record its length, fork it (tree root), hand the slot on."""
+    """Slot s's row has ended: record its length, start its branches (tree root) on its pages, release them."""
     c, n = eng.rows.pop(s)
     eng.length[c] = n
-    _place(eng, s, _end_leaf(eng, c))
+    for t, b in _end_leaf(eng, c):
+        _start(eng, b, t, eng.table[c])
+    _release(eng, eng.table.pop(c), c % eng.G)
+    _free_slot(eng, s)
 
 
 def _end_leaf(eng: _Engine, c: int) -> list[tuple[int, int]]:
     """Leaf c has ended. A tree root forks (`fork_rule`): each branch gets the root's tokens before its fork
     point t and the alternative drawn at t; a branch or fresh chain that ends at once (EOS, or at
-    max_new_tokens) is done, the others are returned as (t, leaf) to continue from the root's slot."""
+    max_new_tokens) is done, the others are returned as (t, leaf) to continue from the root's pages."""
     G, Tmax = eng.G, eng.cfg.max_new_tokens
     g, k = divmod(c, G)
     if not eng.tree or k >= eng.M:
@@ -563,33 +614,100 @@ def _end_leaf(eng: _Engine, c: int) -> list[tuple[int, int]]:
     return items
 
 
-def _place(eng: _Engine, s: int, items: list[tuple[int, int]]) -> None:
-    """Slot s has no row: add `items` to the rows waiting on it, continue the deepest in place (its prefix is
-    there already: no copy; positions below its fork point stay intact for the others), or free the slot."""
-    waiting = sorted(eng.pending.pop(s, []) + items, reverse=True)
-    if not waiting:
-        heapq.heappush(eng.free, s)
-        eng.updates[s] = (len(eng.length), 0, 0, False)  # idle: the scratch row B
-        return
-    t, c = waiting.pop(0)
-    if waiting:
-        eng.pending[s] = waiting
-    _start(eng, s, c, t)
+# ----------------------------------------------------------------------------------------------
+# Pages and slots: who holds what (host), and the device's copy of it
 
 
-def _start(eng: _Engine, s: int, c: int, t: int) -> None:
-    """Leaf c decodes in slot s from response position t + 1 (its tokens up to t are recorded)."""
-    eng.rows[s] = [c, t + 1]
-    eng.updates[s] = (c, t + 1, len(eng.prompts[c // eng.G]), True)
+def _start(eng: _Engine, c: int, t: int, source: list[int]) -> None:
+    """Leaf c decodes from response position t + 1 (its tokens up to t are recorded) on the pages of `source`
+    that hold the prompt and its tokens before t: shared, not copied."""
+    _run_row(eng, c, t + 1, source[: -(-(len(eng.prompts[c // eng.G]) + t) // eng.page)])
+
+
+def _run_row(eng: _Engine, c: int, t: int, table: list[int]) -> None:
+    """Leaf c takes the lowest free slot and holds `table`; it samples response position t next."""
+    s = heapq.heappop(eng.free_slots)
+    eng.rows[s], eng.table[c] = [c, t], list(table)
+    eng.updates["leaf"][s], eng.updates["t"][s], eng.updates["live"][s] = c, t, True
+    eng.updates["tp"][s] = len(eng.prompts[c // eng.G])
+    _hold(eng, s, c, table, 0)
+
+
+def _hold(eng: _Engine, s: int, c: int, pages: list[int], j: int) -> None:
+    """The row of leaf c in slot s holds `pages` as its blocks j, j + 1, ...: counted, and read by its slot."""
+    for i, p in enumerate(pages, j):
+        eng.ref[p] += 1
+        eng.updates["pages"][s, i], eng.updates["j"][p], eng.updates["reader"][p, c % eng.G] = p, i, s
+
+
+def _release(eng: _Engine, pages: list[int], lane: int | None = None) -> None:
+    """A table lets go of `pages` (lane: the row's lane in its group, no longer reading them); a page no table
+    holds is free."""
+    for p in pages:
+        eng.ref[p] -= 1
+        if lane is not None:
+            eng.updates["reader"][p, lane] = len(eng.dev["live"]) - 1  # S: no slot
+        if not eng.ref[p]:
+            heapq.heappush(eng.free_pages, p)
+
+
+def _alloc(eng: _Engine, n: int) -> list[int]:
+    """n free pages, the lowest first (pages in use stay low: an eager step reads pages [0, top)). Held by no one
+    yet: the caller holds them."""
+    pages = [heapq.heappop(eng.free_pages) for _ in range(n)]
+    for p in pages:
+        eng.ref[p] += 1  # a temporary hold, dropped by the caller's _release (prefill) or taken over (_grow)
+        eng.top = max(eng.top, p + 1)
+    return pages
+
+
+def _free_slot(eng: _Engine, s: int) -> None:
+    heapq.heappush(eng.free_slots, s)
+    eng.updates["leaf"][s], eng.updates["t"][s], eng.updates["live"][s] = len(eng.length), 0, False  # scratch row B
+
+
+def _swap_out(eng: _Engine, g: int) -> None:
+    """Preempt group g (vLLM's swap preemption, whole groups as vLLM does for parallel samples): copy every page
+    its rows hold to host memory and free them and their slots. Nothing is recomputed when it returns
+    (`_swap_in`), so its rows continue bit for bit where they stopped, and the tokens cannot change."""
+    slots = [s for s, (c, _) in eng.rows.items() if c // eng.G == g]
+    pages = sorted({p for s in slots for p in eng.table[eng.rows[s][0]]})
+    index = {p: i for i, p in enumerate(pages)}
+    ids = torch.tensor(pages, device=eng.keys.device)
+    saved = [x[ids].to("cpu") for x in eng.K + eng.V]  # [pages, Hkv, page, D] each
+    rows = []
+    for s in slots:
+        c, t = eng.rows.pop(s)
+        rows.append((c, t, [index[p] for p in eng.table[c]]))
+        _release(eng, eng.table.pop(c), c % eng.G)
+        _free_slot(eng, s)
+    eng.swapped[g] = (saved, rows)
+    eng.traffic["swap"] += len(pages) * eng.page
+
+
+def _swap_in(eng: _Engine, g: int) -> None:
+    """Group g's pages back from the host into free pages (anywhere), its rows back in flight."""
+    saved, rows = eng.swapped.pop(g)
+    pages = _alloc(eng, len(saved[0]))
+    ids = torch.tensor(pages, device=eng.keys.device)
+    for x, h in zip(eng.K + eng.V, saved):
+        x[ids] = h.to(x.device)
+    for c, t, table in rows:
+        _run_row(eng, c, t, [pages[i] for i in table])
+    _release(eng, pages)
+    eng.traffic["swap"] += len(pages) * eng.page
 
 
 def _flush(eng: _Engine) -> None:
-    """Copy the host's slot changes to the device in one transfer."""
-    if eng.updates:  # a dict: a slot freed and refilled in one round is written once (index_put with repeated
-        # indices leaves the winner undefined on CUDA)
-        s, leaf, t, tp, live = torch.tensor([(s, *u) for s, u in eng.updates.items()], device=eng.keys.device).T
-        eng.slot["leaf"][s], eng.slot["t"][s], eng.slot["tp"][s], eng.slot["live"][s] = leaf, t, tp, live.bool()
-        eng.updates = {}
+    """Copy the host's schedule changes to the device, one transfer per tensor that changed. Kept as dicts: an
+    entry changed twice in one round is written once (index_put with repeated indices: undefined winner on CUDA)."""
+    for name, changes in eng.updates.items():
+        if changes:
+            x, dev = eng.dev[name], eng.keys.device
+            where = torch.tensor(list(changes), device=dev)
+            x[where.T.unbind() if where.dim() == 2 else where] = torch.tensor(list(changes.values()), device=dev,
+                                                                               dtype=x.dtype)
+            changes.clear()
 
 
 def _assemble(eng: _Engine) -> Rollout:
@@ -612,67 +730,99 @@ def _assemble(eng: _Engine) -> Rollout:
         group_index=torch.arange(B, device=dev) // G, finished=o["finished"][:B].clone(),
         decoded_tokens=eng.decoded, prefilled_tokens=int(plen.sum()), decode_steps=eng.steps,
         parent=torch.tensor(eng.parent, device=dev), branch_pos=torch.tensor(eng.branch_pos, device=dev),
-        forks_made=torch.tensor(eng.forks, device=dev), peak_kv_tokens=eng.peak,
-        kv_capacity=eng.K[0].shape[0] * eng.L, kv_traffic=dict(eng.traffic),
+        forks_made=torch.tensor(eng.forks, device=dev), peak_kv_tokens=eng.peak * eng.page,
+        kv_capacity=eng.K[0].shape[0] * eng.page, kv_traffic=dict(eng.traffic),
     )
 
 
 # ----------------------------------------------------------------------------------------------
-# The KV cache: an attention function over row slots, and how much memory it may take
+# The paged KV cache: an attention function that writes and reads pages in place
 
 
-ATTENTION_NAME = "rollout_slots"
+ATTENTION_NAME = "rollout_pages"
 """the attention implementation sample() switches the model to, registered with transformers' AttentionInterface"""
 
 
 @dataclass
-class _SlotView:
-    """What one forward pass reads and writes in the cache; reaches the attention function as the model
-    kwarg `slot_kv` (transformers passes unknown kwargs through to it)."""
+class _PageView:
+    """What one forward pass writes and reads in the cache; reaches the attention function as the model kwarg
+    `page_kv` (transformers passes unknown kwargs through to it)."""
 
-    K: list[torch.Tensor]  # per layer [S, Hkv, L, D]
+    K: list[torch.Tensor]  # per layer [N + 1, Hkv, page, D]
     V: list[torch.Tensor]
-    slots: torch.Tensor  # [n] the slot of each batch row
-    pos: torch.Tensor | None  # decode: [n] the position this step's keys go to; prefill: None (positions 0..Tq-1)
-    valid: torch.Tensor | None  # decode: [n, 1, 1, Lh] bool, the cached positions each row attends to
-    runs: list[tuple[int, int]] | None = None  # decode: `slots` as contiguous runs of slots, each a view of the cache
+    page: torch.Tensor  # [n] (decode) or [b, Tq] (prefill): the page each new position's keys go to
+    offset: torch.Tensor  # the same shape: their offset in it
+    slots: torch.Tensor | None = None  # decode: [n] the slot of each batch row
+    kv_len: torch.Tensor | None = None  # decode: [S+1] positions each slot's row attends to (0: no row)
+    j: torch.Tensor | None = None  # decode: [u] the block of positions each page read holds
+    reader: torch.Tensor | None = None  # decode: [u, G] the slots reading each page, by lane (S: none)
+    blocks: int = 0  # decode: J, the most pages a row holds
 
 
-def _slot_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, slot_kv=None,
+def page_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, view: _PageView, scale: float) -> torch.Tensor:
+    """Decode attention over pages read in place, for the rows of view.slots: q [n, Hkv, r, D] -> [n, Hkv, r, D].
+
+    Flash-decoding with a page as the split: page p (block j of its rows) is scored once against the queries
+    of every row that reads it, s = q k^T * scale over its valid positions, giving per (row, page) a max m_j,
+    a sum l_j = sum exp(s - m_j) and an output o_j = sum exp(s - m_j) v. A row's pages combine as
+        out = sum_j exp(m_j - M) o_j / sum_j exp(m_j - M) l_j,   M = max_j m_j,
+    summed over j in order, so the result does not depend on where in the pool a row's pages are."""
+    n, Hkv, r, D = q.shape
+    u, G = view.reader.shape
+    S1, page, J = view.kv_len.shape[0], K.shape[2], view.blocks
+    qs = q.new_zeros(S1, Hkv, r, D)  # [S+1, Hkv, r, D] the queries by slot; slot S (no row) stays 0
+    qs[view.slots] = q
+    qp = qs[view.reader].transpose(1, 2).reshape(u, Hkv, G * r, D)  # [u, Hkv, G*r, D] each page's readers
+    s = (qp @ K[:u].transpose(-1, -2)).float() * scale  # [u, Hkv, G*r, page]
+    seen = view.kv_len[view.reader] - view.j[:, None] * page  # [u, G] positions of the page each reader sees
+    valid = torch.arange(page, device=q.device) < seen[..., None]  # [u, G, page]
+    s = s.masked_fill(~valid.repeat_interleave(r, 1)[:, None], float("-inf"))
+    m = s.amax(-1)  # [u, Hkv, G*r]
+    e = torch.exp(s - torch.where(m.isinf(), 0, m)[..., None])  # a page a reader cannot see: all 0
+    o = (e.to(V.dtype) @ V[:u]).float()  # [u, Hkv, G*r, D]
+    # each (page, reader) pair to its reader's slot, column j: [S+1, J, Hkv, r(, D)]; unread pairs go to slot S
+    pair = lambda x: x.unflatten(2, (G, r)).transpose(1, 2).flatten(0, 1)  # noqa: E731  [u*G, Hkv, r(, D)]
+    at = (view.reader.flatten(), view.j.repeat_interleave(G))
+    mj = m.new_full((S1, J, Hkv, r), float("-inf")).index_put_(at, pair(m))
+    lj = m.new_zeros(S1, J, Hkv, r).index_put_(at, pair(e.sum(-1)))
+    oj = m.new_zeros(S1, J, Hkv, r, D).index_put_(at, pair(o))
+    mj, lj, oj = mj[view.slots], lj[view.slots], oj[view.slots]  # [n, J, ...]
+    M = mj.amax(1, keepdim=True)
+    w = torch.exp(mj - torch.where(M.isinf(), 0, M))  # [n, J, Hkv, r]; an idle slot reads nothing: all 0
+    return ((oj * w[..., None]).sum(1) / (lj * w).sum(1).clamp(min=1e-30)[..., None]).to(q.dtype)
+
+
+def _page_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, page_kv=None,
                             **kwargs):
-    """transformers' attention-function interface over our slots: query [n, H, Tq, D], key/value [n, Hkv, Tq, D]
-    (rotary applied) -> ([n, Tq, H, D], None). Writes key/value into the cache (cast to its dtype: under autocast
-    Qwen3's k_norm returns fp32), then attends: prefill causally over the prompt, decode over the slot's cache."""
-    K, V = slot_kv.K[module.layer_idx], slot_kv.V[module.layer_idx]
+    """transformers' attention-function interface over our pages: query [n, H, Tq, D], key/value [n, Hkv, Tq, D]
+    (rotary applied) -> ([n, Tq, H, D], None). Writes key/value into their pages (cast to the cache's dtype: under
+    autocast Qwen3's k_norm returns fp32), then attends: prefill causally over the prompt, decode over the pages."""
+    K, V = page_kv.K[module.layer_idx], page_kv.V[module.layer_idx]
     n, H, Tq, D = query.shape
     Hkv = key.shape[1]
-    if slot_kv.pos is None:  # prefill from position 0, right-padded; attention over the prompt's own keys
-        K[slot_kv.slots, :, :Tq], V[slot_kv.slots, :, :Tq] = key.to(K.dtype), value.to(V.dtype)
+    if page_kv.slots is None:  # prefill from position 0, right-padded; attention over the prompt's own keys
+        K[page_kv.page, :, page_kv.offset] = key.transpose(1, 2).to(K.dtype)  # [b, Tq, Hkv, D]
+        V[page_kv.page, :, page_kv.offset] = value.transpose(1, 2).to(V.dtype)
         rep = H // Hkv
         out = F.scaled_dot_product_attention(query, key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1),
                                              is_causal=True, scale=scaling)
         return out.transpose(1, 2), None
-    K[slot_kv.slots, :, slot_kv.pos] = key[:, :, 0].to(K.dtype)  # [n, Hkv, D] at each row's own position
-    V[slot_kv.slots, :, slot_kv.pos] = value[:, :, 0].to(V.dtype)
-    Lh = slot_kv.valid.shape[-1]
+    K[page_kv.page, :, page_kv.offset] = key[:, :, 0].to(K.dtype)  # [n, Hkv, D] at each row's own position
+    V[page_kv.page, :, page_kv.offset] = value[:, :, 0].to(V.dtype)
     # GQA without repeating the cache: the H / Hkv query heads that share a KV head become its query rows
     q = query.reshape(n, Hkv, H // Hkv, D).to(K.dtype)
-    out, r = [], 0
-    for a, b in slot_kv.runs:  # each run of slots reads its cache in place (a view: no copy)
-        out.append(F.scaled_dot_product_attention(q[r:r + b - a], K[a:b, :, :Lh], V[a:b, :, :Lh],
-                                                  attn_mask=slot_kv.valid[r:r + b - a], scale=scaling))
-        r += b - a
-    return (out[0] if len(out) == 1 else torch.cat(out)).reshape(n, 1, H, D), None
+    scale = scaling if scaling is not None else D ** -0.5
+    return page_attention(q, K, V, page_kv, scale).reshape(n, 1, H, D), None
 
 
 @contextlib.contextmanager
-def _slot_attention(model):
-    """The model attends through `_slot_attention_forward` inside the block; its attention implementation is
+def _paged_attention(model):
+    """The model attends through `_page_attention_forward` inside the block; its attention implementation is
     restored after, so training and evaluation see the model unchanged."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(ATTENTION_NAME, _slot_attention_forward)
+    AttentionInterface.register(ATTENTION_NAME, _page_attention_forward)
     # Never called (sample() passes attention_mask as a prepared dict, so no [n, L] mask is built); registered
     # so that set_attn_implementation accepts the name.
     AttentionMaskInterface.register(ATTENTION_NAME, lambda *args, **kwargs: None)
@@ -684,10 +834,10 @@ def _slot_attention(model):
         model.set_attn_implementation(previous)
 
 
-def _forward(model, ids: torch.Tensor, pos: torch.Tensor, view: _SlotView) -> torch.Tensor:
+def _forward(model, ids: torch.Tensor, pos: torch.Tensor, view: _PageView) -> torch.Tensor:
     """The decode step's forward: ids, pos [n, 1] -> last-position logits [n, V]."""
     return model(input_ids=ids, position_ids=pos, attention_mask={"full_attention": None}, use_cache=False,
-                 slot_kv=view).logits[:, -1]
+                 page_kv=view).logits[:, -1]
 
 
 _COMPILED: dict = {}
@@ -897,12 +1047,15 @@ def check_config(cfg: SamplingConfig, group_size: int, longest_prompt: int) -> N
             raise ValueError(f"cfg.max_children={cfg.max_children!r}: must be an int in [2, 256]")
         if not isinstance(cfg.max_forks, int) or cfg.max_forks < 0:
             raise ValueError(f"cfg.max_forks={cfg.max_forks!r}: must be an int >= 0 (0 = no limit)")
-    L = longest_prompt + cfg.max_new_tokens
+    if isinstance(cfg.page_size, bool) or not isinstance(cfg.page_size, int) or not 1 <= cfg.page_size <= 2**16:
+        raise ValueError(f"cfg.page_size={cfg.page_size!r}: must be an int in [1, 65536]")
+    need = (group_pages(longest_prompt, group_size, cfg.max_new_tokens, cfg.page_size) + 1) * cfg.page_size
     if cfg.kv_budget is not None and (isinstance(cfg.kv_budget, bool) or not isinstance(cfg.kv_budget, int)
-                                      or cfg.kv_budget < L):
-        raise ValueError(f"cfg.kv_budget={cfg.kv_budget!r}: cannot hold one row: a row reserves the "
-                         f"longest prompt ({L - cfg.max_new_tokens}) + max_new_tokens ({cfg.max_new_tokens}) = {L} "
-                         "positions; give at least that (or None: every row at once)")
+                                      or cfg.kv_budget < need):
+        raise ValueError(f"cfg.kv_budget={cfg.kv_budget!r}: cannot hold one group at its longest: the longest "
+                         f"prompt ({longest_prompt}) + {group_size} rows x max_new_tokens ({cfg.max_new_tokens}), in "
+                         f"pages of {cfg.page_size} (one more per row, as a row starts part-way into a page, and a "
+                         f"scratch page) = {need} positions; give at least that (or None: every group at once)")
     if not isinstance(cfg.compile, bool):
         raise ValueError(f"cfg.compile={cfg.compile!r}: must be a bool")
 

@@ -32,17 +32,18 @@ heads, 8 KV heads, head_dim 128, intermediate 6,144) but --paper-layers layers; 
 (--paper-prompts tokens, random ids) x --paper-G rows, up to --paper-new-tokens new tokens. Random
 weights almost never emit EOS, so EOS's logit is raised to give each row a hazard of about
 --paper-eos-rate / max_new_tokens per token (ragged lengths, as real responses have). Flat sampling
-with no budget, at a quarter of that run's cache, and `generate` (static cache) on the same rows and
-logits: slots, budget, allocated and peak cache bytes, decode steps, ms per step, sampled tokens/s.
+with no budget, at a quarter of every row at its longest (rows x L / 4), and `generate` (static cache) on
+the same rows and logits: pages, budget, allocated and peak cache bytes, decode steps, ms per step,
+sampled tokens/s, cache traffic by kind, and the fewest steps any schedule could take at that budget.
 
 traffic: Qwen3-1.7B's attention in 1 layer with a 1,024-token vocabulary and a narrow MLP (the counts
 do not depend on them, the run time does), a 1,024-token prompt x 8 rows, EOS impossible, flat and
 tree (default tau) at each --traffic-new-tokens: cache bytes written and copied per decoded position,
-by kind (prefill writes, decode writes, prompt copies, fork copies), from the engine's own counts.
+by kind (prefill writes, decode writes, copies on write, swaps), from the engine's own counts.
 
 overhead: ms per decode step at batch 1 on the tiny 64x2 model (eager, compiled, `generate`).
 
-arithmetic: Qwen3-1.7B's bytes per cached position x rows x length, and how many rows an 80 GB H100
+arithmetic: Qwen3-1.7B's bytes per cached position x rows x length, and how much of it an 80 GB H100
 holds after the training state, at 2,048 and 8,192 new tokens (printed, not measured).
 
 Run from the repository root:
@@ -310,7 +311,8 @@ def paper_case(args: Args) -> None:
     bpp = rollout.kv_bytes_per_position(model)
     print(f"\n== paper-shaped case: Qwen3-1.7B widths, {args.paper_layers} layer(s), vocab 151,936, {args.dtype}; "
           f"prompts {args.paper_prompts} x G={G} = {rows} rows; max_new_tokens {T}; EOS hazard {args.paper_eos_rate:g}/{T} "
-          f"a token\n  cache: {bpp:,} bytes per position ({args.paper_layers} layer(s)); a row reserves L = {L} positions")
+          f"a token\n  cache: {bpp:,} bytes per position ({args.paper_layers} layer(s)); a row reaches at most L = {L} "
+          f"positions; pages of {rollout.SamplingConfig.page_size}")
 
     def run(budget):
         cfg = rollout.SamplingConfig(max_new_tokens=T, kv_budget=budget)
@@ -318,31 +320,31 @@ def paper_case(args: Args) -> None:
 
     rollout.sample(model, prompts[-1:], 1, rollout.SamplingConfig(max_new_tokens=2), eos_token_ids=EOS, pad_token_id=PAD)
     res = {"no budget": (None, *wall(lambda: run(None)))}
-    quarter = rows * L // 4  # a quarter of what the unbudgeted run allocates (every row at once)
+    quarter = rows * L // 4  # a quarter of every row at its longest (what a cache of one slot per row allocates)
     res["1/4 budget"] = (quarter, *wall(lambda: run(quarter)))
     t_gen, (gen_tokens, gen_steps) = wall(lambda: generate_rows(model, prompts, G, T))
-    print(f"  {'run':<18} {'slots':>5} {'budget MB':>9} {'alloc MB':>8} {'peak MB':>7} {'steps':>6} {'ms/step':>8} "
+    print(f"  {'run':<18} {'pages':>5} {'budget MB':>9} {'alloc MB':>8} {'peak MB':>7} {'steps':>6} {'ms/step':>8} "
           f"{'tokens':>6} {'tokens/s':>8} {'vs no budget':>12}")
     base = None
     for name, (budget, t, r) in res.items():
         tokens = int(r.response_mask.sum())
         base = base or tokens / t
-        print(f"  {name:<18} {r.kv_capacity // L:5d} {budget * bpp / 2**20 if budget else float('nan'):9.1f} "
+        print(f"  {name:<18} {r.kv_capacity // rollout.SamplingConfig.page_size:5d} {budget * bpp / 2**20 if budget else float('nan'):9.1f} "
               f"{r.kv_capacity * bpp / 2**20:8.1f} {r.peak_kv_tokens * bpp / 2**20:7.1f} {r.decode_steps:6d} "
               f"{1e3 * t / max(r.decode_steps, 1):8.1f} {tokens:6d} {tokens / t:8.1f} {tokens / t / base:12.2f}")
     print(f"  {'generate (static)':<18} {'':>5} {'':>9} {'':>8} {'':>7} {gen_steps:6d} {1e3 * t_gen / gen_steps:8.1f} "
           f"{gen_tokens:6d} {gen_tokens / t_gen:8.1f}")
     print(f"  flat (no budget) / generate tokens/s: {base / (gen_tokens / t_gen):.2f}; ms/step includes the prefills; "
-          f"peak = most positions held by rows in flight; alloc = slots x L, never above the budget")
+          f"peak = most pages in use; alloc = pages x page size, never above the budget")
+    for name, (budget, t, r) in res.items():
+        print(f"  cache bytes per decoded position ({name}): "
+              + ", ".join(f"{k} {v * bpp / r.decoded_tokens:,.0f}" for k, v in r.kv_traffic.items()))
     r = res["no budget"][2]
-    print("  cache bytes per decoded position (no budget): "
-          + ", ".join(f"{k} {v * bpp / r.decoded_tokens:,.0f}" for k, v in r.kv_traffic.items()))
     lengths = r.response_mask.sum(1).tolist()
     for shared in (False, True):
         steps = paged_steps_bound([len(q) for q in prompts], G, lengths, quarter, shared)
-        print(f"  a cache paged by actual length at the 1/4 budget{', prompts shared by their G rows' * shared}: at "
-              f"least {steps} decode steps, so at best {r.decode_steps / steps:.2f}x no budget where a step costs "
-              "the same for any number of rows")
+        print(f"  any schedule at the 1/4 budget with pages of one position{', prompts shared by their G rows' * shared}"
+              f": at least {steps} decode steps (this engine: {res['1/4 budget'][2].decode_steps})")
 
 
 def paged_steps_bound(prompt_lens: list[int], G: int, lengths: list[int], budget: int, shared: bool) -> int:
@@ -371,14 +373,14 @@ def traffic(args: Args) -> None:
           f"  bytes per decoded position (Qwen3-1.7B bf16 bytes in brackets); decode = one position written per "
           f"computed slot and step")
     print(f"  {'sampler':<8} {'new tokens':>10} {'decoded':>8} {'steps':>6} {'prefill':>16} {'decode writes':>16} "
-          f"{'prompt copies':>16} {'fork copies':>16} {'peak MB':>8}")
+          f"{'copies':>16} {'swaps':>16} {'peak MB':>8}")
     for T in args.traffic_new_tokens:
         for sampler in ("flat", "tree"):
             cfg = rollout.SamplingConfig(max_new_tokens=T, sampler=sampler)
             r = rollout.sample(model, prompts, G, cfg, eos_token_ids=EOS, pad_token_id=PAD, seed=0)
             per = {k: v / r.decoded_tokens for k, v in r.kv_traffic.items()}
             cells = " ".join(f"{per[k] * bpp:7,.0f} [{per[k] * bpp_full / 1e3:5.0f}k]" for k in
-                             ("prefill", "decode", "prompt_copy", "fork_copy"))
+                             ("prefill", "decode", "copy", "swap"))
             print(f"  {sampler:<8} {T:10d} {r.decoded_tokens:8d} {r.decode_steps:6d} {cells} "
                   f"{r.peak_kv_tokens * bpp / 2**20:8.1f}")
 
@@ -420,9 +422,10 @@ def full_model_arithmetic(args: Args) -> None:
           f"AdamW states, DDP gradient buckets, bf16 autocast weight copies), step tensors {step / 2**30:.1f} GiB, "
           f"1 GiB context -> 90% of the rest = {cache / 2**30:.1f} GiB of cache = {int(cache // bpp):,} positions")
     for new in (2048, 8192):
-        L = 1024 + new
-        print(f"  {new:,} new tokens: L = {L:,}; {rows} rows at once need {rows * L * bpp / 2**30:.1f} GiB; "
-              f"the budget holds {int(cache // bpp) // L} slots ({int(cache // bpp) // L / rows:.0%} of the rows)")
+        L, shared = 1024 + new, rows // 7 * 1024 + rows * new  # a group's prompt held once for its 7 rows
+        print(f"  {new:,} new tokens: L = {L:,}; {rows} rows at their longest need {rows * L * bpp / 2**30:.1f} GiB, "
+              f"{shared * bpp / 2**30:.1f} GiB with prompts shared; the budget holds {cache / (shared * bpp):.0%} "
+              "of that at once (rows end early and leave their pages to others)")
 
 
 def main(args: Args) -> None:

@@ -419,9 +419,9 @@ def test_tree_leaves_share_prefixes_and_decode_fewer_tokens(tiny_model, tiny_tok
 @given(G=st.integers(1, 7), M=st.integers(1, 7), C=st.integers(2, 4), max_forks=st.integers(0, 4),
        tau=st.sampled_from([0.0, 0.5, 3.0, 4.4, 4.55, math.inf]), scale=st.sampled_from([1.0, 8.0]),
        eos_bias=st.sampled_from([0.0, 2.5]), max_new=st.integers(1, 12), seed=st.integers(0, 2**31), P=st.integers(1, 3),
-       slots=st.sampled_from([None, 1, 2, 5]))
+       extra=st.sampled_from([None, 0, 3, 40]), page=st.sampled_from([1, 3, 128]))
 def test_tree_property_exactly_G_leaves(tiny_model, tiny_tokenizer, G, M, C, max_forks, tau, scale, eos_bias,
-                                       max_new, seed, P, slots):
+                                       max_new, seed, P, extra, page):
     M = min(M, G)
     V = tiny_model.config.vocab_size
     bias = torch.zeros(V); bias[EOS_ID] = eos_bias
@@ -430,14 +430,14 @@ def test_tree_property_exactly_G_leaves(tiny_model, tiny_tokenizer, G, M, C, max
     cfg = SamplingConfig(max_new_tokens=max_new, sampler="tree", tau=tau, num_chains=M, max_children=C, max_forks=max_forks)
     r = _run(m, tiny_tokenizer, prompts, G, seed=seed, **vars(cfg))
     _check_leaf_invariants(r, prompts, G, cfg)
-    if slots is not None:  # a budget of a few rows: other schedule, same leaves, and never more cache than it allows
-        L = max(map(len, prompts)) + max_new
-        cfg.kv_budget = slots * L + L // 2
+    if extra is not None:  # a budget of one group and a few pages: other schedule, same leaves, never more cache
+        cfg.page_size = page
+        cfg.kv_budget = (rollout.group_pages(max(map(len, prompts)), G, max_new, page) + 1 + extra) * page
         small = _run(m, tiny_tokenizer, prompts, G, seed=seed, **vars(cfg))
         _check_leaf_invariants(small, prompts, G, cfg)
         assert torch.equal(small.response_ids, r.response_ids) and torch.equal(small.parent, r.parent)
         assert torch.equal(small.branch_pos, r.branch_pos) and small.decoded_tokens == r.decoded_tokens
-        assert small.peak_kv_tokens <= small.kv_capacity <= min(slots, P * G) * L
+        assert small.peak_kv_tokens < small.kv_capacity <= cfg.kv_budget
 
 
 _MODELS = {}  # hooked model copies reused across hypothesis examples
@@ -459,20 +459,21 @@ def _engines(monkeypatch):
     return made
 
 
+@pytest.mark.parametrize("eos_bias", [2.0, float("-inf")])  # ragged lengths (pages freed and reused), or none
 @pytest.mark.parametrize("cfg", [dict(), dict(sampler="tree", tau=0.0), dict(sampler="tree", num_chains=1, max_children=3)])
-def test_same_tokens_whatever_the_kv_budget(tiny_model, tiny_tokenizer, monkeypatch, cfg):
-    """A row's tokens depend on its own prefix and counters only: from one slot (every row after the other, all
-    forks continued in place) to every row at once, the same leaves; the cache never exceeds the budget in bytes."""
+def test_same_tokens_whatever_the_kv_budget(tiny_model, tiny_tokenizer, monkeypatch, cfg, eos_bias):
+    """A row's tokens depend on its own prefix and counters only: from a budget of one group (the others swapped out
+    and back in as it needs pages) to every group at once, the same leaves; the cache never exceeds the budget."""
     V = tiny_model.config.vocab_size
-    bias = torch.zeros(V); bias[EOS_ID] = 2.0  # ragged lengths: rows end and slots are refilled
-    m = _MODELS.setdefault((1.0, 2.0), _logits_hook(tiny_model, bias=bias))
-    prompts, G, T = _ids(tiny_tokenizer, *PROMPTS), 5, 20
-    L = max(map(len, prompts)) + T
+    bias = torch.zeros(V); bias[EOS_ID] = eos_bias
+    m = _MODELS.setdefault((1.0, eos_bias), _logits_hook(tiny_model, bias=bias))
+    prompts, G, T, page = _ids(tiny_tokenizer, *PROMPTS), 5, 20, 4
+    one = (rollout.group_pages(max(map(len, prompts)), G, T, page) + 1) * page  # the smallest budget allowed
     made = _engines(monkeypatch)
     base = _run(m, tiny_tokenizer, prompts, G, seed=4, max_new_tokens=T, **cfg)
-    for slots in (1, 2, 4):
-        budget = slots * L + L - 1  # just short of one more row
-        r = _run(m, tiny_tokenizer, prompts, G, seed=4, max_new_tokens=T, kv_budget=budget, **cfg)
+    swaps = []
+    for budget in (one, one + 5 * page, 2 * one):
+        r = _run(m, tiny_tokenizer, prompts, G, seed=4, max_new_tokens=T, kv_budget=budget, page_size=page, **cfg)
         _check_leaf_invariants(r, prompts, G, SamplingConfig(max_new_tokens=T, kv_budget=budget, **cfg))
         assert torch.equal(r.response_ids, base.response_ids) and torch.equal(r.parent, base.parent)
         torch.testing.assert_close(r.logprobs, base.logprobs, atol=1e-5, rtol=0)
@@ -481,52 +482,83 @@ def test_same_tokens_whatever_the_kv_budget(tiny_model, tiny_tokenizer, monkeypa
         eng = made[-1]
         cache_bytes = sum(x.numel() * x.element_size() for x in eng.K + eng.V)
         assert cache_bytes == r.kv_capacity * rollout.kv_bytes_per_position(m) <= budget * rollout.kv_bytes_per_position(m)
-        assert r.kv_capacity == slots * L and r.peak_kv_tokens <= r.kv_capacity
-        if slots == 1:  # one row at a time: every prompt copy and fork continues in place, no copies at all
-            assert r.decode_steps == r.decoded_tokens and r.kv_traffic["prompt_copy"] == r.kv_traffic["fork_copy"] == 0
-            assert r.peak_kv_tokens <= L - 1
+        assert r.kv_capacity == budget // page * page and r.peak_kv_tokens < r.kv_capacity
+        assert sorted(eng.free_pages) == list(range(len(eng.ref))) and not any(eng.ref) and not eng.swapped
+        swaps.append(r.kv_traffic["swap"])
+    # rows that never end make the smallest budget preempt (the path under test); short rows rarely need to
+    assert swaps[0] > 0 or eos_bias == 2.0
 
 
 def test_cache_traffic_and_peak_by_hand(tiny_model, tiny_tokenizer):
-    """Flat, one prompt of p tokens, G = 3, EOS impossible, T new tokens: one prefill of p positions, two prompt
-    copies of p, then 3 positions written a step for T - 1 steps; positions held at the last step: 3 (p + T - 1).
-    Per decoded token the writes and copies do not grow with T."""
+    """Flat, one prompt of p tokens, G = 3, EOS impossible, T new tokens, pages of 4: one prefill of p positions; the
+    three rows share the prompt's pages, and the first two to write into its partly filled last page copy its
+    p % 4 positions (the third writes in place); then 3 positions written a step for T - 1 steps. Held at the
+    end: the prompt's p // 4 full pages + per row the pages of positions 4 (p // 4) .. p + T - 2. Per decoded
+    token the writes and copies do not grow with T; one page per position never copies."""
     V = tiny_model.config.vocab_size
     bias = torch.zeros(V); bias[EOS_ID] = float("-inf")
     m = _MODELS.setdefault((1.0, "no-eos"), _logits_hook(tiny_model, bias=bias))
-    q = _ids(tiny_tokenizer, "1+2+3+4=")
+    q = _ids(tiny_tokenizer, "1+2+3+4+5=")
     p = len(q[0])
+    assert p % 4 == 2
     for T in (8, 40):
-        r = _run(m, tiny_tokenizer, q, 3, max_new_tokens=T)
-        assert r.kv_traffic == dict(prefill=p, decode=3 * (T - 1), prompt_copy=2 * p, fork_copy=0)
+        r = _run(m, tiny_tokenizer, q, 3, max_new_tokens=T, page_size=4)
+        assert r.kv_traffic == dict(prefill=p, decode=3 * (T - 1), copy=2 * (p % 4), swap=0)
         assert r.decode_steps == T - 1 and r.decoded_tokens == 3 * (T - 1)
-        assert r.peak_kv_tokens == 3 * (p + T - 1) and r.kv_capacity == 3 * (p + T)
-        one = _run(m, tiny_tokenizer, q, 3, max_new_tokens=T, kv_budget=p + T)  # one slot: rows one after another
-        assert one.kv_traffic == dict(prefill=p, decode=3 * (T - 1), prompt_copy=0, fork_copy=0)
-        assert one.peak_kv_tokens == p + T - 1 and one.decode_steps == 3 * (T - 1)
+        full = p // 4
+        assert r.peak_kv_tokens == 4 * (full + 3 * -(-(p + T - 1 - 4 * full) // 4))
+        assert r.kv_capacity == 4 * (rollout.group_pages(p, 3, T, 4) + 1)
+        one = _run(m, tiny_tokenizer, q, 3, max_new_tokens=T, page_size=1)
+        assert one.kv_traffic == dict(prefill=p, decode=3 * (T - 1), copy=0, swap=0)
+        assert one.peak_kv_tokens == p + 3 * (T - 1)  # the prompt held once
         assert torch.equal(one.response_ids, r.response_ids)
 
 
-def test_fork_copies_only_the_shared_prefix(tiny_model, tiny_tokenizer):
-    """A tree with slots to spare: each root's deepest branch continues in the root's own slot (no copy), every
-    other branch copies exactly prompt + t positions, the second root copies the prompt."""
+def test_forks_share_the_roots_pages(tiny_model, tiny_tokenizer):
+    """A tree: branches read their root's pages in place; a branch copies at most the part of one page before its
+    fork point (none at all with one position a page), and the cache held is less than G separate rows'."""
     V = tiny_model.config.vocab_size
     bias = torch.zeros(V); bias[EOS_ID] = float("-inf")
     m = _MODELS.setdefault((1.0, "no-eos"), _logits_hook(tiny_model, bias=bias))
     q, G, T = _ids(tiny_tokenizer, "12+34="), 8, 16
     p = len(q[0])
-    cfg = SamplingConfig(max_new_tokens=T, sampler="tree", tau=0.0)
+    cfg = SamplingConfig(max_new_tokens=T, sampler="tree", tau=0.0, page_size=4)
     r = _run(m, tiny_tokenizer, q, G, seed=5, **vars(cfg))
     _check_leaf_invariants(r, q, G, cfg)
-    want = 0
-    for root in range(cfg.num_chains):
-        ts = sorted(int(t) for b, t in enumerate(r.branch_pos) if int(r.parent[b]) == root and t + 1 < T)
-        want += sum(p + t for t in ts[:-1])  # all but the deepest, which continues in place
-    assert r.forks_made.tolist() == [G - cfg.num_chains] and want > 0
-    assert {k: r.kv_traffic[k] for k in ("prefill", "prompt_copy", "fork_copy")} == dict(prefill=p, prompt_copy=p,
-                                                                                         fork_copy=want)
-    # eager steps compute the live slots only (8 slots form at most 4 runs, rollout.MAX_RUNS): no idle slot
-    assert rollout.MAX_RUNS == 4 and r.kv_traffic["decode"] == r.decoded_tokens
+    assert r.forks_made.tolist() == [G - cfg.num_chains]
+    rows = G  # every leaf starts a row once (a root, or a branch whose first own token is not the last)
+    assert r.kv_traffic["prefill"] == p and 0 < r.kv_traffic["copy"] <= rows * 3
+    assert r.peak_kv_tokens < G * (p + T)
+    cfg.page_size = 1
+    one = _run(m, tiny_tokenizer, q, G, seed=5, **vars(cfg))
+    assert torch.equal(one.response_ids, r.response_ids) and one.kv_traffic["copy"] == 0
+    # eager steps compute the rows in flight only: no idle slot
+    assert r.kv_traffic["decode"] == r.decoded_tokens
+
+
+def test_page_attention_equals_dense_attention():
+    """page_attention against softmax(q k^T) v over each row's positions gathered in order: random pages shared by
+    several readers, rows of different lengths, an idle slot (reads nothing: 0)."""
+    g = torch.Generator().manual_seed(0)
+    N, Hkv, page, D, r, G, S = 9, 2, 4, 8, 3, 2, 4
+    K, V = torch.randn(N + 1, Hkv, page, D, generator=g), torch.randn(N + 1, Hkv, page, D, generator=g)
+    tables = {0: [5, 2, 7], 1: [5, 2, 1], 2: [3]}  # slots 0 and 1 share their first two pages (lanes 0 and 1)
+    kv_len = torch.tensor([11, 10, 2, 0, 0])  # slot 3 idle, slot S = 4 no row
+    lane = {0: 0, 1: 1, 2: 0}
+    j, reader = torch.zeros(N + 1, dtype=torch.long), torch.full((N + 1, G), S)
+    for s, pages in tables.items():
+        for i, pg in enumerate(pages):
+            j[pg], reader[pg, lane[s]] = i, s
+    slots = torch.tensor([0, 1, 2, 3])
+    q = torch.randn(4, Hkv, r, D, generator=g)
+    view = rollout._PageView([K], [V], None, None, slots, kv_len, j, reader, 3)
+    out = rollout.page_attention(q, K, V, view, 0.3)
+    for s, pages in tables.items():
+        k = torch.cat([K[pg] for pg in pages], 1)[:, : kv_len[s]]  # [Hkv, len, D]
+        v = torch.cat([V[pg] for pg in pages], 1)[:, : kv_len[s]]
+        want = torch.softmax(q[s] @ k.transpose(-1, -2) * 0.3, -1) @ v
+        torch.testing.assert_close(out[s], want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[3], torch.zeros_like(out[3]))
 
 
 def test_cache_is_stored_in_the_compute_dtype(tiny_model, tiny_tokenizer, monkeypatch):
@@ -546,7 +578,7 @@ def test_cache_is_stored_in_the_compute_dtype(tiny_model, tiny_tokenizer, monkey
 
 
 def test_model_attention_restored_after_sampling(tiny_model, tiny_tokenizer):
-    """sample() switches the model to its slot attention and back, also when sampling fails halfway."""
+    """sample() switches the model to its paged attention and back, also when sampling fails halfway."""
     ids = torch.tensor([_ids(tiny_tokenizer, "12+34=")[0]])
     before, logits = tiny_model.config._attn_implementation, tiny_model(input_ids=ids).logits
     _run(tiny_model, tiny_tokenizer, [ids[0].tolist()], 2, max_new_tokens=4)
@@ -571,11 +603,12 @@ def test_compiled_decode_gives_the_same_tokens(tiny_model, tiny_tokenizer):
     """torch.compile (inductor on CPU) over the decode step: the same tokens, flat and tree, with a budget that
     makes the step's slot count change (several compiled shapes)."""
     prompts = _ids(tiny_tokenizer, *PROMPTS)
-    L = max(map(len, prompts)) + 16
+    budget = (rollout.group_pages(max(map(len, prompts)), 3, 16, 4) + 3) * 4  # groups swapped out and back in
     for cfg in (dict(), dict(sampler="tree", tau=0.0)):
-        eager = _run(tiny_model, tiny_tokenizer, prompts, 3, seed=2, max_new_tokens=16, kv_budget=5 * L, **cfg)
-        comp = _run(tiny_model, tiny_tokenizer, prompts, 3, seed=2, max_new_tokens=16, kv_budget=5 * L, compile=True,
-                    **cfg)
+        eager = _run(tiny_model, tiny_tokenizer, prompts, 3, seed=2, max_new_tokens=16, kv_budget=budget,
+                     page_size=4, **cfg)
+        comp = _run(tiny_model, tiny_tokenizer, prompts, 3, seed=2, max_new_tokens=16, kv_budget=budget,
+                    page_size=4, compile=True, **cfg)
         assert torch.equal(eager.response_ids, comp.response_ids) and torch.equal(eager.parent, comp.parent)
         torch.testing.assert_close(eager.logprobs, comp.logprobs, atol=1e-5, rtol=0)
         assert comp.decode_steps == eager.decode_steps
@@ -609,7 +642,10 @@ def test_compiled_decode_gives_the_same_tokens(tiny_model, tiny_tokenizer):
     ([[5, 6]], 2, dict(sampler="tree", temperature=0.0), "temperature"),
     ([[5, 6], [7]], 2, dict(prompt_keys=[0]), "prompt_keys"),
     ([[5, 6]], 2, dict(prompt_keys=[-1]), "prompt_keys"),
-    ([[5, 6, 7], [5]], 2, dict(max_new_tokens=10, kv_budget=12), r"kv_budget=12: .*prompt \(3\) \+ max_new_tokens \(10\) = 13"),
+    ([[5, 6, 7], [5]], 2, dict(max_new_tokens=10, kv_budget=39, page_size=4),
+     r"kv_budget=39: .*prompt \(3\) \+ 2 rows x max_new_tokens \(10\), in pages of 4 .* = 40 positions"),
+    ([[5, 6]], 2, dict(page_size=0), "page_size"),
+    ([[5, 6]], 2, dict(page_size=4.0), "page_size"),
     ([[5, 6]], 2, dict(kv_budget=0), "kv_budget"),
     ([[5, 6]], 2, dict(kv_budget=1000.0), "kv_budget"),
     ([[5, 6]], 2, dict(compile="yes"), "compile"),
