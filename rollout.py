@@ -348,6 +348,7 @@ class _Engine:
     free_pages: list[int] = field(default_factory=list)  # heaps: the lowest first
     free_slots: list[int] = field(default_factory=list)
     top: int = 0  # pages [0, top) hold every page in use: the range an eager step reads
+    shared: int = 0  # pages held by more than one table
     waiting: collections.deque = field(default_factory=collections.deque)  # prompts not yet prefilled
     swapped: dict = field(default_factory=dict)  # group -> (its pages on the host, [(leaf, t, table as page indices)])
     updates: dict[str, dict] = field(default_factory=dict)  # device tensor -> {index: value} not yet on the device
@@ -534,7 +535,9 @@ def _decode_step(eng: _Engine) -> list[int]:
     kv_len = torch.where(d["live"], d["tp"] + d["t"], 0)  # [S+1] positions each slot's row attends to, this step's too
     pos = (kv_len[idx] - 1).clamp(min=0)  # [n] where its keys go
     page = torch.where(live_n, d["pages"][idx, pos // eng.page], N)  # [n] idle slots write the scratch page
-    view = _PageView(eng.K, eng.V, page, pos % eng.page, idx, kv_len, d["j"][:u], d["reader"][:u], d["pages"].shape[1])
+    # no page shared (each read by one row at most): its one reader, not all G lanes, so the step scores 1/G as much
+    reader = d["reader"][:u] if eng.shared or eng.cfg.compile else d["reader"][:u].amin(1, keepdim=True)  # [u, G or 1]
+    view = _PageView(eng.K, eng.V, page, pos % eng.page, idx, kv_len, d["j"][:u], reader, d["pages"].shape[1])
     logits = eng.forward(eng.model, eng.out["tokens"][leaf, t - 1][:, None], pos[:, None], view)  # [n, V]
     G, C = eng.G, eng.C
     lanes = (leaf % G)[:, None] + (torch.arange(C, device=dev) << 32)  # [n, C]: lane 0 = the row's own token
@@ -637,6 +640,7 @@ def _hold(eng: _Engine, s: int, c: int, pages: list[int], j: int) -> None:
     """The row of leaf c in slot s holds `pages` as its blocks j, j + 1, ...: counted, and read by its slot."""
     for i, p in enumerate(pages, j):
         eng.ref[p] += 1
+        eng.shared += eng.ref[p] == 2
         eng.updates["pages"][s, i], eng.updates["j"][p], eng.updates["reader"][p, c % eng.G] = p, i, s
 
 
@@ -645,6 +649,7 @@ def _release(eng: _Engine, pages: list[int], lane: int | None = None) -> None:
     holds is free."""
     for p in pages:
         eng.ref[p] -= 1
+        eng.shared -= eng.ref[p] == 1
         if lane is not None:
             eng.updates["reader"][p, lane] = len(eng.dev["live"]) - 1  # S: no slot
         if not eng.ref[p]:
@@ -755,7 +760,7 @@ class _PageView:
     slots: torch.Tensor | None = None  # decode: [n] the slot of each batch row
     kv_len: torch.Tensor | None = None  # decode: [S+1] positions each slot's row attends to (0: no row)
     j: torch.Tensor | None = None  # decode: [u] the block of positions each page read holds
-    reader: torch.Tensor | None = None  # decode: [u, G] the slots reading each page, by lane (S: none)
+    reader: torch.Tensor | None = None  # decode: [u, R] the slots reading each page (S: none), by lane (R = G) or the one
     blocks: int = 0  # decode: J, the most pages a row holds
 
 
@@ -768,21 +773,21 @@ def page_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, view: _Pag
         out = sum_j exp(m_j - M) o_j / sum_j exp(m_j - M) l_j,   M = max_j m_j,
     summed over j in order, so the result does not depend on where in the pool a row's pages are."""
     n, Hkv, r, D = q.shape
-    u, G = view.reader.shape
+    u, R = view.reader.shape
     S1, page, J = view.kv_len.shape[0], K.shape[2], view.blocks
     qs = q.new_zeros(S1, Hkv, r, D)  # [S+1, Hkv, r, D] the queries by slot; slot S (no row) stays 0
     qs[view.slots] = q
-    qp = qs[view.reader].transpose(1, 2).reshape(u, Hkv, G * r, D)  # [u, Hkv, G*r, D] each page's readers
-    s = (qp @ K[:u].transpose(-1, -2)).float() * scale  # [u, Hkv, G*r, page]
-    seen = view.kv_len[view.reader] - view.j[:, None] * page  # [u, G] positions of the page each reader sees
-    valid = torch.arange(page, device=q.device) < seen[..., None]  # [u, G, page]
+    qp = qs[view.reader].transpose(1, 2).reshape(u, Hkv, R * r, D)  # [u, Hkv, R*r, D] each page's readers
+    s = (qp @ K[:u].transpose(-1, -2)).float() * scale  # [u, Hkv, R*r, page]
+    seen = view.kv_len[view.reader] - view.j[:, None] * page  # [u, R] positions of the page each reader sees
+    valid = torch.arange(page, device=q.device) < seen[..., None]  # [u, R, page]
     s = s.masked_fill(~valid.repeat_interleave(r, 1)[:, None], float("-inf"))
-    m = s.amax(-1)  # [u, Hkv, G*r]
+    m = s.amax(-1)  # [u, Hkv, R*r]
     e = torch.exp(s - torch.where(m.isinf(), 0, m)[..., None])  # a page a reader cannot see: all 0
-    o = (e.to(V.dtype) @ V[:u]).float()  # [u, Hkv, G*r, D]
+    o = (e.to(V.dtype) @ V[:u]).float()  # [u, Hkv, R*r, D]
     # each (page, reader) pair to its reader's slot, column j: [S+1, J, Hkv, r(, D)]; unread pairs go to slot S
-    pair = lambda x: x.unflatten(2, (G, r)).transpose(1, 2).flatten(0, 1)  # noqa: E731  [u*G, Hkv, r(, D)]
-    at = (view.reader.flatten(), view.j.repeat_interleave(G))
+    pair = lambda x: x.unflatten(2, (R, r)).transpose(1, 2).flatten(0, 1)  # noqa: E731  [u*R, Hkv, r(, D)]
+    at = (view.reader.flatten(), view.j.repeat_interleave(R))
     mj = m.new_full((S1, J, Hkv, r), float("-inf")).index_put_(at, pair(m))
     lj = m.new_zeros(S1, J, Hkv, r).index_put_(at, pair(e.sum(-1)))
     oj = m.new_zeros(S1, J, Hkv, r, D).index_put_(at, pair(o))
