@@ -324,7 +324,6 @@ class _Engine:
     G: int
     M: int  # rows a prompt starts with: G (flat), num_chains (tree)
     C: int  # draws per row and step: its own token + C - 1 fork alternatives
-    L: int  # positions a row can reach: longest prompt + max_new_tokens
     page: int  # positions per page
     pad: int
     seed_word: torch.Tensor  # 0-d int64
@@ -366,6 +365,11 @@ class _Engine:
     def tree(self) -> bool:
         return self.C > 1
 
+    @property
+    def S(self) -> int:
+        """Slots (rows of the decode batch); index S in the device's tensors means no row."""
+        return len(self.dev["live"]) - 1
+
     @classmethod
     def create(cls, model, prompts, G, cfg, eos, pad, seed, prompt_keys) -> "_Engine":
         P, Tmax, B, page = len(prompts), cfg.max_new_tokens, len(prompts) * G, cfg.page_size
@@ -394,7 +398,7 @@ class _Engine:
                    tp=zeros(S + 1, dtype=torch.long), live=zeros(S + 1, dtype=torch.bool),
                    pages=torch.full((S + 1, -(-L // page)), N, dtype=torch.long, device=device),
                    j=zeros(N + 1, dtype=torch.long), reader=torch.full((N + 1, G), S, dtype=torch.long, device=device))
-        eng = cls(model=model, cfg=cfg, prompts=prompts, G=G, M=cfg.num_chains if tree else G, C=C, L=L, page=page,
+        eng = cls(model=model, cfg=cfg, prompts=prompts, G=G, M=cfg.num_chains if tree else G, C=C, page=page,
                   pad=pad, seed_word=_seed_word(seed, device), keys=torch.tensor(keys + [0], device=device),
                   eos=torch.tensor(eos, device=device), K=K, V=V, out=out, dev=dev,
                   forward=_compiled_forward(device) if cfg.compile else _forward)
@@ -422,7 +426,7 @@ def _admit(eng: _Engine) -> None:
     """Bring groups in, oldest first, while the free pages hold them and still leave a page for every row in
     flight (each may open one next step): a swapped-out group back, else waiting prompts, prefilled together.
     With no row in flight the oldest group comes in if it fits at all, which the budget check guarantees."""
-    P = lambda g: -(-len(eng.prompts[g]) // eng.page)  # noqa: E731  pages of prompt g
+    P = lambda g: _prompt_pages(eng, g)  # noqa: E731
     fits = lambda pages, rows: pages + len(eng.rows) + rows <= len(eng.free_pages)  # noqa: E731
     alone = lambda pages: not eng.rows and pages <= len(eng.free_pages)  # noqa: E731
     while eng.swapped or eng.waiting:
@@ -456,7 +460,7 @@ def _prefill(eng: _Engine, batch: list[int]) -> None:
     tables = []
     for i, g in enumerate(batch):
         ids[i, : len(eng.prompts[g])] = torch.tensor(eng.prompts[g], device=dev)
-        tables.append(_alloc(eng, -(-len(eng.prompts[g]) // page)))
+        tables.append(_alloc(eng, _prompt_pages(eng, g)))
         where[i, : len(tables[-1])] = torch.tensor(tables[-1])
     pos = torch.arange(Tq, device=dev)
     view = _PageView(eng.K, eng.V, where.to(dev).repeat_interleave(page, 1)[:, :Tq], (pos % page).expand(len(batch), Tq))
@@ -523,7 +527,7 @@ def _decode_step(eng: _Engine) -> list[int]:
     _flush(eng)
     live, dev, N = sorted(eng.rows), eng.keys.device, len(eng.ref)
     if eng.cfg.compile:  # a few fixed slot counts (S, S/2, S/4, S/8) and every page: a handful of graphs
-        S = len(eng.dev["live"]) - 1
+        S = eng.S
         live = list(range(min(b for b in (S, -(-S // 2), -(-S // 4), -(-S // 8)) if b > live[-1])))
     if live != eng.live:  # the computed slots changed (a row ended or started): their indices, made on the device
         eng.live, eng.idx = live, torch.tensor(live, device=dev)
@@ -651,9 +655,14 @@ def _release(eng: _Engine, pages: list[int], lane: int | None = None) -> None:
         eng.ref[p] -= 1
         eng.shared -= eng.ref[p] == 1
         if lane is not None:
-            eng.updates["reader"][p, lane] = len(eng.dev["live"]) - 1  # S: no slot
+            eng.updates["reader"][p, lane] = eng.S  # no slot
         if not eng.ref[p]:
             heapq.heappush(eng.free_pages, p)
+
+
+def _prompt_pages(eng: _Engine, g: int) -> int:
+    """Pages prompt g fills, the last one partly."""
+    return -(-len(eng.prompts[g]) // eng.page)
 
 
 def _alloc(eng: _Engine, n: int) -> list[int]:
