@@ -541,7 +541,7 @@ def _decode_step(eng: _Engine) -> list[int]:
     page = torch.where(live_n, d["pages"][idx, pos // eng.page], N)  # [n] idle slots write the scratch page
     # no page shared (each read by one row at most): its one reader, not all G lanes, so the step scores 1/G as much
     reader = d["reader"][:u] if eng.shared or eng.cfg.compile else d["reader"][:u].amin(1, keepdim=True)  # [u, G or 1]
-    view = _PageView(eng.K, eng.V, page, pos % eng.page, idx, kv_len, d["j"][:u], reader, d["pages"].shape[1])
+    view = _decode_view(eng.K, eng.V, page, pos % eng.page, idx, kv_len, d["j"][:u], reader, d["pages"].shape[1])
     logits = eng.forward(eng.model, eng.out["tokens"][leaf, t - 1][:, None], pos[:, None], view)  # [n, V]
     G, C = eng.G, eng.C
     lanes = (leaf % G)[:, None] + (torch.arange(C, device=dev) << 32)  # [n, C]: lane 0 = the row's own token
@@ -760,21 +760,34 @@ ATTENTION_NAME = "rollout_pages"
 @dataclass
 class _PageView:
     """What one forward pass writes and reads in the cache; reaches the attention function as the model kwarg
-    `page_kv` (transformers passes unknown kwargs through to it)."""
+    `page_kv` (transformers passes unknown kwargs through to it). Decode's fields come from `_decode_view`."""
 
     K: list[torch.Tensor]  # per layer [N + 1, Hkv, page, D]
     V: list[torch.Tensor]
     page: torch.Tensor  # [n] (decode) or [b, Tq] (prefill): the page each new position's keys go to
     offset: torch.Tensor  # the same shape: their offset in it
-    slots: torch.Tensor | None = None  # decode: [n] the slot of each batch row
-    kv_len: torch.Tensor | None = None  # decode: [S+1] positions each slot's row attends to (0: no row)
-    j: torch.Tensor | None = None  # decode: [u] the block of positions each page read holds
-    reader: torch.Tensor | None = None  # decode: [u, R] the slots reading each page (S: none), by lane (R = G) or the one
+    row: torch.Tensor | None = None  # decode: [u, R] the batch row reading each page, by lane (R = G) or its one reader
+    at: tuple | None = None  # decode: ([u*R], [u*R]) each (page, reader) pair's batch row and block: where it combines
+    bias: torch.Tensor | None = None  # decode: [u, R, page] 0 at the positions the reader sees, -inf at the others
     blocks: int = 0  # decode: J, the most pages a row holds
 
 
+def _decode_view(K, V, page, offset, slots, kv_len, j, reader, blocks) -> _PageView:
+    """A decode step's view, its indices made once for all layers. slots [n]: the slot of each batch row;
+    kv_len [S+1]: positions each slot's row attends to; j [u]: the block each page read holds; reader [u, R]: the
+    slots reading each page (S: none). Batch row n stands for "no row": it reads zeros and its results are dropped."""
+    n, S1, size = len(slots), len(kv_len), K[0].shape[2]
+    row_of = torch.full((S1,), n, dtype=torch.long, device=slots.device)  # [S+1]
+    row_of[slots] = torch.arange(n, device=slots.device)
+    row = row_of[reader]  # [u, R]
+    seen = kv_len[reader] - j[:, None] * size  # [u, R] positions of the page each reader sees
+    bias = torch.zeros(*seen.shape, size, device=slots.device).masked_fill(
+        torch.arange(size, device=slots.device) >= seen[..., None], float("-inf"))  # [u, R, page]
+    return _PageView(K, V, page, offset, row, (row.flatten(), j.repeat_interleave(row.shape[1])), bias, blocks)
+
+
 def page_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, view: _PageView, scale: float) -> torch.Tensor:
-    """Decode attention over pages read in place, for the rows of view.slots: q [n, Hkv, r, D] -> [n, Hkv, r, D].
+    """Decode attention over pages read in place, for the n batch rows: q [n, Hkv, r, D] -> [n, Hkv, r, D].
 
     Flash-decoding with a page as the split: page p (block j of its rows) is scored once against the queries
     of every row that reads it, s = q k^T * scale over its valid positions, giving per (row, page) a max m_j,
@@ -782,25 +795,20 @@ def page_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, view: _Pag
         out = sum_j exp(m_j - M) o_j / sum_j exp(m_j - M) l_j,   M = max_j m_j,
     summed over j in order, so the result does not depend on where in the pool a row's pages are."""
     n, Hkv, r, D = q.shape
-    u, R = view.reader.shape
-    S1, page, J = view.kv_len.shape[0], K.shape[2], view.blocks
-    qs = q.new_zeros(S1, Hkv, r, D)  # [S+1, Hkv, r, D] the queries by slot; slot S (no row) stays 0
-    qs[view.slots] = q
-    qp = qs[view.reader].transpose(1, 2).reshape(u, Hkv, R * r, D)  # [u, Hkv, R*r, D] each page's readers
+    u, R = view.row.shape
+    qp = F.pad(q, (0, 0, 0, 0, 0, 0, 0, 1))[view.row]  # [u, R, Hkv, r, D] each page's readers; row n: zeros
+    qp = qp.transpose(1, 2).reshape(u, Hkv, R * r, D)
     s = (qp @ K[:u].transpose(-1, -2)).float() * scale  # [u, Hkv, R*r, page]
-    seen = view.kv_len[view.reader] - view.j[:, None] * page  # [u, R] positions of the page each reader sees
-    valid = torch.arange(page, device=q.device) < seen[..., None]  # [u, R, page]
-    s = s.masked_fill(~valid.repeat_interleave(r, 1)[:, None], float("-inf"))
-    m = s.amax(-1)  # [u, Hkv, R*r]
-    e = torch.exp(s - torch.where(m.isinf(), 0, m)[..., None])  # a page a reader cannot see: all 0
+    s = (s.unflatten(2, (R, r)) + view.bias[:, None, :, None]).flatten(2, 3)
+    m = s.amax(-1, keepdim=True)  # [u, Hkv, R*r, 1]
+    e = torch.exp(s - torch.where(m.isinf(), 0, m))  # a page a reader cannot see: all 0
     o = (e.to(V.dtype) @ V[:u]).float()  # [u, Hkv, R*r, D]
-    # each (page, reader) pair to its reader's slot, column j: [S+1, J, Hkv, r(, D)]; unread pairs go to slot S
-    pair = lambda x: x.unflatten(2, (R, r)).transpose(1, 2).flatten(0, 1)  # noqa: E731  [u*R, Hkv, r(, D)]
-    at = (view.reader.flatten(), view.j.repeat_interleave(R))
-    mj = m.new_full((S1, J, Hkv, r), float("-inf")).index_put_(at, pair(m))
-    lj = m.new_zeros(S1, J, Hkv, r).index_put_(at, pair(e.sum(-1)))
-    oj = m.new_zeros(S1, J, Hkv, r, D).index_put_(at, pair(o))
-    mj, lj, oj = mj[view.slots], lj[view.slots], oj[view.slots]  # [n, J, ...]
+    # each (page, reader) pair's o, m, l to its batch row, column j: [n+1, J, Hkv, r, D+2]; unread pairs to row n
+    part = torch.cat([o, m, e.sum(-1, keepdim=True)], -1).unflatten(2, (R, r)).transpose(1, 2).flatten(0, 1)
+    x = part.new_zeros(n + 1, view.blocks, Hkv, r, D + 2)
+    x[..., D] = float("-inf")  # a block the row does not hold: m = -inf, weight 0
+    x = x.index_put_(view.at, part)[:n]
+    oj, mj, lj = x[..., :D], x[..., D], x[..., D + 1]  # [n, J, Hkv, r(, D)]
     M = mj.amax(1, keepdim=True)
     w = torch.exp(mj - torch.where(M.isinf(), 0, M))  # [n, J, Hkv, r]; an idle slot reads nothing: all 0
     return ((oj * w[..., None]).sum(1) / (lj * w).sum(1).clamp(min=1e-30)[..., None]).to(q.dtype)
@@ -814,7 +822,7 @@ def _page_attention_forward(module, query, key, value, attention_mask, scaling=N
     K, V = page_kv.K[module.layer_idx], page_kv.V[module.layer_idx]
     n, H, Tq, D = query.shape
     Hkv = key.shape[1]
-    if page_kv.slots is None:  # prefill from position 0, right-padded; attention over the prompt's own keys
+    if page_kv.row is None:  # prefill from position 0, right-padded; attention over the prompt's own keys
         K[page_kv.page, :, page_kv.offset] = key.transpose(1, 2).to(K.dtype)  # [b, Tq, Hkv, D]
         V[page_kv.page, :, page_kv.offset] = value.transpose(1, 2).to(V.dtype)
         rep = H // Hkv

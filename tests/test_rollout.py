@@ -551,7 +551,7 @@ def test_page_attention_equals_dense_attention():
             j[pg], reader[pg, lane[s]] = i, s
     slots = torch.tensor([0, 1, 2, 3])
     q = torch.randn(4, Hkv, r, D, generator=g)
-    view = rollout._PageView([K], [V], None, None, slots, kv_len, j, reader, 3)
+    view = rollout._decode_view([K], [V], None, None, slots, kv_len, j, reader, 3)
     out = rollout.page_attention(q, K, V, view, 0.3)
     for s, pages in tables.items():
         k = torch.cat([K[pg] for pg in pages], 1)[:, : kv_len[s]]  # [Hkv, len, D]
