@@ -11,7 +11,10 @@ SamplingConfig's defaults, then at each further --taus value), and with `model.g
   leaves run longer than flat samples); decode steps (model calls one after another);
 - prefilled tokens: rollout prefills each prompt once, so re-prefilled prefix tokens = prefilled -
   sum of prompt lengths (target 0); `generate` prefills every row;
-- sampled tokens per second, flat vs generate.
+- sampled tokens per second, flat vs generate;
+- the same leaves at equal KV budgets (default tau, --budget-page-size): no budget, half of flat's
+  unbudgeted peak, and the floor (one group at its longest): wall time per leaf, decode steps and peak
+  cache, tree / flat. Where the budget binds, rows wait for pages, and a tree's rows hold fewer of them.
 Wall times are medians over `repeats` rounds (seeds 0..repeats-1) after one warm-up, each round running
 every sampler once in turn; token counts are means over the same runs. --compile samples with
 SamplingConfig(compile=True) (the warm-up run compiles).
@@ -106,6 +109,9 @@ class Args:
     """paper case: EOS logit raised so a row ends with probability rate / max_new_tokens per token"""
     traffic_new_tokens: list[int] = field(default_factory=lambda: [256, 2048])
     """traffic section: max_new_tokens values (EOS impossible, so rows run to them)"""
+    budget_page_size: int = 16
+    """tree section, equal budgets: page size (a tiny model's ~80-position row then spans pages as a 3,072-position
+    row spans 128-position pages)"""
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
@@ -230,6 +236,30 @@ def tree_vs_flat(args: Args) -> None:
         print(f"  prefill: rollout {flat[0].prefilled_tokens} tokens (prompt tokens {prompt_tokens}), generate {int(mask.sum())}")
         print(f"  sampled tokens/s: flat {tok_flat * B / wall_flat:9.0f}  generate {statistics.fmean(gen_tokens) / wall_gen:9.0f}  "
               f"flat/generate {(tok_flat * B / wall_flat) / (statistics.fmean(gen_tokens) / wall_gen):.2f}")
+        tree_vs_flat_at_equal_budgets(model, prompts, eos, pad, args)
+
+
+def tree_vs_flat_at_equal_budgets(model, prompts, eos, pad, args: Args) -> None:
+    """Tree (default tau) and flat with the same kv_budget: none, half of flat's unbudgeted peak, the floor."""
+    G, B, page = args.G, args.P * args.G, args.budget_page_size
+
+    def run(sampler, budget):
+        cfg = rollout.SamplingConfig(max_new_tokens=args.max_new_tokens, sampler=sampler, kv_budget=budget,
+                                     page_size=page, compile=args.compile)
+        return lambda seed: rollout.sample(model, prompts, G, cfg, eos_token_ids=eos, pad_token_id=pad, seed=seed)
+
+    floor = (rollout.group_pages(max(map(len, prompts)), G, args.max_new_tokens, page) + 1) * page
+    need = statistics.fmean(r.peak_kv_tokens for r in [run("flat", None)(seed) for seed in range(args.repeats)])
+    print(f"  equal budgets (page_size {page}; flat's unbudgeted peak {need:,.0f} positions, the floor {floor:,}):")
+    print(f"  {'kv_budget':>20} {'wall ms/leaf flat':>17} {'tree':>7} {'tree/flat':>9} {'steps flat':>10} {'tree':>6} "
+          f"{'peak flat':>9} {'tree':>6}")
+    for label, budget in [("none", None), ("half", max(floor, int(need / 2) // page * page)), ("floor", floor)]:
+        res = timed({"flat": run("flat", budget), "tree": run("tree", budget)}, args.repeats)
+        (wf, flat), (wt, tree) = res["flat"], res["tree"]
+        mean = lambda rs, key: statistics.fmean(getattr(r, key) for r in rs)  # noqa: E731
+        print(f"  {label + (f' {budget:,}' if budget else ''):>20} {1e3 * wf / B:17.3f} {1e3 * wt / B:7.3f} {wt / wf:9.3f} "
+              f"{mean(flat, 'decode_steps'):10.1f} {mean(tree, 'decode_steps'):6.1f} {mean(flat, 'peak_kv_tokens'):9,.0f} "
+              f"{mean(tree, 'peak_kv_tokens'):6,.0f}")
 
 
 

@@ -676,3 +676,18 @@ def test_bench_rollout_paged_steps_bound_by_hand():
     assert bench_rollout.paged_steps_bound([4, 2], 2, [3, 1, 2, 2], 10, shared=False) == 4
     assert bench_rollout.paged_steps_bound([4, 2], 2, [3, 1, 2, 2], 10, shared=True) == 3
     assert bench_rollout.paged_steps_bound([4, 2], 2, [3, 1, 2, 2], 100, shared=False) == 3
+
+
+def test_bench_rollout_tree_section_runs(capsys):
+    """The tree section end to end on a random tiny model (a crash here is a benchmark nobody can rerun): both
+    tables print, and at every equal budget both samplers stay within it."""
+    from benchmarks import bench_rollout
+    bench_rollout.main(bench_rollout.parse_args("--sections tree --models 64x2 --P 2 --G 3 --max-new-tokens 8 "
+                                                "--repeats 1 --taus 1.0".split()))
+    out = capsys.readouterr().out
+    assert "tree tau=0.5 (default)" in out and "tree tau=1 " in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[-5:-1]}
+    assert set(rows) == {"kv_budget", "none", "half", "floor"}
+    for name in ("half", "floor"):
+        budget, peaks = int(rows[name][1].replace(",", "")), rows[name][-2:]
+        assert all(int(p.replace(",", "")) <= budget for p in peaks)
