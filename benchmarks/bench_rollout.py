@@ -35,9 +35,12 @@ heads, 8 KV heads, head_dim 128, intermediate 6,144) but --paper-layers layers; 
 (--paper-prompts tokens, random ids) x --paper-G rows, up to --paper-new-tokens new tokens. Random
 weights almost never emit EOS, so EOS's logit is raised to give each row a hazard of about
 --paper-eos-rate / max_new_tokens per token (ragged lengths, as real responses have). Flat sampling
-with no budget, at a quarter of every row at its longest (rows x L / 4), and `generate` (static cache) on
-the same rows and logits: pages, budget, allocated and peak cache bytes, decode steps, ms per step,
-sampled tokens/s, cache traffic by kind, and the fewest steps any schedule could take at that budget.
+(--paper-runs) with no budget, at a quarter of every row at its longest (rows x L / 4), at the budget an
+80 GB H100 gives Qwen3-1.7B's training (h100) or at default_kv_budget's on this GPU (default), and
+`generate` (static cache) on the same rows and logits: pages, budget, allocated and peak cache bytes,
+decode steps, ms per step, sampled tokens/s, cache traffic by kind, the fewest steps any schedule could
+take at the quarter budget, and on CUDA the peak GPU memory. --compile samples compiled, each config
+after an untimed run of itself (which compiles).
 
 traffic: Qwen3-1.7B's attention in 1 layer with a 1,024-token vocabulary and a narrow MLP (the counts
 do not depend on them, the run time does), a 1,024-token prompt x 8 rows, EOS impossible, flat and
@@ -53,6 +56,10 @@ Run from the repository root:
     python benchmarks/bench_rollout.py                        # all; tree: 64x2, 128x4, warm; tau 0.5 (default), 1.0, 0.3, 0.1
     python benchmarks/bench_rollout.py --sections tree --models warm --compile
     python benchmarks/bench_rollout.py --sections tree paper --device cuda --dtype bf16
+    # issue 10's GPU check: Qwen3-1.7B-shaped (28 layers), 224 rows, 1,024 + 2,048 tokens, EOS impossible; then --compile
+    python benchmarks/bench_rollout.py --sections paper --device cuda --dtype bf16 --paper-layers 28 \
+        --paper-prompts $(printf '1024 %.0s' $(seq 32)) --paper-G 7 --paper-new-tokens 2048 --paper-eos-rate 0 \
+        --paper-runs h100 none
 """
 from __future__ import annotations
 
@@ -94,7 +101,7 @@ class Args:
     warm_dir: str = "runs/bench-rollout-warm"
     """where the `warm` model is cached, as WARM_DIR/warm-s0 (train.warm_start reuses it when the recipe matches)"""
     compile: bool = False
-    """tree section: sample with SamplingConfig(compile=True) (torch.compile; CUDA graphs on CUDA)"""
+    """tree and paper sections: sample with SamplingConfig(compile=True) (torch.compile; CUDA graphs on CUDA)"""
     sections: list[str] = field(default_factory=lambda: ["tree", "paper", "traffic", "overhead", "arithmetic"])
     """which sections to run: tree, paper, traffic, overhead, arithmetic"""
     paper_layers: int = 1
@@ -107,6 +114,10 @@ class Args:
     """paper case: most new tokens per row"""
     paper_eos_rate: float = 4.0
     """paper case: EOS logit raised so a row ends with probability rate / max_new_tokens per token"""
+    paper_runs: list[str] = field(default_factory=lambda: ["none", "quarter", "generate"])
+    """paper case, in order: none (no budget), quarter (a quarter of rows x L), h100 (what default_kv_budget gives
+    Qwen3-1.7B training on an 80 GB H100: the arithmetic section's positions), default (default_kv_budget here, CUDA),
+    generate (static cache)"""
     traffic_new_tokens: list[int] = field(default_factory=lambda: [256, 2048])
     """traffic section: max_new_tokens values (EOS impossible, so rows run to them)"""
     budget_page_size: int = 16
@@ -129,6 +140,11 @@ def parse_args(argv: list[str] | None = None) -> Args:
         raise ValueError(f"--sections {sorted(unknown)}: choose from tree, paper, traffic, overhead, arithmetic")
     if min(args.paper_layers, args.paper_G, args.paper_new_tokens, *args.paper_prompts, *args.traffic_new_tokens) < 1:
         raise ValueError("--paper-layers, --paper-G, --paper-new-tokens, --paper-prompts and --traffic-new-tokens must be >= 1")
+    runs = {"none", "quarter", "h100", "default", "generate"}
+    if set(args.paper_runs) - runs or len(set(args.paper_runs)) < len(args.paper_runs):
+        raise ValueError(f"--paper-runs {args.paper_runs}: each at most once, from {sorted(runs)}")
+    if "default" in args.paper_runs and args.device != "cuda":
+        raise ValueError("--paper-runs default: default_kv_budget reads free CUDA memory; use --device cuda")
     if args.paper_eos_rate < 0 or args.paper_eos_rate >= args.paper_new_tokens:
         raise ValueError(f"--paper-eos-rate {args.paper_eos_rate}: must be in [0, --paper-new-tokens)")
     return args
@@ -345,36 +361,53 @@ def paper_case(args: Args) -> None:
           f"positions; pages of {rollout.SamplingConfig.page_size}")
 
     def run(budget):
-        cfg = rollout.SamplingConfig(max_new_tokens=T, kv_budget=budget)
+        cfg = rollout.SamplingConfig(max_new_tokens=T, kv_budget=budget, compile=args.compile)
+        if args.compile:  # the same config once untimed: it compiles (the step's shapes depend on the budget)
+            rollout.sample(model, prompts, G, cfg, eos_token_ids=EOS, pad_token_id=PAD, seed=0)
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         return rollout.sample(model, prompts, G, cfg, eos_token_ids=EOS, pad_token_id=PAD, seed=0)
 
     rollout.sample(model, prompts[-1:], 1, rollout.SamplingConfig(max_new_tokens=2), eos_token_ids=EOS, pad_token_id=PAD)
-    res = {"no budget": (None, *wall(lambda: run(None)))}
     quarter = rows * L // 4  # a quarter of every row at its longest (what a cache of one slot per row allocates)
-    res["1/4 budget"] = (quarter, *wall(lambda: run(quarter)))
-    t_gen, (gen_tokens, gen_steps) = wall(lambda: generate_rows(model, prompts, G, T))
+    budgets = {"none": ("no budget", None), "quarter": ("1/4 budget", quarter), "h100": ("H100 budget", h100_budget()["positions"])}
+    if "default" in args.paper_runs:
+        budgets["default"] = ("default budget", rollout.default_kv_budget(model, rows))
+    res, gpu = {}, {}
+    for name in args.paper_runs:
+        if name == "generate":
+            t_gen, (gen_tokens, gen_steps) = wall(lambda: generate_rows(model, prompts, G, T))
+            continue
+        label, budget = budgets[name]
+        res[label] = (budget, *wall(lambda: run(budget)))
+        if args.device == "cuda":
+            gpu[label] = torch.cuda.max_memory_allocated() / 2**30
     print(f"  {'run':<18} {'pages':>5} {'budget MB':>9} {'alloc MB':>8} {'peak MB':>7} {'steps':>6} {'ms/step':>8} "
-          f"{'tokens':>6} {'tokens/s':>8} {'vs no budget':>12}")
+          f"{'tokens':>6} {'tokens/s':>8} {'vs first':>8}" + (f" {'GPU peak GiB':>12}" if gpu else ""))
     base = None
     for name, (budget, t, r) in res.items():
         tokens = int(r.response_mask.sum())
         base = base or tokens / t
         print(f"  {name:<18} {r.kv_capacity // rollout.SamplingConfig.page_size:5d} {budget * bpp / 2**20 if budget else float('nan'):9.1f} "
               f"{r.kv_capacity * bpp / 2**20:8.1f} {r.peak_kv_tokens * bpp / 2**20:7.1f} {r.decode_steps:6d} "
-              f"{1e3 * t / max(r.decode_steps, 1):8.1f} {tokens:6d} {tokens / t:8.1f} {tokens / t / base:12.2f}")
-    print(f"  {'generate (static)':<18} {'':>5} {'':>9} {'':>8} {'':>7} {gen_steps:6d} {1e3 * t_gen / gen_steps:8.1f} "
-          f"{gen_tokens:6d} {gen_tokens / t_gen:8.1f}")
-    print(f"  flat (no budget) / generate tokens/s: {base / (gen_tokens / t_gen):.2f}; ms/step includes the prefills; "
-          f"peak = most pages in use; alloc = pages x page size, never above the budget")
+              f"{1e3 * t / max(r.decode_steps, 1):8.1f} {tokens:6d} {tokens / t:8.1f} {tokens / t / base:8.2f}"
+              + (f" {gpu[name]:12.1f}" if gpu else ""))
+    if "generate" in args.paper_runs:
+        print(f"  {'generate (static)':<18} {'':>5} {'':>9} {'':>8} {'':>7} {gen_steps:6d} {1e3 * t_gen / gen_steps:8.1f} "
+              f"{gen_tokens:6d} {gen_tokens / t_gen:8.1f}")
+        if base:
+            print(f"  {next(iter(res))} / generate tokens/s: {base / (gen_tokens / t_gen):.2f}")
+    print(f"  ms/step includes the prefills{' (compiled: after an untimed run that compiles)' * args.compile}; peak = most "
+          "pages in use; alloc = pages x page size, never above the budget; GPU peak = torch.cuda.max_memory_allocated")
     for name, (budget, t, r) in res.items():
         print(f"  cache bytes per decoded position ({name}): "
               + ", ".join(f"{k} {v * bpp / r.decoded_tokens:,.0f}" for k, v in r.kv_traffic.items()))
-    r = res["no budget"][2]
-    lengths = r.response_mask.sum(1).tolist()
-    for shared in (False, True):
-        steps = paged_steps_bound([len(q) for q in prompts], G, lengths, quarter, shared)
-        print(f"  any schedule at the 1/4 budget with pages of one position{', prompts shared by their G rows' * shared}"
-              f": at least {steps} decode steps (this engine: {res['1/4 budget'][2].decode_steps})")
+    if "no budget" in res and "1/4 budget" in res:
+        lengths = res["no budget"][2].response_mask.sum(1).tolist()
+        for shared in (False, True):
+            steps = paged_steps_bound([len(q) for q in prompts], G, lengths, quarter, shared)
+            print(f"  any schedule at the 1/4 budget with pages of one position{', prompts shared by their G rows' * shared}"
+                  f": at least {steps} decode steps (this engine: {res['1/4 budget'][2].decode_steps})")
 
 
 def paged_steps_bound(prompt_lens: list[int], G: int, lengths: list[int], budget: int, shared: bool) -> int:
@@ -437,20 +470,31 @@ def host_overhead(args: Args) -> None:
     print(f"  generate (dynamic cache) {1e3 * t / T:6.3f} ms/step")
 
 
-def full_model_arithmetic(args: Args) -> None:
-    """Qwen3-1.7B at the paper's batch: the cache every row at once would need, and what an H100 holds."""
+H100_GIB, ROWS = 79.19, 224  # what an 80 GB H100 reports to PyTorch; 256 prompts x G = 7 over 8 GPUs
+
+
+def h100_budget() -> dict:
+    """Qwen3-1.7B training under DDP on an 80 GB H100 with the paper's 224 rows a GPU, as rollout.default_kv_budget
+    would find it (arithmetic): parameters, bytes per cached position, training state and decode step bytes, and the
+    cache it gets, in bytes and in positions."""
     H, I, n_layers, V, kv, D, heads = 2048, 6144, 28, 151_936, 8, 128, 16
     params = V * H + n_layers * (H * heads * D + 2 * H * kv * D + heads * D * H + 3 * H * I + 2 * H + 2 * D) + H
     bpp = n_layers * 2 * kv * D * 2
-    rows, total = 224, 79.19 * 2**30  # 256 prompts x G = 7 over 8 GPUs; what an 80 GB H100 reports to PyTorch
     state = 18 * params  # fp32 weights 4 + AdamW 8 + DDP gradient buckets 4 + bf16 autocast weight copies 2 bytes each
-    step = 24 * rows * V  # the decode step's [rows, V] logits and sampler tensors (default_kv_budget's term)
-    cache = 0.9 * (total - state - step - 2**30)  # default_kv_budget's fraction; 1 GiB for the CUDA context
+    step = 24 * ROWS * V  # the decode step's [rows, V] logits and sampler tensors (default_kv_budget's term)
+    cache = 0.9 * (H100_GIB * 2**30 - state - step - 2**30)  # default_kv_budget's fraction; 1 GiB for the CUDA context
+    return dict(params=params, bpp=bpp, state=state, step=step, cache=cache, positions=int(cache // bpp))
+
+
+def full_model_arithmetic(args: Args) -> None:
+    """Qwen3-1.7B at the paper's batch: the cache every row at once would need, and what an H100 holds."""
+    h = h100_budget()
+    params, bpp, state, step, cache, positions, rows = *h.values(), ROWS
     print(f"\n== Qwen3-1.7B arithmetic (printed, not measured): {params / 1e9:.2f}B parameters; {bpp:,} bytes "
           f"(112 KiB) per cached position in bf16 (28 layers x K,V x 8 KV heads x 128 x 2 bytes)")
-    print(f"  H100 80 GB: {total / 2**30:.1f} GiB; training state while sampling {state / 2**30:.1f} GiB (fp32 weights, "
+    print(f"  H100 80 GB: {H100_GIB:.1f} GiB; training state while sampling {state / 2**30:.1f} GiB (fp32 weights, "
           f"AdamW states, DDP gradient buckets, bf16 autocast weight copies), step tensors {step / 2**30:.1f} GiB, "
-          f"1 GiB context -> 90% of the rest = {cache / 2**30:.1f} GiB of cache = {int(cache // bpp):,} positions")
+          f"1 GiB context -> 90% of the rest = {cache / 2**30:.1f} GiB of cache = {positions:,} positions")
     for new in (2048, 8192):
         L, shared = 1024 + new, rows // 7 * 1024 + rows * new  # a group's prompt held once for its 7 rows
         print(f"  {new:,} new tokens: L = {L:,}; {rows} rows at their longest need {rows * L * bpp / 2**30:.1f} GiB, "
