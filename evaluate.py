@@ -612,8 +612,8 @@ def summarize(rows: list[dict], n: int) -> dict:
 
 def evaluate(model, tokenizer, bench: str, examples: list[dict], *, n: int = 1, temperature: float = 0.0,
              max_new_tokens: int = 512, batch_size: int = 32, thinking: bool = False, seed: int = 0,
-             progress: bool = True, kv_budget: int | None = None, compile_decode: bool = False
-             ) -> tuple[dict, list[dict]]:
+             progress: bool = True, kv_budget: int | None = None, page_size: int = 128,
+             compile_decode: bool = False) -> tuple[dict, list[dict]]:
     """Generate n completions per example (greedy at temperature 0) and score them.
 
     Returns (summary, rows); rows are one per example, in the order of `examples`: index, prompt,
@@ -637,7 +637,7 @@ def evaluate(model, tokenizer, bench: str, examples: list[dict], *, n: int = 1, 
     if kv_budget is None and next(model.parameters()).device.type == "cuda":  # sized by the memory free now
         kv_budget = rollout.default_kv_budget(model, rows=batch_size * n)
     cfg = rollout.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, top_k=0,
-                                 kv_budget=kv_budget, compile=compile_decode)
+                                 kv_budget=kv_budget, page_size=page_size, compile=compile_decode)
     eos, pad = rollout.eos_token_ids(model, tokenizer), tokenizer.pad_token_id
 
     was_training, t0, rows = model.training, time.time(), []
@@ -1020,6 +1020,8 @@ class Args:
     """prompts per generation batch (each with n samples); the samples do not depend on it"""
     kv_budget: int | None = None
     """most KV-cache token positions while generating (None: from free GPU memory on CUDA, unbounded on CPU)"""
+    page_size: int = 128
+    """KV-cache positions per page while generating (rollout.SamplingConfig.page_size)"""
     compile_decode: bool = False
     """run the decode step under torch.compile (CUDA graphs on GPU)"""
     thinking: bool = False
@@ -1055,7 +1057,8 @@ def main(argv: list[str] | None = None) -> dict:
         summary, rows = evaluate(model, tokenizer, name, rows_in, n=args.n, temperature=args.temperature,
                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                  thinking=args.thinking, seed=args.seed, progress=args.progress,
-                                 kv_budget=args.kv_budget, compile_decode=args.compile_decode)
+                                 kv_budget=args.kv_budget, page_size=args.page_size,
+                                 compile_decode=args.compile_decode)
         summary.update(model=args.model, split=args.split, data=args.data)
         results[name] = summary
         if rank == 0:
@@ -1131,7 +1134,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
         if not os.path.isfile(args.data):
             raise ValueError(f"--data {args.data!r}: no such file")
     for flag, value in (("--limit", args.limit), ("--n", args.n), ("--batch-size", args.batch_size),
-                        ("--max-new-tokens", args.max_new_tokens), ("--kv-budget", args.kv_budget)):
+                        ("--max-new-tokens", args.max_new_tokens), ("--kv-budget", args.kv_budget),
+                        ("--page-size", args.page_size)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} {value}: must be at least 1")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):

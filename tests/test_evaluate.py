@@ -782,7 +782,7 @@ def test_command_arguments(tmp_path):
     for argv, match in [(["--bench", "nope"], "^--bench 'nope'"), (["--bench", "math,"], "^--bench ''"),
                         (["--n", "4"], "^--n 4"), (["--n", "0"], "^--n 0"), (["--limit", "0"], "^--limit 0"),
                         (["--batch-size", "0"], "^--batch-size 0"), (["--max-new-tokens", "0"], "^--max-new-tokens 0"),
-                        (["--kv-budget", "0"], "^--kv-budget 0"),
+                        (["--kv-budget", "0"], "^--kv-budget 0"), (["--page-size", "0"], "^--page-size 0"),
                         (["--temperature", "-1"], "^--temperature"), (["--temperature", "inf"], "^--temperature inf"),
                         (["--temperature", "nan"], "^--temperature nan"), (["--seed", "-1"], "^--seed -1"),
                         (["--data", "/no/file.json"], "^--data"),

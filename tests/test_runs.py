@@ -238,7 +238,7 @@ def test_resume_with_other_flags_is_refused_unless_overridden(run, capsys):
     (["--dist-timeout", "0"], "--dist-timeout 0"), (["--resume-override"], "--resume-override"),
     (["--data", "/nonexistent.jsonl"], "--data"),
     # the sampler's own checks (rollout.check_config), named by train.py's flags
-    (["--top-p", "1.5"], "--top-p 1.5"), (["--kv-budget", "5"], "--kv-budget 5"),
+    (["--top-p", "1.5"], "--top-p 1.5"), (["--kv-budget", "5"], "--kv-budget 5"), (["--page-size", "0"], "--page-size 0"),
     (["--sampler", "tree", "--tree-chains", "9"], "--tree-chains 9"),
 ])
 def test_user_errors_are_one_line_naming_the_flag(argv, flag, tmp_path, capsys, monkeypatch):
