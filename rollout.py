@@ -347,7 +347,7 @@ class _Engine:
     free_pages: list[int] = field(default_factory=list)  # heaps: the lowest first
     free_slots: list[int] = field(default_factory=list)
     top: int = 0  # pages [0, top) hold every page in use: the range an eager step reads
-    shared: int = 0  # pages held by more than one table
+    shared: set = field(default_factory=set)  # pages held by more than one table
     waiting: collections.deque = field(default_factory=collections.deque)  # prompts not yet prefilled
     swapped: dict = field(default_factory=dict)  # group -> (its pages on the host, [(leaf, t, table as page indices)])
     updates: dict[str, dict] = field(default_factory=dict)  # device tensor -> {index: value} not yet on the device
@@ -539,9 +539,11 @@ def _decode_step(eng: _Engine) -> list[int]:
     kv_len = torch.where(d["live"], d["tp"] + d["t"], 0)  # [S+1] positions each slot's row attends to, this step's too
     pos = (kv_len[idx] - 1).clamp(min=0)  # [n] where its keys go
     page = torch.where(live_n, d["pages"][idx, pos // eng.page], N)  # [n] idle slots write the scratch page
-    # no page shared (each read by one row at most): its one reader, not all G lanes, so the step scores 1/G as much
-    reader = d["reader"][:u] if eng.shared or eng.cfg.compile else d["reader"][:u].amin(1, keepdim=True)  # [u, G or 1]
-    view = _decode_view(eng.K, eng.V, page, pos % eng.page, idx, kv_len, d["j"][:u], reader, d["pages"].shape[1])
+    # eager: each page scored against one reader, and only the shared pages against their other readers; compiled
+    # (fixed shapes): every page against all G lanes of its group
+    shared = None if eng.cfg.compile else torch.tensor(sorted(eng.shared), dtype=torch.long, device=dev)
+    view = _decode_view(eng.K, eng.V, page, pos % eng.page, idx, kv_len, d["j"][:u], d["reader"][:u],
+                        d["pages"].shape[1], shared)
     logits = eng.forward(eng.model, eng.out["tokens"][leaf, t - 1][:, None], pos[:, None], view)  # [n, V]
     G, C = eng.G, eng.C
     lanes = (leaf % G)[:, None] + (torch.arange(C, device=dev) << 32)  # [n, C]: lane 0 = the row's own token
@@ -644,7 +646,8 @@ def _hold(eng: _Engine, s: int, c: int, pages: list[int], j: int) -> None:
     """The row of leaf c in slot s holds `pages` as its blocks j, j + 1, ...: counted, and read by its slot."""
     for i, p in enumerate(pages, j):
         eng.ref[p] += 1
-        eng.shared += eng.ref[p] == 2
+        if eng.ref[p] == 2:
+            eng.shared.add(p)
         eng.updates["pages"][s, i], eng.updates["j"][p], eng.updates["reader"][p, c % eng.G] = p, i, s
 
 
@@ -653,7 +656,8 @@ def _release(eng: _Engine, pages: list[int], lane: int | None = None) -> None:
     holds is free."""
     for p in pages:
         eng.ref[p] -= 1
-        eng.shared -= eng.ref[p] == 1
+        if eng.ref[p] == 1:
+            eng.shared.discard(p)
         if lane is not None:
             eng.updates["reader"][p, lane] = eng.S  # no slot
         if not eng.ref[p]:
@@ -766,24 +770,38 @@ class _PageView:
     V: list[torch.Tensor]
     page: torch.Tensor  # [n] (decode) or [b, Tq] (prefill): the page each new position's keys go to
     offset: torch.Tensor  # the same shape: their offset in it
-    row: torch.Tensor | None = None  # decode: [u, R] the batch row reading each page, by lane (R = G) or its one reader
-    at: tuple | None = None  # decode: ([u*R], [u*R]) each (page, reader) pair's batch row and block: where it combines
-    bias: torch.Tensor | None = None  # decode: [u, R, page] 0 at the positions the reader sees, -inf at the others
+    # decode: the pages scored, in one or two passes: (which pages: None = the first u, or [us] indices; [u, R] the
+    # batch row of each reader; [u, R, page] 0 at the positions the reader sees, -inf at the others)
+    passes: list | None = None
+    at: tuple | None = None  # decode: ([pairs], [pairs]) each (page, reader) pair's batch row and block: where it combines
     blocks: int = 0  # decode: J, the most pages a row holds
 
 
-def _decode_view(K, V, page, offset, slots, kv_len, j, reader, blocks) -> _PageView:
+def _decode_view(K, V, page, offset, slots, kv_len, j, reader, blocks, shared=None) -> _PageView:
     """A decode step's view, its indices made once for all layers. slots [n]: the slot of each batch row;
-    kv_len [S+1]: positions each slot's row attends to; j [u]: the block each page read holds; reader [u, R]: the
-    slots reading each page (S: none). Batch row n stands for "no row": it reads zeros and its results are dropped."""
+    kv_len [S+1]: positions each slot's row attends to; j [u]: the block each page read holds; reader [u, G]: the slot
+    reading each page by lane (S: none). shared [us]: the pages several rows read; then every page is scored against
+    one reader, and the shared ones again against their other readers. shared None: every page against all G lanes.
+    Batch row n stands for "no row": it reads zeros and its results are dropped."""
     n, S1, size = len(slots), len(kv_len), K[0].shape[2]
     row_of = torch.full((S1,), n, dtype=torch.long, device=slots.device)  # [S+1]
     row_of[slots] = torch.arange(n, device=slots.device)
-    row = row_of[reader]  # [u, R]
-    seen = kv_len[reader] - j[:, None] * size  # [u, R] positions of the page each reader sees
-    bias = torch.zeros(*seen.shape, size, device=slots.device).masked_fill(
-        torch.arange(size, device=slots.device) >= seen[..., None], float("-inf"))  # [u, R, page]
-    return _PageView(K, V, page, offset, row, (row.flatten(), j.repeat_interleave(row.shape[1])), bias, blocks)
+
+    def scored(pages, readers, blocks_of):  # readers [p, R] slots -> a pass, and where its pairs combine
+        seen = kv_len[readers] - blocks_of[:, None] * size  # [p, R] positions of the page each reader sees
+        bias = torch.zeros(*seen.shape, size, device=slots.device).masked_fill(
+            torch.arange(size, device=slots.device) >= seen[..., None], float("-inf"))  # [p, R, page]
+        rows = row_of[readers]
+        return (pages, rows, bias), (rows.flatten(), blocks_of.repeat_interleave(rows.shape[1]))
+
+    if shared is None:
+        passes = [scored(None, reader, j)]
+    else:
+        first = reader.amin(1, keepdim=True)  # [u, 1] one reader of each page
+        others = torch.where(reader[shared] == first[shared], S1 - 1, reader[shared])  # [us, G] the rest
+        passes = [scored(None, first, j)] + ([scored(shared, others, j[shared])] if len(shared) else [])
+    at = tuple(torch.cat(x) for x in zip(*(a for _, a in passes)))
+    return _PageView(K, V, page, offset, [p for p, _ in passes], at, blocks)
 
 
 def page_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, view: _PageView, scale: float) -> torch.Tensor:
@@ -795,23 +813,31 @@ def page_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, view: _Pag
         out = sum_j exp(m_j - M) o_j / sum_j exp(m_j - M) l_j,   M = max_j m_j,
     summed over j in order, so the result does not depend on where in the pool a row's pages are."""
     n, Hkv, r, D = q.shape
-    u, R = view.row.shape
-    qp = F.pad(q, (0, 0, 0, 0, 0, 0, 0, 1))[view.row]  # [u, R, Hkv, r, D] each page's readers; row n: zeros
-    qp = qp.transpose(1, 2).reshape(u, Hkv, R * r, D)
-    s = (qp @ K[:u].transpose(-1, -2)).float() * scale  # [u, Hkv, R*r, page]
-    s = (s.unflatten(2, (R, r)) + view.bias[:, None, :, None]).flatten(2, 3)
-    m = s.amax(-1, keepdim=True)  # [u, Hkv, R*r, 1]
-    e = torch.exp(s - torch.where(m.isinf(), 0, m))  # a page a reader cannot see: all 0
-    o = (e.to(V.dtype) @ V[:u]).float()  # [u, Hkv, R*r, D]
+    qz = F.pad(q, (0, 0, 0, 0, 0, 0, 0, 1))  # [n+1, Hkv, r, D]; row n: zeros
+    parts = [_page_partials(qz, *((K[: len(row)], V[: len(row)]) if pages is None else (K[pages], V[pages])), row, bias,
+                            scale) for pages, row, bias in view.passes]  # a shared page's copy: its other readers' pass
     # each (page, reader) pair's o, m, l to its batch row, column j: [n+1, J, Hkv, r, D+2]; unread pairs to row n
-    part = torch.cat([o, m, e.sum(-1, keepdim=True)], -1).unflatten(2, (R, r)).transpose(1, 2).flatten(0, 1)
-    x = part.new_zeros(n + 1, view.blocks, Hkv, r, D + 2)
+    x = q.new_zeros(n + 1, view.blocks, Hkv, r, D + 2, dtype=torch.float32)
     x[..., D] = float("-inf")  # a block the row does not hold: m = -inf, weight 0
-    x = x.index_put_(view.at, part)[:n]
+    x = x.index_put_(view.at, torch.cat(parts))[:n]
     oj, mj, lj = x[..., :D], x[..., D], x[..., D + 1]  # [n, J, Hkv, r(, D)]
     M = mj.amax(1, keepdim=True)
     w = torch.exp(mj - torch.where(M.isinf(), 0, M))  # [n, J, Hkv, r]; an idle slot reads nothing: all 0
     return ((oj * w[..., None]).sum(1) / (lj * w).sum(1).clamp(min=1e-30)[..., None]).to(q.dtype)
+
+
+def _page_partials(qz, K, V, row, bias, scale) -> torch.Tensor:
+    """Pages K, V [u, Hkv, page, D] against the queries qz[row] of their readers row [u, R]: per (page, reader) the
+    output, max and sum of flash-decoding, [u*R, Hkv, r, D+2] fp32."""
+    u, R = row.shape
+    Hkv, r, D = qz.shape[1:]
+    qp = qz[row].transpose(1, 2).reshape(u, Hkv, R * r, D)  # [u, Hkv, R*r, D] each page's readers
+    s = (qp @ K.transpose(-1, -2)).float() * scale  # [u, Hkv, R*r, page]
+    s = (s.unflatten(2, (R, r)) + bias[:, None, :, None]).flatten(2, 3)
+    m = s.amax(-1, keepdim=True)  # [u, Hkv, R*r, 1]
+    e = torch.exp(s - torch.where(m.isinf(), 0, m))  # a page a reader cannot see: all 0
+    o = (e.to(V.dtype) @ V).float()  # [u, Hkv, R*r, D]
+    return torch.cat([o, m, e.sum(-1, keepdim=True)], -1).unflatten(2, (R, r)).transpose(1, 2).flatten(0, 1)
 
 
 def _page_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, page_kv=None,
@@ -822,7 +848,7 @@ def _page_attention_forward(module, query, key, value, attention_mask, scaling=N
     K, V = page_kv.K[module.layer_idx], page_kv.V[module.layer_idx]
     n, H, Tq, D = query.shape
     Hkv = key.shape[1]
-    if page_kv.row is None:  # prefill from position 0, right-padded; attention over the prompt's own keys
+    if page_kv.passes is None:  # prefill from position 0, right-padded; attention over the prompt's own keys
         K[page_kv.page, :, page_kv.offset] = key.transpose(1, 2).to(K.dtype)  # [b, Tq, Hkv, D]
         V[page_kv.page, :, page_kv.offset] = value.transpose(1, 2).to(V.dtype)
         rep = H // Hkv

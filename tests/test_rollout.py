@@ -551,14 +551,17 @@ def test_page_attention_equals_dense_attention():
             j[pg], reader[pg, lane[s]] = i, s
     slots = torch.tensor([0, 1, 2, 3])
     q = torch.randn(4, Hkv, r, D, generator=g)
-    view = rollout._decode_view([K], [V], None, None, slots, kv_len, j, reader, 3)
-    out = rollout.page_attention(q, K, V, view, 0.3)
-    for s, pages in tables.items():
-        k = torch.cat([K[pg] for pg in pages], 1)[:, : kv_len[s]]  # [Hkv, len, D]
-        v = torch.cat([V[pg] for pg in pages], 1)[:, : kv_len[s]]
-        want = torch.softmax(q[s] @ k.transpose(-1, -2) * 0.3, -1) @ v
-        torch.testing.assert_close(out[s], want, atol=1e-5, rtol=1e-5)
-    assert torch.equal(out[3], torch.zeros_like(out[3]))
+    # every page against all G lanes (compiled); one reader each plus the shared pages' others (eager), the shared
+    # set exact or a superset (a page one row reads, 7, scored again against no one)
+    for shared in (None, torch.tensor([2, 5]), torch.tensor([2, 5, 7])):
+        view = rollout._decode_view([K], [V], None, None, slots, kv_len, j, reader, 3, shared)
+        out = rollout.page_attention(q, K, V, view, 0.3)
+        for s, pages in tables.items():
+            k = torch.cat([K[pg] for pg in pages], 1)[:, : kv_len[s]]  # [Hkv, len, D]
+            v = torch.cat([V[pg] for pg in pages], 1)[:, : kv_len[s]]
+            want = torch.softmax(q[s] @ k.transpose(-1, -2) * 0.3, -1) @ v
+            torch.testing.assert_close(out[s], want, atol=1e-5, rtol=1e-5)
+        assert torch.equal(out[3], torch.zeros_like(out[3]))
 
 
 def test_cache_is_stored_in_the_compute_dtype(tiny_model, tiny_tokenizer, monkeypatch):
