@@ -47,6 +47,12 @@ do not depend on them, the run time does), a 1,024-token prompt x 8 rows, EOS im
 tree (default tau) at each --traffic-new-tokens: cache bytes written and copied per decoded position,
 by kind (prefill writes, decode writes, copies on write, swaps), from the engine's own counts.
 
+attention: one decode step's attention in one layer of Qwen3-1.7B at the paper's shape (--attention-prompts x G = 7
+rows of 1,024 + 2,048 positions, each prompt's pages shared by its rows): rollout.page_attention as the eager step
+runs it (each page against one reader, the shared pages again against their other readers) and as the compiled step
+runs it (every page against all G lanes), against SDPA over the same rows laid out contiguously; times, the largest
+difference, and the bytes each reads, scores and copies.
+
 overhead: ms per decode step at batch 1 on the tiny 64x2 model (eager, compiled, `generate`).
 
 arithmetic: Qwen3-1.7B's bytes per cached position x rows x length, and how much of it an 80 GB H100
@@ -71,6 +77,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -120,6 +127,8 @@ class Args:
     generate (static cache)"""
     traffic_new_tokens: list[int] = field(default_factory=lambda: [256, 2048])
     """traffic section: max_new_tokens values (EOS impossible, so rows run to them)"""
+    attention_prompts: int = 8
+    """attention section: prompts, each G = 7 rows of 1,024 + 2,048 positions (the paper's GPU holds 32)"""
     budget_page_size: int = 16
     """tree section, equal budgets: page size (a tiny model's ~80-position row then spans pages as a 3,072-position
     row spans 128-position pages)"""
@@ -135,9 +144,9 @@ def parse_args(argv: list[str] | None = None) -> Args:
         raise ValueError("--P, --G, --max-new-tokens and --repeats must be >= 1")
     if any(t < 0 for t in args.taus):
         raise ValueError(f"--taus {args.taus}: tau must be >= 0 nats")
-    unknown = set(args.sections) - {"tree", "paper", "traffic", "overhead", "arithmetic"}
+    unknown = set(args.sections) - {"tree", "paper", "traffic", "attention", "overhead", "arithmetic"}
     if unknown:
-        raise ValueError(f"--sections {sorted(unknown)}: choose from tree, paper, traffic, overhead, arithmetic")
+        raise ValueError(f"--sections {sorted(unknown)}: choose from tree, paper, traffic, attention, overhead, arithmetic")
     if min(args.paper_layers, args.paper_G, args.paper_new_tokens, *args.paper_prompts, *args.traffic_new_tokens) < 1:
         raise ValueError("--paper-layers, --paper-G, --paper-new-tokens, --paper-prompts and --traffic-new-tokens must be >= 1")
     runs = {"none", "quarter", "h100", "default", "generate"}
@@ -448,6 +457,52 @@ def traffic(args: Args) -> None:
                   f"{r.peak_kv_tokens * bpp / 2**20:8.1f}")
 
 
+def attention(args: Args) -> None:
+    """One decode step's attention in one layer at the paper's shape: page_attention over pages read in place against
+    SDPA over the same rows laid out contiguously (the slot engine's layout), every row at its longest."""
+    P, G, L, page, (Hkv, r, D) = args.attention_prompts, 7, 1024 + 2048, rollout.SamplingConfig.page_size, (8, 2, 128)
+    dev, dtype, n = args.device, rollout.DTYPES[args.dtype], args.attention_prompts * 7
+    J, Jp = L // page, 1024 // page  # pages per row; the prompt's, shared by the group's G rows
+    u = P * Jp + n * (J - Jp)  # pages in use
+    g = torch.Generator(device=dev).manual_seed(0)
+    K, V = (torch.randn(u + 1, Hkv, page, D, generator=g, device=dev, dtype=dtype) for _ in range(2))  # + scratch
+    tables = torch.tensor([[p // G * Jp + i for i in range(Jp)] + [P * Jp + p * (J - Jp) + i for i in range(J - Jp)]
+                           for p in range(n)], device=dev)  # [n, J] row p's pages, in order
+    j = torch.zeros(u + 1, dtype=torch.long, device=dev)
+    reader = torch.full((u + 1, G), n, dtype=torch.long, device=dev)  # slot n: none
+    j[tables.flatten()] = torch.arange(J, device=dev).repeat(n)
+    reader[tables.flatten(), torch.arange(n, device=dev).repeat_interleave(J) % G] = torch.arange(n, device=dev).repeat_interleave(J)
+    kv_len = torch.tensor([L] * n + [0], device=dev)  # [S+1]
+    q = torch.randn(n, Hkv, r, D, generator=g, device=dev, dtype=dtype)
+    shared = tables[::G, :Jp].flatten()  # the prompts' pages
+    make_view = lambda shared: rollout._decode_view([K], [V], None, None, torch.arange(n, device=dev), kv_len,  # noqa: E731
+                                                    j[:u], reader[:u], J, shared)
+    view, lanes, scale = make_view(shared), make_view(None), D ** -0.5
+    Kc, Vc = (x[tables].transpose(1, 2).reshape(n, Hkv, L, D) for x in (K, V))  # [n, Hkv, L, D] contiguous rows
+    dense = lambda: F.scaled_dot_product_attention(q.reshape(n, 1, Hkv * r, D).transpose(1, 2), Kc, Vc,  # noqa: E731
+                                                   scale=scale, enable_gqa=True)
+    diff = (rollout.page_attention(q, K, V, view, scale).reshape(n, Hkv * r, D) - dense()[:, :, 0]).abs().max()
+    diff = max(diff, (rollout.page_attention(q, K, V, lanes, scale).reshape(n, Hkv * r, D) - dense()[:, :, 0]).abs().max())
+    res = {name: statistics.median(wall(fn)[0] for _ in range(args.repeats)) for name, fn in
+           [("view", lambda: make_view(shared)), ("paged", lambda: rollout.page_attention(q, K, V, view, scale)),
+            ("lanes", lambda: rollout.page_attention(q, K, V, lanes, scale)), ("dense", dense)]}
+    item = torch.finfo(dtype).bits // 8
+    cache, contiguous = 2 * u * page * Hkv * D * item, 2 * n * L * Hkv * D * item
+    scores = (u + (G - 1) * len(shared)) * Hkv * r * page * 4  # fp32 scores: every page once, shared ones G - 1 more
+    lane_scores = u * Hkv * G * r * page * 4  # every page against all G lanes of its group (the compiled step)
+    print(f"\n== attention, 1 layer of Qwen3-1.7B ({Hkv} KV heads x {r} queries, head_dim {D}), {args.dtype}, {P} prompts x "
+          f"G={G} = {n} rows of {L:,} positions (prompt 1,024 shared), pages of {page}; median of {args.repeats}\n"
+          f"  page_attention {1e3 * res['paged']:.1f} ms (eager: each page against one reader, the {len(shared)} shared "
+          f"ones again against the others; + {1e3 * res['view']:.1f} ms for the step's indices, once for all layers), "
+          f"{1e3 * res['lanes']:.1f} ms with every page against all G lanes (the compiled step); SDPA over contiguous rows "
+          f"{1e3 * res['dense']:.1f} ms; paged / SDPA {res['paged'] / res['dense']:.2f} and {res['lanes'] / res['dense']:.2f}; "
+          f"largest difference {float(diff):.1e}\n"
+          f"  bytes: pages read {cache / 2**20:,.0f} MiB (each prompt once) vs {contiguous / 2**20:,.0f} MiB contiguous "
+          f"(each prompt G times); fp32 scores written and read {scores / 2**20:,.0f} MiB ({scores / cache:.0%} of the pages), "
+          f"{lane_scores / 2**20:,.0f} MiB ({lane_scores / cache:.0%}) against all lanes; the shared pages copied for their "
+          f"second pass {len(shared) / u * cache / 2**20:,.0f} MiB ({len(shared) / u:.0%})")
+
+
 def host_overhead(args: Args) -> None:
     """ms per decode step at batch 1 on the tiny 64x2 model: what a step costs besides its arithmetic."""
     tok = rollout.build_tiny_tokenizer()
@@ -504,7 +559,7 @@ def full_model_arithmetic(args: Args) -> None:
 
 def main(args: Args) -> None:
     torch.set_num_threads(args.threads)
-    sections = dict(tree=tree_vs_flat, paper=paper_case, traffic=traffic, overhead=host_overhead,
+    sections = dict(tree=tree_vs_flat, paper=paper_case, traffic=traffic, attention=attention, overhead=host_overhead,
                     arithmetic=full_model_arithmetic)
     for name in args.sections:
         t0 = time.perf_counter()
