@@ -348,6 +348,7 @@ class _Engine:
     free_slots: list[int] = field(default_factory=list)
     top: int = 0  # pages [0, top) hold every page in use: the range an eager step reads
     shared: set = field(default_factory=set)  # pages held by more than one table
+    shared_at: tuple = (None, None)  # the shared set the last eager step used, and its indices on the device
     waiting: collections.deque = field(default_factory=collections.deque)  # prompts not yet prefilled
     swapped: dict = field(default_factory=dict)  # group -> (its pages on the host, [(leaf, t, table as page indices)])
     updates: dict[str, dict] = field(default_factory=dict)  # device tensor -> {index: value} not yet on the device
@@ -531,6 +532,10 @@ def _decode_step(eng: _Engine) -> list[int]:
         live = list(range(min(b for b in (S, -(-S // 2), -(-S // 4), -(-S // 8)) if b > live[-1])))
     if live != eng.live:  # the computed slots changed (a row ended or started): their indices, made on the device
         eng.live, eng.idx = live, torch.tensor(live, device=dev)
+    # eager: each page scored against one reader, and only the shared pages against their other readers; compiled
+    # (fixed shapes): every page against all G lanes of its group
+    if not eng.cfg.compile and eng.shared != eng.shared_at[0]:
+        eng.shared_at = (set(eng.shared), torch.tensor(sorted(eng.shared), dtype=torch.long, device=dev))
     while eng.top and not eng.ref[eng.top - 1]:
         eng.top -= 1
     u = N + 1 if eng.cfg.compile else eng.top
@@ -539,11 +544,8 @@ def _decode_step(eng: _Engine) -> list[int]:
     kv_len = torch.where(d["live"], d["tp"] + d["t"], 0)  # [S+1] positions each slot's row attends to, this step's too
     pos = (kv_len[idx] - 1).clamp(min=0)  # [n] where its keys go
     page = torch.where(live_n, d["pages"][idx, pos // eng.page], N)  # [n] idle slots write the scratch page
-    # eager: each page scored against one reader, and only the shared pages against their other readers; compiled
-    # (fixed shapes): every page against all G lanes of its group
-    shared = None if eng.cfg.compile else torch.tensor(sorted(eng.shared), dtype=torch.long, device=dev)
     view = _decode_view(eng.K, eng.V, page, pos % eng.page, idx, kv_len, d["j"][:u], d["reader"][:u],
-                        d["pages"].shape[1], shared)
+                        d["pages"].shape[1], None if eng.cfg.compile else eng.shared_at[1])
     logits = eng.forward(eng.model, eng.out["tokens"][leaf, t - 1][:, None], pos[:, None], view)  # [n, V]
     G, C = eng.G, eng.C
     lanes = (leaf % G)[:, None] + (torch.arange(C, device=dev) << 32)  # [n, C]: lane 0 = the row's own token
