@@ -775,7 +775,7 @@ class _PageView:
     # decode: the pages scored, in one or two passes: (which pages: None = the first u, or [us] indices; [u, R] the
     # batch row of each reader; [u, R, page] 0 at the positions the reader sees, -inf at the others)
     passes: list | None = None
-    at: tuple | None = None  # decode: ([pairs], [pairs]) each (page, reader) pair's batch row and block: where it combines
+    at: tuple | None = None  # decode: ([pairs], [pairs]) each (page, reader) pair's batch row and block, where it goes
     blocks: int = 0  # decode: J, the most pages a row holds
 
 
@@ -799,8 +799,8 @@ def _decode_view(K, V, page, offset, slots, kv_len, j, reader, blocks, shared=No
     if shared is None:
         passes = [scored(None, reader, j)]
     else:
-        first = reader.amin(1, keepdim=True)  # [u, 1] one reader of each page
-        others = torch.where(reader[shared] == first[shared], S1 - 1, reader[shared])  # [us, G] the rest
+        first, again = reader.amin(1, keepdim=True), reader[shared]  # [u, 1] one reader of each page; [us, G]
+        others = torch.where(again == first[shared], S1 - 1, again)  # [us, G] the shared pages' other readers
         passes = [scored(None, first, j)] + ([scored(shared, others, j[shared])] if len(shared) else [])
     at = tuple(torch.cat(x) for x in zip(*(a for _, a in passes)))
     return _PageView(K, V, page, offset, [p for p, _ in passes], at, blocks)

@@ -167,7 +167,7 @@ class Args:
     """old log-probs: auto (recomputed under bf16 compute or top-p/top-k, else the sampler's) | always | never"""
     kv_budget: int | None = None
     """most KV-cache token positions while sampling (None: from free GPU memory on CUDA, unbounded on CPU)"""
-    page_size: int = 128
+    page_size: int = rollout.SamplingConfig.page_size
     """KV-cache positions per page while sampling (rollout.SamplingConfig.page_size)"""
     compile_decode: bool = False
     """run the sampler's decode step under torch.compile (CUDA graphs on GPU)"""
@@ -1196,7 +1196,8 @@ def sampling_config(args: Args) -> rollout.SamplingConfig:
                 max_forks=args.tree_forks)
     return rollout.SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                   top_k=args.top_k, sampler=args.sampler, kv_budget=args.kv_budget,
-                                  page_size=args.page_size, compile=args.compile_decode, **{k: v for k, v in tree.items() if v is not None})
+                                  page_size=args.page_size, compile=args.compile_decode,
+                                  **{k: v for k, v in tree.items() if v is not None})
 
 
 def training_prompts(args: Args, train_ex: list[dict], tokenizer) -> tuple[list[dict], list[list[int]]]:
@@ -1247,7 +1248,8 @@ def write_config(args: Args, worker: Worker, compute_dtype: torch.dtype, changed
 # for non-finite steps. Every other flag defines the experiment: a change is refused without --resume-override.
 RESUME_FREE = ("steps", "save_every", "keep_last", "val_every", "val_batch_size", "sample_every", "out", "resume",
                "resume_override", "overwrite", "progress", "dist_timeout", "device", "micro_batch_tokens",
-               "micro_batch_rows", "logit_chunk", "kv_budget", "page_size", "compile_decode", "grad_ckpt", "max_nonfinite")
+               "micro_batch_rows", "logit_chunk", "kv_budget", "page_size", "compile_decode", "grad_ckpt",
+               "max_nonfinite")
 
 
 def check_resume_config(args: Args) -> dict:
@@ -1336,8 +1338,8 @@ SAMPLER_FLAGS = dict(tau="tree_tau", num_chains="tree_chains", max_children="tre
 # Count flags and their least value; a None flag (where the field allows it) means "the default" and is not checked.
 AT_LEAST = dict(tiny_hidden=8, tiny_layers=1, epochs=1, prompts_per_step=1, mini_batch_prompts=1, micro_batch_tokens=1,
                 micro_batch_rows=1, max_new_tokens=1, max_prompt_tokens=1, logit_chunk=1, val_batch_size=1,
-                max_nonfinite=1, keep_last=1, warm_steps=1, warm_batch=1, train_limit=1, val_limit=1, kv_budget=1, page_size=1,
-                tree_chains=1, tree_children=2, tree_forks=0, group_size=2, top_k=0, steps=0, warmup_steps=0,
+                max_nonfinite=1, keep_last=1, warm_steps=1, warm_batch=1, train_limit=1, val_limit=1, kv_budget=1,
+                page_size=1, tree_chains=1, tree_children=2, tree_forks=0, group_size=2, top_k=0, steps=0, warmup_steps=0,
                 val_every=0, save_every=0, sample_every=0, seed=0)
 
 

@@ -481,8 +481,8 @@ def attention(args: Args) -> None:
     Kc, Vc = (x[tables].transpose(1, 2).reshape(n, Hkv, L, D) for x in (K, V))  # [n, Hkv, L, D] contiguous rows
     dense = lambda: F.scaled_dot_product_attention(q.reshape(n, 1, Hkv * r, D).transpose(1, 2), Kc, Vc,  # noqa: E731
                                                    scale=scale, enable_gqa=True)
-    diff = (rollout.page_attention(q, K, V, view, scale).reshape(n, Hkv * r, D) - dense()[:, :, 0]).abs().max()
-    diff = max(diff, (rollout.page_attention(q, K, V, lanes, scale).reshape(n, Hkv * r, D) - dense()[:, :, 0]).abs().max())
+    want = dense()[:, :, 0]  # [n, H, D]
+    diff = max((rollout.page_attention(q, K, V, v, scale).reshape(n, Hkv * r, D) - want).abs().max() for v in (view, lanes))
     res = {name: statistics.median(wall(fn)[0] for _ in range(args.repeats)) for name, fn in
            [("view", lambda: make_view(shared)), ("paged", lambda: rollout.page_attention(q, K, V, view, scale)),
             ("lanes", lambda: rollout.page_attention(q, K, V, lanes, scale)), ("dense", dense)]}
@@ -544,7 +544,8 @@ def h100_budget() -> dict:
 def full_model_arithmetic(args: Args) -> None:
     """Qwen3-1.7B at the paper's batch: the cache every row at once would need, and what an H100 holds."""
     h = h100_budget()
-    params, bpp, state, step, cache, positions, rows = *h.values(), ROWS
+    params, bpp, state, step = h["params"], h["bpp"], h["state"], h["step"]
+    cache, positions, rows = h["cache"], h["positions"], ROWS
     print(f"\n== Qwen3-1.7B arithmetic (printed, not measured): {params / 1e9:.2f}B parameters; {bpp:,} bytes "
           f"(112 KiB) per cached position in bf16 (28 layers x K,V x 8 KV heads x 128 x 2 bytes)")
     print(f"  H100 80 GB: {H100_GIB:.1f} GiB; training state while sampling {state / 2**30:.1f} GiB (fp32 weights, "
