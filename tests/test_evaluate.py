@@ -11,6 +11,7 @@ as a subprocess, and under torchrun with 2 ranks), and every bad flag reported b
 """
 import concurrent.futures as cf
 import contextlib
+import inspect
 import itertools
 import json
 import math
@@ -777,6 +778,9 @@ def test_command_arguments(tmp_path):
     assert all(a.help for a in parser._actions)                       # every field has its docstring
     args = E.parse_args(["--bench", "math,medqa", "--limit", "3", "--thinking"])
     assert args.limit == 3 and args.thinking and args.data is None and args.n == 1
+    # evaluate.py imports rollout lazily, so its page size is a literal: it must stay the sampler's default
+    assert args.page_size == rollout.SamplingConfig.page_size == inspect.signature(E.evaluate).parameters[
+        "page_size"].default
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     for argv, match in [(["--bench", "nope"], "^--bench 'nope'"), (["--bench", "math,"], "^--bench ''"),
