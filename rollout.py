@@ -942,8 +942,17 @@ def default_kv_budget(model, rows: int, optimizer=None, fraction: float = 0.9) -
     if optimizer is not None and not optimizer.state:
         pending_adamw = 8 * sum(getattr(p, "to_local", lambda p=p: p)().numel()
                                 for group in optimizer.param_groups for p in group["params"] if p.requires_grad)
-    step = 24 * rows * model.config.get_text_config().vocab_size
-    return max(0, int(fraction * (free - pending_adamw - step)) // kv_bytes_per_position(model))
+    vocab = model.config.get_text_config().vocab_size
+    return kv_budget_for(free - pending_adamw, rows, vocab, kv_bytes_per_position(model), fraction)
+
+
+DECODE_BYTES_PER_LOGIT = 24  # the decode step's [rows, V] tensors: logits, fp32 log-probs and probs, fp64 CDF
+
+
+def kv_budget_for(free: int, rows: int, vocab: int, bytes_per_position: int, fraction: float = 0.9) -> int:
+    """default_kv_budget's arithmetic, given the bytes free (AdamW's pending states already taken off):
+        kv_budget = fraction x (free - 24 x rows x V) / bytes per position   (whole positions, at least 0)."""
+    return max(0, int(fraction * (free - DECODE_BYTES_PER_LOGIT * rows * vocab)) // bytes_per_position)
 
 
 # ----------------------------------------------------------------------------------------------

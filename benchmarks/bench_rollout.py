@@ -536,9 +536,9 @@ def h100_budget() -> dict:
     params = V * H + n_layers * (H * heads * D + 2 * H * kv * D + heads * D * H + 3 * H * I + 2 * H + 2 * D) + H
     bpp = n_layers * 2 * kv * D * 2
     state = 18 * params  # fp32 weights 4 + AdamW 8 + DDP gradient buckets 4 + bf16 autocast weight copies 2 bytes each
-    step = 24 * ROWS * V  # the decode step's [rows, V] logits and sampler tensors (default_kv_budget's term)
-    cache = 0.9 * (H100_GIB * 2**30 - state - step - 2**30)  # default_kv_budget's fraction; 1 GiB for the CUDA context
-    return dict(params=params, bpp=bpp, state=state, step=step, cache=cache, positions=int(cache // bpp))
+    step = rollout.DECODE_BYTES_PER_LOGIT * ROWS * V  # the decode step's [rows, V] logits and sampler tensors
+    positions = rollout.kv_budget_for(int(H100_GIB * 2**30) - state - 2**30, ROWS, V, bpp)  # 1 GiB: the CUDA context
+    return dict(params=params, bpp=bpp, state=state, step=step, cache=positions * bpp, positions=positions)
 
 
 def full_model_arithmetic(args: Args) -> None:
