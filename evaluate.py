@@ -778,7 +778,7 @@ def load_examples(bench: str, split: str = "test", data: str | None = None, limi
         rows, where = _read_file(data, source, csv_ok=bench == "mmlu-medical")
     else:
         source = f"{b.source} ({b.splits[split]} split)"
-        rows = _hub_rows(bench, b, split, None if b.shuffle else limit)
+        rows = _hub_rows(bench, b, split, None if b.shuffle else limit, flag)
         where = [f"row {i + 1}" for i in range(len(rows))]
     if bench == "mmlu-medical":
         rows, where = _medical_only(rows, where, source)
@@ -974,12 +974,21 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _hub_rows(bench: str, b: Bench, split: str, first: int | None) -> list[dict]:
-    """All rows of the split (the first `first` of each config, when only those will be kept)."""
-    hint = (f"Pass --data PATH (a local json/jsonl/parquet file in the {b.source} schema), or "
+def check_hub_model(model: str, flag: str = "--model") -> None:
+    """A hub id with the hub out of reach fails now, in a second, instead of after transformers' minute of retries.
+    (HF_HUB_OFFLINE=1 skips the check: the id is then read from the local cache.)"""
+    if model != "tiny" and not os.path.isdir(model) and not _offline() and not _hub_reachable():
+        raise ValueError(f"{flag} {model}: the Hugging Face hub is unreachable; pass {flag} PATH to a local copy "
+                         "(a directory with config.json), or set HF_HUB_OFFLINE=1 to use a copy in the hub's cache")
+
+
+def _hub_rows(bench: str, b: Bench, split: str, first: int | None, flag: str) -> list[dict]:
+    """All rows of the split (the first `first` of each config, when only those will be kept). `flag` names the
+    option that gives this split a local file instead (train.py's validation split: --val-data)."""
+    hint = (f"Pass {flag} PATH (a local json/jsonl/parquet file of the {split} split in the {b.source} schema), or "
             "download it where the hub is reachable; with HF_HUB_OFFLINE=1 a cached copy is used.")
     if not _offline() and not _hub_reachable():
-        raise SystemExit(f"bench {bench}: the Hugging Face hub is unreachable. {hint}")
+        raise SystemExit(f"bench {bench} ({split} split): the Hugging Face hub is unreachable. {hint}")
     import datasets
     rows = []
     try:
@@ -1064,6 +1073,7 @@ def main(argv: list[str] | None = None) -> dict:
         if rank == 0:
             print(json.dumps(summary), flush=True)   # first: a failed write below loses nothing of the result
             _write_outputs(args.out, name, summary, rows)
+            print(f"wrote {os.path.join(args.out, name)}.json (summary) and .jsonl (one row per example)", flush=True)
     if dist.is_initialized():
         dist.barrier()   # tear down together: a rank leaving early can abort its peer in gloo
         dist.destroy_process_group()
@@ -1084,33 +1094,59 @@ def _write_outputs(out: str, name: str, summary: dict, rows: list[dict]) -> None
                          "the summary is printed above") from None
 
 
-def field_docs(cls) -> dict[str, str]:
-    """The docstring under each field of a dataclass (read from its source): the field's --help text."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    return {a.target.id: b.value.value.strip() for a, b in zip(body, body[1:])
+def field_docs(cls) -> tuple[dict[str, str], dict[str, str]]:
+    """({field: the docstring under it}, {field: its group, the title of the `# --- title` comment above it}),
+    read from the dataclass's source: the field's --help text and its place in --help."""
+    lines = textwrap.dedent(inspect.getsource(cls)).splitlines()
+    body = ast.parse("\n".join(lines)).body[0].body
+    docs = {a.target.id: b.value.value.strip() for a, b in zip(body, body[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    groups, title = {}, "options"
+    for line in lines:
+        m = re.match(r"\s*# --- (.+)|\s*(\w+):", line)
+        if m and m[1]:
+            title = m[1]
+        elif m and m[2] in docs:
+            groups[m[2]] = title
+    return docs, groups
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: a mistyped flag names the flag it is closest to, with no usage dump."""
+
+    def error(self, message: str):
+        flags = [o for a in self._actions for o in a.option_strings]
+        typo = re.match(r"unrecognized arguments: (-[^\s=]+)", message)
+        close = difflib.get_close_matches(typo[1], flags, n=1, cutoff=0.6) if typo else []
+        hint = f" (did you mean {close[0]}?)" if close else "" if typo is None else " (--help lists the flags)"
+        self.exit(2, f"{self.prog}: error: {message}{hint}\n")
 
 
 def dataclass_parser(cls, description: str) -> argparse.ArgumentParser:
     """One --flag-name per field of the dataclass `cls` (train.py and the benchmarks build theirs here too),
     typed by its annotation (bool: --x / --no-x; X | None: X; list[X]: one or more X), its docstring as
-    the help. Flags not given are left out of the namespace (argparse.SUPPRESS), so
-    `cls(**{**preset, **vars(namespace)})` layers: field defaults, then a preset, then the flags given."""
-    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
-    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    the help, grouped in --help by the `# --- title` comments of the dataclass. Flags not given are left out
+    of the namespace (argparse.SUPPRESS), so `cls(**{**preset, **vars(namespace)})` layers: field defaults,
+    then a preset, then the flags given."""
+    parser = _Parser(description=description, usage="%(prog)s [options]", argument_default=argparse.SUPPRESS,
+                     allow_abbrev=False)
+    hints, (docs, titles) = typing.get_type_hints(cls), field_docs(cls)
+    groups = {}
     for f in dataclasses.fields(cls):
         flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
+        title = titles.get(f.name, "options")
+        group = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        doc = docs[f.name] + ("" if "default" in docs[f.name] else f" (default: {default})")
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
-                                help=f"{docs[f.name]} (default: {default})")
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=doc)
             continue
         if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:  # X | None -> X
             kind = next(t for t in typing.get_args(kind) if t is not type(None))
         nargs = None
         if typing.get_origin(kind) is list:
             kind, nargs = typing.get_args(kind)[0], "+"
-        parser.add_argument(flag, type=kind, nargs=nargs, help=f"{docs[f.name]} (default: {default})")
+        group.add_argument(flag, type=kind, nargs=nargs, help=doc)
     return parser
 
 
@@ -1149,6 +1185,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
     if not re.fullmatch(r"auto|cpu|mps|(?:cuda|xpu)(?::\d+)?", args.device):
         raise ValueError(f"--device {args.device}: expected auto, cpu, cuda, cuda:N, mps or xpu")
     _check_out(args.out)
+    check_hub_model(args.model)
     return args
 
 

@@ -25,7 +25,7 @@ Run:
     python train.py --demo                                   # offline CPU demo: warm start, then RL (minutes)
     torchrun --nproc_per_node 8 train.py --method tempo      # the paper's setup (downloads Qwen3-1.7B, MATH)
     torchrun --nproc_per_node 2 train.py --device cpu --model tiny --task add --steps 2 --prompts-per-step 4 \\
-        --mini-batch-prompts 4 --max-new-tokens 8            # gloo on CPU (add --fsdp for FSDP2)
+        --mini-batch-prompts 4 --max-new-tokens 8 --out runs/cpu-ddp --overwrite   # gloo on CPU (--fsdp: FSDP2)
     python benchmarks/bench_step.py                          # one step's time split and tokens/s
 """
 from __future__ import annotations
@@ -44,6 +44,7 @@ import signal
 import struct
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -1038,6 +1039,8 @@ def train(args: Args, worker: Worker | None = None, model=None, tokenizer=None) 
             for step in range(run.start, args.steps):
                 if train_step(run, step, bar):
                     break
+    if run.worker.rank == 0:
+        print(f"wrote {wrote(args)}", flush=True)
     return {"val_acc": run.val_acc, "steps": step + 1 if args.steps > run.start else run.start, "out": args.out,
             "stopped": STOP["requested"]}
 
@@ -1122,8 +1125,6 @@ def start_run(args: Args, worker: Worker | None = None, model=None, tokenizer=No
     """Everything before the first step: arguments checked, data, models, optimizer, then the resumed
     state or a fresh OUT. Data comes first: a wrong --task/--data fails in seconds, before a model loads."""
     worker = checked_and_joined(args, worker)
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()  # no "Loading weights" / "Writing model shards" bars between ours
     compute_dtype = rollout.compute_dtype(args.dtype, worker.device)
     torch.manual_seed(args.seed + worker.rank)
     random.seed(args.seed + worker.rank)
@@ -1216,6 +1217,8 @@ def prepare_out(args: Args, worker: Worker, compute_dtype: torch.dtype) -> None:
     --resume reaches here only when OUT holds no run, and deletes nothing), config.json written (rank 0)."""
     if worker.rank != 0:
         return
+    if os.path.exists(os.path.join(args.out, "metrics.jsonl")) or checkpoint_dirs(args.out):
+        print(f"replacing the earlier run in {args.out}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     for name in [] if args.resume else os.listdir(args.out):  # nothing of an earlier run may pass for this one's
         if name.startswith("ckpt-"):
@@ -1288,6 +1291,14 @@ def trim_logs(out: str, step: int) -> None:
             with open(path + ".tmp", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
             os.replace(path + ".tmp", path)
+
+
+def wrote(args: Args) -> str:
+    """What a run leaves in OUT, for its last line: the metrics, their plot (drawn now), the newest checkpoint."""
+    metrics = os.path.join(args.out, "metrics.jsonl")
+    plot = plot_runs([args.out], os.path.join(args.out, "plot.png"), labels=[args.method])
+    ckpt = latest_checkpoint(args.out)
+    return f"{metrics}, {plot}" + (f", checkpoint {ckpt}" if ckpt else " (no checkpoint: --save-every 0)")
 
 
 def write_metrics(run: Run, row: dict) -> None:
@@ -1415,6 +1426,10 @@ def check_args(args: Args, world_size: int = 1) -> None:
          "--demo runs in one process on a synthetic task (add or chain), whose rows carry the target `solution`")
     for flag, path in (("--data", args.data), ("--val-data", args.val_data)):
         need(path is None or os.path.isfile(path), f"{flag} {path!r}: no such file")
+    try:
+        evaluate.check_hub_model(args.model)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     model_dir = args.model != "tiny" and os.path.isdir(args.model)
     need(not model_dir or os.path.isfile(os.path.join(args.model, "config.json")),
          f"--model {args.model}: the directory has no config.json (not a saved model)")
@@ -2150,14 +2165,16 @@ def demo(args: Args, worker: Worker | None = None) -> dict:
     t = time.time()
     result = train(rl, worker)
     (s0, before), (s1, after) = result["val_acc"][0], result["val_acc"][-1]
-    png = plot_runs([args.out], os.path.join(args.out, "plot.png"), labels=[f"{args.method} (demo)"])
-    print0(f"\n{args.method}: greedy accuracy on {args.val_limit} {args.task} test prompts: {before:.3f} at step {s0} "
-           f"-> {after:.3f} at step {s1} ({after - before:+.3f}) in {time.time() - t:.0f} s of RL\n"
-           f"plot: {png}   metrics: {os.path.join(args.out, 'metrics.jsonl')}")
+    print0(f"{args.method}: greedy accuracy on {args.val_limit} {args.task} test prompts: {before:.3f} at step {s0} "
+           f"-> {after:.3f} at step {s1} ({after - before:+.3f}) in {time.time() - t:.0f} s of RL")
     return {**result, "before": before, "after": after}
 
 
 def main(argv: list[str] | None = None):
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # no "Loading weights" / "Writing model shards" bars beside ours
+    # one process saves its checkpoint alone on purpose; torch.distributed.checkpoint warns about it at every save
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
     args = parse_args(argv)
     if args.demo:
         return demo(args)
@@ -2170,7 +2187,10 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         main(argv)
     except UserError as e:  # the user's to fix: one line naming the flag or file, argparse's exit code
-        print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        if int(os.environ.get("RANK", 0)) == 0:  # every rank finds the same error: rank 0 says it, once
+            print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        else:
+            time.sleep(10)  # so that rank 0 exits first: torchrun then stops this rank and reports rank 0's exit
         code = 2
     except StopRun as e:  # not a bug: the run cannot go on, and the message says why (a traceback adds nothing)
         print(f"train.py: stopped: {e}", file=sys.stderr, flush=True)
