@@ -1095,19 +1095,20 @@ def _write_outputs(out: str, name: str, summary: dict, rows: list[dict]) -> None
 
 
 def field_docs(cls) -> tuple[dict[str, str], dict[str, str]]:
-    """({field: the docstring under it}, {field: its group, the title of the `# --- title` comment above it}),
-    read from the dataclass's source: the field's --help text and its place in --help."""
+    """({field: its help}, {field: its group}), read from the dataclass's source: the help is the field's trailing
+    `# comment` or the docstring under it; the group, the title of the `# --- title` comment above it."""
     lines = textwrap.dedent(inspect.getsource(cls)).splitlines()
     body = ast.parse("\n".join(lines)).body[0].body
     docs = {a.target.id: b.value.value.strip() for a, b in zip(body, body[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
     groups, title = {}, "options"
     for line in lines:
-        m = re.match(r"\s*# --- (.+)|\s*(\w+):", line)
+        m = re.match(r"\s*# --- (.+)|\s*(\w+): [^#]*(?:#\s*(.*))?$", line)
         if m and m[1]:
             title = m[1]
-        elif m and m[2] in docs:
+        elif m and m[2] in {a.target.id for a in body if isinstance(a, ast.AnnAssign)}:
             groups[m[2]] = title
+            docs.setdefault(m[2], (m[3] or "").strip())
     return docs, groups
 
 

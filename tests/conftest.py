@@ -31,3 +31,10 @@ def tiny_model_dir(tmp_path_factory, tiny_model, tiny_tokenizer):
     tiny_model.save_pretrained(d)
     tiny_tokenizer.save_pretrained(d)
     return str(d)
+
+
+@pytest.fixture(scope="session")
+def warm_dir(tmp_path_factory):
+    """The demo's warm-started tiny model (hidden 128 x 4, supervised on `add` to 30% greedy accuracy)."""
+    import train
+    return train.warm_start(train.parse_args(["--demo", "--warm-dir", str(tmp_path_factory.mktemp("warm") / "w")]))

@@ -1,10 +1,9 @@
 """Tests of PPO with a learned critic (SPEC 9): GAE against a hand-computed case and a plain loop on random
-inputs, the batch whitening; the critic (a value head on the policy's backbone, no LM head); then the tiny
-model end to end: a ppo run whose value loss falls, resume equivalence, and 2-process gloo runs (DDP and
-FSDP2) equal to one process.
+inputs, the batch whitening; the critic (a value head on the policy's backbone, no LM head) and its clipped value
+loss by hand. Its runs (resume, 2 ranks) are in test_runs.py.
 """
+import contextlib
 import math
-import os
 import random
 
 import pytest
@@ -12,7 +11,6 @@ import torch
 
 import advantages
 import train
-from test_train import _assert_same_checkpoint, _assert_same_metrics, _small, _stable, torchrun_straight_and_resumed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,124 +88,33 @@ def test_whiten_over_valid_tokens_only():
     assert advantages.whiten(torch.tensor([[5.0, 7.0]]), torch.tensor([[True, False]])).flatten().tolist() == [0.0, 0.0]
 
 
-def test_gae_rejects_bad_inputs():
-    V, mask = torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool)
-    with pytest.raises(ValueError, match="gamma"):
-        advantages.gae_advantages(torch.zeros(2), V, mask, gamma=1.5)
-    with pytest.raises(ValueError, match="prefix mask"):
-        advantages.gae_advantages(torch.zeros(2), V, torch.tensor([[0, 1, 1], [1, 1, 1]]).bool())
-    with pytest.raises(ValueError, match="rows"):
-        advantages.gae_advantages(torch.zeros(3), V, mask)
-
-
-def test_ppo_flags_are_checked_before_loading(tmp_path):
-    for argv, words in [(["--method", "grpo", "--gamma", "0.9"], "--method ppo only"),
-                        (["--method", "ppo", "--lam", "1.5"], "--lam"),
-                        (["--method", "ppo", "--critic-lr", "0"], "--critic-lr")]:
-        with pytest.raises(ValueError, match=words):
-            train.check_args(train.parse_args([*argv, "--out", str(tmp_path)]))
-
-
-# ----------------------------------------------------------------------------------------------
-# The critic
-
-
-def test_critic_is_the_policys_backbone_with_a_value_head(tiny_model, tmp_path):
-    """Fresh critic: every backbone tensor equals the policy's, no LM head, a [1, H] head; its values have
-    the response's shape, 0 at padding, and equal a plain forward's last hidden state times the head."""
-    import copy
-    import contextlib
-    args = train.parse_args(["--method", "ppo", "--device", "cpu", "--out", str(tmp_path), "--no-grad-ckpt"])
-    policy = copy.deepcopy(tiny_model)
-    critic = train.load_critic(args, train.Worker(), torch.float32, policy, fresh=True)
+def test_critic_is_the_policys_initial_backbone_with_a_value_head(tiny_model_dir, tmp_path):
+    """load_models' critic: every backbone tensor the initial policy's, no LM head, a [1, H] head; its values have
+    the response's shape, 0 at padding, and equal the last hidden state before each token times the head."""
+    args = train.parse_args(["--method", "ppo", "--model", tiny_model_dir, "--no-grad-ckpt", "--out", str(tmp_path)])
+    policy, _, critic, _ = train.load_models(args, train.Worker(), fresh=True)
     sd, psd = critic.state_dict(), policy.state_dict()
     assert not any(k.startswith("lm_head") for k in sd) and sd["score.weight"].shape == (1, 64)
+    assert {k for k in psd if not k.startswith("lm_head")} == {k for k in sd if k.startswith("model.")}
     assert all(torch.equal(v, psd[k]) for k, v in sd.items() if k.startswith("model."))
-    assert set(k for k in psd if not k.startswith("lm_head")) == set(k for k in sd if k.startswith("model."))
-    batch = dict(prompt_ids=torch.tensor([[0, 5, 6], [7, 8, 9]]),
-                 prompt_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]).bool(),
+    batch = dict(prompt_ids=torch.tensor([[0, 5, 6], [7, 8, 9]]), prompt_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]).bool(),
                  response_ids=torch.tensor([[10, 11, 12], [13, 0, 0]]),
                  response_mask=torch.tensor([[1, 1, 1], [1, 0, 0]]).bool())
-    V = train.batch_values(critic, batch, args, contextlib.nullcontext)
+    V = train.forward_rows(lambda mb: train.response_values(critic, mb, contextlib.nullcontext), batch, args)
     assert V.shape == (2, 3) and V[1, 1:].tolist() == [0.0, 0.0] and (V[0] != 0).all()
     with torch.no_grad():  # row 0: prompt [5, 6] then response [10, 11, 12]; V_t from the state before token t
         h = critic.model(input_ids=torch.tensor([[5, 6, 10, 11]])).last_hidden_state[0]  # [4, H]
-        expected = h[1:4] @ sd["score.weight"][0] + sd["score.bias"]
-    torch.testing.assert_close(V[0], expected)
+    torch.testing.assert_close(V[0], h[1:4] @ sd["score.weight"][0] + sd["score.bias"])
 
 
 def test_value_loss_by_hand():
     """c = 0.5. Token 0: V = 2, V_old = 1, R = 0: plain 4, clipped (1.5 - 0)^2 = 2.25 -> 0.5 * 4 = 2 (not clipped).
     Token 1: V = 2, V_old = 1, R = 3: plain 1, clipped (1.5 - 3)^2 = 2.25 -> 0.5 * 2.25 = 1.125 (clipped).
-    Token 2 is padding. Normaliser 2 -> (2 + 1.125) / 2."""
+    Token 2 is padding. Normaliser 2 -> (2 + 1.125) / 2; no gradient through the clipped token."""
     V = torch.tensor([[2.0, 2.0, 9.0]], requires_grad=True)
-    loss, stats = train.value_loss(V, torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([[0.0, 3.0, 0.0]]),
-                                   torch.tensor([[1, 1, 0]]).bool(), 2.0, clip=0.5)
-    assert float(loss.detach()) == pytest.approx(3.125 / 2)
-    assert float(stats["clipped"]) == 1 and float(stats["tokens"]) == 2
+    mb = dict(old_values=torch.tensor([[1.0, 1.0, 0.0]]), returns=torch.tensor([[0.0, 3.0, 0.0]]),
+              response_mask=torch.tensor([[1, 1, 0]]).bool())
+    loss, stats = train.value_loss(V, mb, torch.tensor(2.0))
+    assert float(loss.detach()) == pytest.approx(3.125 / 2) and float(stats["value_clipped"]) == 1
     loss.backward()
-    # (V - R) / 2 on the unclipped token; no gradient through the clipped one
     assert V.grad.tolist() == [[pytest.approx(1.0), 0.0, 0.0]]
-
-
-# ----------------------------------------------------------------------------------------------
-# End to end on the tiny model
-
-
-PPO = ["--method", "ppo", "--critic-lr", "1e-3", "--gamma", "0.95", "--lam", "0.9", "--epochs", "2",
-       "--max-new-tokens", "4", "--save-every", "2"]
-CRITIC_METRICS = ("value_loss", "value_clip_frac", "explained_variance", "critic_grad_norm", "t_critic")
-
-
-def _assert_critic_trained(out, model_dir, rows):
-    """Critic metrics finite on every step, the critic's export a loadable token-classification model whose
-    backbone moved away from the policy's initial weights."""
-    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
-    assert all(math.isfinite(r[k]) for r in rows if "loss" in r for k in CRITIC_METRICS)
-    assert any(r["value_loss"] > 0 and r["critic_grad_norm"] > 0 for r in rows if "loss" in r)
-    critic = AutoModelForTokenClassification.from_pretrained(os.path.join(train.latest_checkpoint(str(out)), "critic"))
-    initial = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
-    moved = [not torch.equal(v, initial[k]) for k, v in critic.state_dict().items() if k.startswith("model.")]
-    assert any(moved)
-
-
-def test_ppo_trains_and_resumes_exactly(tiny_model_dir, tmp_path, capsys):
-    """4 steps straight == 2 steps + --resume 2 steps: metrics (critic's included) and both checkpoints (the
-    policy's and critic/, model and AdamW state) bit for bit."""
-    straight = train.train(train.parse_args(_small(tmp_path / "a", tiny_model_dir, "--steps", "4", *PPO)))
-    train.train(train.parse_args(_small(tmp_path / "b", tiny_model_dir, "--steps", "2", *PPO)))
-    resumed = train.train(train.parse_args(_small(tmp_path / "b", tiny_model_dir, "--steps", "4", "--resume", *PPO)))
-    assert straight["steps"] == resumed["steps"] == 4
-    a, b = train.read_metrics(tmp_path / "a"), train.read_metrics(tmp_path / "b")
-    assert [r["step"] for r in b] == [1, 2, 3, 4] and _stable(a) == _stable(b)
-    assert any(r["adv_abs_mean"] > 0 for r in a) and any(r["grad_norm"] > 0 for r in a)
-    _assert_critic_trained(tmp_path / "a", tiny_model_dir, a)
-    ckpts = [train.latest_checkpoint(str(tmp_path / x)) for x in "ab"]
-    _assert_same_checkpoint(*ckpts, tmp_path)
-    _assert_same_checkpoint(*(os.path.join(c, "critic") for c in ckpts), tmp_path)
-    train.train(train.parse_args(_small(tmp_path / "c", tiny_model_dir, "--steps", "1", "--save-every", "1")))
-    grpo_to_ppo = _small(tmp_path / "c", tiny_model_dir, "--steps", "2", "--resume", *PPO)
-    with pytest.raises(train.UserError, match="--method grpo -> ppo"):  # the saved config says grpo
-        train.train(train.parse_args(grpo_to_ppo))
-    with pytest.raises(train.UserError, match="could be loaded"):  # overridden, the checkpoint still has no critic
-        train.train(train.parse_args([*grpo_to_ppo, "--resume-override"]))
-    assert "no critic" in capsys.readouterr().out
-
-
-def test_torchrun_ppo_ddp_and_fsdp2_equal_one_process_and_resume_exactly(tiny_model_dir, tmp_path):
-    """2 gloo ranks, DDP and FSDP2, --method ppo: per-step metrics (the critic's included) equal one process's
-    (V_old per rank, GAE whitened over the gathered step); 1 + 1 steps with --resume == 2 straight, metrics
-    and both checkpoints (policy and critic/, sharded model and AdamW state) bit for bit."""
-    flags = [*_small(tmp_path / "unused", tiny_model_dir), *PPO, "--save-every", "1"]
-    flags = flags[:flags.index("--out")] + flags[flags.index("--out") + 2:]
-    torchrun_straight_and_resumed(tmp_path, flags, 1, timeout=900)
-    train.train(train.parse_args([*flags, "--out", str(tmp_path / "one"), "--steps", "2"]))
-    one = train.read_metrics(tmp_path / "one")
-    _assert_critic_trained(tmp_path / "one", tiny_model_dir, one)
-    for mode in ("ddp", "fsdp"):
-        a, b = train.read_metrics(tmp_path / f"{mode}-straight"), train.read_metrics(tmp_path / f"{mode}-resumed")
-        assert [r["step"] for r in b] == [1, 2] and _stable(a) == _stable(b)
-        _assert_same_metrics(one, a)
-        ckpts = [train.latest_checkpoint(str(tmp_path / f"{mode}-{x}")) for x in ("straight", "resumed")]
-        _assert_same_checkpoint(*ckpts, tmp_path)
-        _assert_same_checkpoint(*(os.path.join(c, "critic") for c in ckpts), tmp_path)

@@ -1,13 +1,9 @@
-"""Tests of what a killed, corrupted or mismatched run does (train.py), and of its messages.
-
-One short run of the tiny model (2 steps, a sealed checkpoint after each) is made once; each test copies it,
-breaks it the way a kill, a full disk or a careless restart does, and resumes. Then: non-finite weights,
-the one-line user errors (in process and as `python train.py` / torchrun), and a hung rank under torchrun.
+"""Tests of train.py across processes: what a killed or corrupted run does on --resume, the one-line messages as a
+user sees them (`python train.py`, torchrun), the same run on 1 and 2 gloo ranks (DDP and FSDP2) and a hung rank.
 """
-import json
-import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -15,243 +11,69 @@ import time
 import pytest
 import torch
 
+import rollout
 import train
+from test_train import ENV, ROOT, assert_same_checkpoint, random_batch, small, stable
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": ROOT,
-       "TRANSFORMERS_VERBOSITY": "error"}
-VOLATILE = ("t_", "wall_s", "tokens_per_s", "decode_tokens_per_s", "update_tokens_per_s", "peak_mem_gb")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-def _flags(out, model, *extra):
-    return ["--model", model, "--task", "add", "--group-size", "4", "--prompts-per-step", "8", "--mini-batch-prompts",
-            "4", "--micro-batch-rows", "8", "--max-new-tokens", "6", "--lr", "3e-4", "--val-every", "0",
-            "--sample-every", "1", "--save-every", "1", "--keep-last", "2", "--device", "cpu", "--no-progress",
-            "--out", str(out), *extra]
-
-
-def _stable(rows):
-    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
-
-
-def _steps(out, name="metrics.jsonl"):
+def steps(out, name="metrics.jsonl"):
     return [r["step"] for r in train.read_jsonl(os.path.join(out, name))]
-
-
-def _ckpts(out):
-    return sorted(n for n in os.listdir(out) if n.startswith("ckpt-"))
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, tiny_model_dir):
-    """A finished 2-step run: ckpt-000001 and ckpt-000002 (both sealed), metrics and samples of steps 1-2."""
+    """A finished 2-step run with a checkpoint after each step, metrics and samples of steps 1-2."""
     out = tmp_path_factory.mktemp("base") / "run"
-    train.train(train.parse_args(_flags(out, tiny_model_dir, "--steps", "2")))
-    assert _ckpts(out) == ["ckpt-000001", "ckpt-000002"] and _steps(out) == [1, 2]
+    train.train(train.parse_args(small(out, tiny_model_dir, "--steps", "2", "--save-every", "1", "--keep-last", "2",
+                                       "--sample-every", "1")))
+    assert [os.path.basename(c) for c in train.checkpoint_dirs(str(out))] == ["ckpt-000001", "ckpt-000002"]
     return out
 
 
-@pytest.fixture
-def run(base, tmp_path, tiny_model_dir):
-    """(a copy of the base run, a function resuming it with extra flags)."""
+def resume(base, tmp_path, tiny_model_dir, *extra):
     out = tmp_path / "run"
     shutil.copytree(base, out)
-    return out, lambda *extra: train.train(train.parse_args(_flags(out, tiny_model_dir, "--resume", *extra)))
+    return out, lambda: train.train(train.parse_args(small(out, tiny_model_dir, "--resume", "--save-every", "1",
+                                                           "--keep-last", "2", "--sample-every", "1", *extra)))
 
 
-# ----------------------------------------------------------------------------------------------
-# 1, 6. --resume never deletes: it finds the newest complete checkpoint itself
-
-
-def test_resume_without_latest_deletes_nothing(run, capsys):
-    out, resume = run
-    os.remove(out / "latest")
-    resume("--steps", "2")
-    assert f"resumed from {out / 'ckpt-000002'} at step 2" in capsys.readouterr().out
-    assert _ckpts(out) == ["ckpt-000001", "ckpt-000002"]
-    assert _steps(out) == [1, 2] and _steps(out, "samples.jsonl") == [1, 2]
-
-
-def test_resume_after_the_newest_checkpoint_was_deleted_redoes_its_step_exactly(run, base, capsys):
-    """`latest` names a deleted checkpoint: the run resumes from ckpt-000001, trims metrics and samples to
-    step 1, and step 2 comes out as it did the first time (the resume is exact)."""
-    out, resume = run
-    shutil.rmtree(out / "ckpt-000002")
-    resume("--steps", "3")
-    assert f"resumed from {out / 'ckpt-000001'} at step 1" in capsys.readouterr().out
-    assert _steps(out) == [1, 2, 3] and _steps(out, "samples.jsonl") == [1, 2, 3]  # no step logged twice
-    assert _stable(train.read_metrics(out))[:2] == _stable(train.read_metrics(base))
-    assert _ckpts(out) == ["ckpt-000002", "ckpt-000003"]  # --keep-last 2
-
-
-def test_resume_of_a_run_without_a_complete_checkpoint_stops_and_keeps_it(run):
-    out, resume = run
-    for name in ("ckpt-000001", "ckpt-000002"):
-        os.remove(out / name / train.COMPLETE)  # both killed mid-write
-    before = sorted(os.listdir(out))
-    with pytest.raises(train.UserError, match=rf"{out}.*metrics.jsonl.*no complete checkpoint"):
-        resume("--steps", "3")
-    assert sorted(os.listdir(out)) == before and _steps(out) == [1, 2]
-
-
-def test_resume_of_an_empty_out_starts_fresh(tmp_path, tiny_model_dir, capsys):
-    train.train(train.parse_args(_flags(tmp_path / "new", tiny_model_dir, "--resume", "--steps", "1")))
-    assert "holds no run yet; starting fresh" in capsys.readouterr().out and _steps(tmp_path / "new") == [1]
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. A damaged newest checkpoint is skipped, with the reason, for the newest one that loads
-
-
-def _truncate(path):
-    with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2)
-
-
-def _zero_same_size(path):
-    with open(path, "r+b") as f:
-        f.write(b"\0" * os.path.getsize(path))
-
-
-@pytest.mark.parametrize("damage,why", [
-    (lambda c: _truncate(c / "model.safetensors"), "model.safetensors has .* bytes"),
-    (lambda c: _truncate(c / "state" / "__0_0.distcp"), "state/__0_0.distcp has .* bytes"),
-    (lambda c: os.remove(c / "trainer_state.json"), "trainer_state.json is missing"),
-    (lambda c: os.remove(c / train.COMPLETE), "no COMPLETE.json"),  # killed before the seal
-    (lambda c: _zero_same_size(c / "state" / ".metadata"), "loading failed"),  # passes the seal, fails to load
-])
-def test_damaged_newest_checkpoint_falls_back_to_the_older_one(run, capsys, damage, why):
-    out, resume = run
-    damage(out / "ckpt-000002")
-    resume("--steps", "1")
-    said = capsys.readouterr().out
-    assert any(line.startswith(f"skipped {out / 'ckpt-000002'}: ") for line in said.splitlines()), said
-    assert __import__("re").search(why, said), said
-    assert f"resumed from {out / 'ckpt-000001'} at step 1" in said
-    assert _ckpts(out) == ["ckpt-000001", "ckpt-000002"] and _steps(out) == [1]  # trimmed; nothing deleted
-
-
-def test_checkpoint_problem_covers_every_file_at_any_depth(base, tmp_path):
-    """The seal lists every file under the checkpoint (a critic's files in a subdirectory included)."""
-    ckpt = tmp_path / "c"
-    shutil.copytree(base / "ckpt-000002", ckpt)
-    os.makedirs(ckpt / "critic")
-    (ckpt / "critic" / "w.bin").write_bytes(b"12345")
-    train.seal_checkpoint(str(ckpt), 2)
-    assert train.checkpoint_problem(str(ckpt)) is None
-    (ckpt / "critic" / "w.bin").write_bytes(b"1234")
-    assert "critic/w.bin has 4 bytes, 5" in train.checkpoint_problem(str(ckpt))
-    os.remove(ckpt / "critic" / "w.bin")
-    assert "critic/w.bin is missing" in train.checkpoint_problem(str(ckpt))
-
-
-def test_keep_last_deletes_only_after_the_new_checkpoint_is_sealed(run, monkeypatch):
-    """With --keep-last 1 a failing save must leave the previous checkpoint: the older one goes only once
-    the new one is sealed."""
-    out, resume = run
-
-    def seal_fails(path, step):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(train, "seal_checkpoint", seal_fails)
-    with pytest.raises(OSError):
-        resume("--steps", "3", "--keep-last", "1")
-    assert train.latest_checkpoint(str(out)) == str(out / "ckpt-000002") and "ckpt-000001" in _ckpts(out)
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. Torn lines
-
-
-def test_torn_metrics_and_samples_lines_then_resume(run):
-    out, resume = run
+def test_a_kill_before_the_rename_and_a_torn_log_line_resume_cleanly(base, tmp_path, tiny_model_dir, capsys):
+    """A kill mid-checkpoint leaves ckpt-N.tmp (never resumed from) and maybe a step logged after the checkpoint
+    and a torn last line: --resume takes the newest renamed checkpoint, logs no step twice, skips the torn line."""
+    out, go = resume(base, tmp_path, tiny_model_dir, "--steps", "3")
+    os.rename(out / "ckpt-000002", out / "ckpt-000002.tmp")
     for name in ("metrics.jsonl", "samples.jsonl"):
         with open(out / name, "a") as f:
-            f.write('{"step": 3, "reward_me')  # the disk filled mid-append
-    resume("--steps", "3")
-    assert _steps(out) == [1, 2, 3] and _steps(out, "samples.jsonl") == [1, 2, 3]
+            f.write('{"step": 2, "torn')
+    go()
+    assert f"resumed from {out / 'ckpt-000001'} at step 1" in capsys.readouterr().out
+    assert steps(out) == [1, 2, 3] and steps(out, "samples.jsonl") == [1, 2, 3]
+    assert stable(train.read_metrics(out))[:2] == stable(train.read_metrics(base))  # step 2 redone exactly
 
 
-def test_append_cuts_a_torn_tail_and_reader_names_a_bad_middle_line(tmp_path):
-    path = str(tmp_path / "m.jsonl")
-    train._append_jsonl(path, {"step": 1})
-    with open(path, "a") as f:
-        f.write('{"step": 2, "x": ' + "9" * 100_000)  # torn, longer than one backward read block
-    assert train.read_jsonl(path) == [{"step": 1}]  # a torn last line is skipped
-    train._append_jsonl(path, {"step": 2})
-    assert open(path).read() == '{"step": 1}\n{"step": 2}\n'
-    with open(path, "w") as f:
-        f.write('{"step": 1}\n{"step": \n{"step": 3}\n')
-    with pytest.raises(train.UserError, match=r"m.jsonl: line 2"):
-        train.read_jsonl(path)
+def test_a_corrupted_newest_checkpoint_is_one_line_naming_the_older_one(base, tmp_path, tiny_model_dir):
+    out, go = resume(base, tmp_path, tiny_model_dir, "--steps", "3")
+    for f in os.listdir(out / "ckpt-000002" / "state"):
+        if f.endswith(".distcp"):
+            (out / "ckpt-000002" / "state" / f).write_bytes(b"garbage")
+    with pytest.raises(train.UserError, match=f"{out / 'ckpt-000002'} does not load .*resume from {out / 'ckpt-000001'}"):
+        go()
+    assert steps(out) == [1, 2] and len(train.checkpoint_dirs(str(out))) == 2  # nothing changed
 
 
-# ----------------------------------------------------------------------------------------------
-# 4, 5. Non-finite weights; another configuration
-
-
-def test_huge_lr_stops_without_saving_poisoned_weights(run):
-    """--lr 1e30: the first update leaves weights near 1e30, the second overflows them to inf. The run stops
-    at that update; ckpt-000002 stays the newest checkpoint, finite, and no step 3 is logged."""
-    from safetensors.torch import load_file
-    out, resume = run
-    with pytest.raises(train.StopRun, match="step 3: the optimizer step made weights inf or NaN"):
-        resume("--steps", "4", "--lr", "1e30", "--resume-override")
-    assert train.latest_checkpoint(str(out)) == str(out / "ckpt-000002") and _ckpts(out)[-1] == "ckpt-000002"
-    assert all(torch.isfinite(t).all() for t in load_file(out / "ckpt-000002" / "model.safetensors").values())
-    assert _steps(out) == [1, 2]
-    config = json.loads((out / "config.json").read_text())
-    assert config["lr"] == 1e30 and config["overrides"] == [{"from_step": 2, "lr": {"was": 3e-4, "now": 1e30}}]
-
-
-@pytest.mark.parametrize("lr", ["inf", "nan", "-1", "0"])
-def test_lr_must_be_finite_and_positive(lr, tmp_path):
-    with pytest.raises(train.UserError, match=f"--lr {lr}|--lr {float(lr)}"):
-        train.check_args(train.parse_args(["--lr", lr, "--out", str(tmp_path)]))
-
-
-def test_resume_with_other_flags_is_refused_unless_overridden(run, capsys):
-    out, resume = run
-    before = {n: os.path.getmtime(out / n) for n in ("metrics.jsonl", "config.json")}
-    with pytest.raises(train.UserError, match=r"--method grpo -> tempo, --seed 0 -> 3; pass --resume-override"):
-        resume("--steps", "3", "--method", "tempo", "--seed", "3")
-    assert {n: os.path.getmtime(out / n) for n in before} == before and _steps(out) == [1, 2]
-    resume("--steps", "2", "--keep-last", "5", "--save-every", "7", "--no-progress")  # RESUME_FREE fields: accepted
-    resume("--steps", "2", "--method", "tempo", "--resume-override")
-    assert "continuing with method = tempo (was grpo)" in capsys.readouterr().out
-    assert json.loads((out / "config.json").read_text())["method"] == "tempo"
-    resume("--steps", "2", "--method", "tempo")  # the override is recorded: the run is a tempo run now
-    assert set(train.RESUME_FREE) <= {f.name for f in __import__("dataclasses").fields(train.Args)}
-
-
-# ----------------------------------------------------------------------------------------------
-# 13, 14. User errors: one line naming the flag, exit code 2, before anything loads
-
-
-@pytest.mark.parametrize("argv,flag", [
-    (["--tree-children", "1"], "--tree-children 1"), (["--tree-tau", "-1"], "--tree-tau -1"),
-    (["--tree-forks", "-1"], "--tree-forks -1"), (["--temperature", "inf"], "--temperature inf"),
-    (["--val-limit", "0"], "--val-limit 0"), (["--train-limit", "0"], "--train-limit 0"),
-    (["--val-batch-size", "0"], "--val-batch-size 0"), (["--max-nonfinite", "0"], "--max-nonfinite 0"),
-    (["--tiny-hidden", "0"], "--tiny-hidden 0"), (["--tiny-hidden", "12"], "--tiny-hidden 12"),
-    (["--micro-batch-tokens", "0"], "--micro-batch-tokens 0"), (["--keep-last", "0"], "--keep-last 0"),
-    (["--warm-batch", "0"], "--warm-batch 0"), (["--clip-high", "nan"], "--clip-high nan"),
-    (["--dist-timeout", "0"], "--dist-timeout 0"), (["--resume-override"], "--resume-override"),
-    (["--data", "/nonexistent.jsonl"], "--data"),
-    # the sampler's own checks (rollout.check_config), named by train.py's flags
-    (["--top-p", "1.5"], "--top-p 1.5"), (["--kv-budget", "5"], "--kv-budget 5"), (["--page-size", "0"], "--page-size 0"),
-    (["--sampler", "tree", "--tree-chains", "9"], "--tree-chains 9"),
-])
-def test_user_errors_are_one_line_naming_the_flag(argv, flag, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train, "setup_distributed", lambda *a: pytest.fail("the checks must come first"))
-    assert train.cli(["--model", "tiny", *argv, "--out", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"train.py: error: {flag}") and err.count("\n") == 1, err
+def test_a_fresh_run_into_a_used_out_is_refused_and_resume_of_an_empty_out_starts(base, tmp_path, tiny_model_dir,
+                                                                                  capsys):
+    assert train.cli(small(base, tiny_model_dir, "--steps", "1")) == 2
+    assert "already holds a run: pass --resume" in capsys.readouterr().err
+    train.train(train.parse_args(small(tmp_path / "new", tiny_model_dir, "--steps", "1", "--resume")))
+    assert "holds no checkpoint yet; starting fresh" in capsys.readouterr().out and steps(tmp_path / "new") == [1]
 
 
 def test_a_bad_data_row_is_one_line_naming_file_and_line(tmp_path, capsys):
-    """--data goes through evaluate.load_examples' checks (every row, by file and line), as a user error."""
-    data = tmp_path / "add.jsonl"
-    data.write_text('{"question": "1+1", "answer": "2"}\n{"question": \n')
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"question": "1+2=", "answer": "3"}\n{"question": "2+2="}\n')
     assert train.cli(["--model", "tiny", "--task", "add", "--data", str(data), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"train.py: error: --data {data}: line 2") and err.count("\n") == 1, err
@@ -259,38 +81,193 @@ def test_a_bad_data_row_is_one_line_naming_file_and_line(tmp_path, capsys):
 
 def test_command_line_device_cuda_without_cuda_is_one_line(tmp_path):
     if torch.cuda.is_available():
-        pytest.skip("CUDA is there")
+        pytest.skip("this machine has CUDA")
     res = subprocess.run([sys.executable, "train.py", "--device", "cuda", "--out", str(tmp_path)], cwd=ROOT, env=ENV,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr == "train.py: error: --device cuda: no CUDA device visible\n", res.stderr
 
 
 def test_torchrun_user_error_is_one_line(tmp_path):
-    """Under torchrun every rank finds the same user error before joining the process group: rank 0 prints it,
-    once, and exits 2 (the others wait to be stopped); torchrun's own failure report follows, with no train.py
-    frame. Fails if each rank prints its line, or if rank 0 is stopped before it prints."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-           "--tiny-hidden", "0", "--out", str(tmp_path)]
-    res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
+    """Every rank finds the same user error before joining the process group: rank 0 prints it once and exits 2
+    (the others wait to be stopped); fails if each rank prints it, or if rank 0 is stopped before it prints."""
+    res = subprocess.run([*TORCHRUN, "train.py", "--tiny-hidden", "0", "--out", str(tmp_path)], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=180)
     out = res.stdout + res.stderr
     assert res.returncode != 0 and out.count("train.py: error: --tiny-hidden 0: must be at least 8") == 1, out
     assert "train.py\", line" not in out and "exitcode  : 2" in out, out
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. A hung rank ends the run, naming the phase. About a minute: two processes start, and the timeout is 15 s
-#    (it also bounds the setup's barriers, which wait for rank 0 to read the model: less is flaky on a busy CPU)
+# The same run on 1 and 2 ranks
 
 
-def test_a_hung_rank_ends_the_run_naming_the_phase(tmp_path, tiny_model_dir):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-           *_flags(tmp_path / "o", tiny_model_dir, "--steps", "3", "--dist-timeout", "0.25")]
-    t = time.time()
-    res = subprocess.run(cmd, cwd=ROOT, env={**ENV, "TRAIN_TEST_HANG": "1:2"}, capture_output=True, text=True,
+def assert_same_metrics(one, two):
+    """Per-step metrics of a 1- and a 2-process run agree to float tolerance (sums over other shapes round
+    differently)."""
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(stable(one), stable(two)):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (a["step"], k, a[k], b[k])
+
+
+TWO_RANKS = {  # batch-wide statistics gathered over ranks (HEPO's top 20%, batch std), tree sampling under FSDP2
+    "ddp": ["--method", "hepo", "--scale", "batch", "--kl-coef", "0.05", "--objective", "gspo"],
+    "fsdp": ["--method", "treeadv", "--sampler", "tree", "--unique-segments", "--fsdp", "--no-grad-ckpt"],
+}
+
+
+@pytest.mark.parametrize("name", list(TWO_RANKS))
+def test_torchrun_two_ranks_equal_one_process(name, warm_dir, tmp_path):
+    """The sampler is keyed by a prompt's place in the step and a mini-batch holds the same prompts on any number
+    of ranks, so a 2-rank run's metrics (reward, loss, grad norm, KL, validation) equal the 1-process run's."""
+    flags = [*small(tmp_path / "two", warm_dir, "--steps", "2", "--save-every", "2", "--val-every", "2",
+                    "--val-limit", "16", "--sample-every", "1"), *TWO_RANKS[name]]
+    res = subprocess.run([*TORCHRUN, "train.py", *flags], cwd=ROOT, env=ENV, capture_output=True, text=True,
                          timeout=300)
-    out = res.stdout + res.stderr
-    assert res.returncode != 0 and "TRAIN_TEST_HANG: hanging at step 2" in out, out[-3000:]
-    assert ("train.py: stopped: rank 0, step 2, phase advantages (gathering every rank's rollout): a collective "
-            "waited longer than --dist-timeout 0.25 min") in out, out[-3000:]
-    assert _steps(tmp_path / "o") == [1] and train.latest_checkpoint(str(tmp_path / "o")).endswith("ckpt-000001")
-    assert time.time() - t < 240
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    rows = train.read_metrics(tmp_path / "two")
+    assert [r["step"] for r in rows] == [0, 1, 2] and any(r.get("adv_abs_mean", 0) > 0 for r in rows)
+    train.train(train.parse_args([f.replace(str(tmp_path / "two"), str(tmp_path / "one")) for f in flags
+                                  if f != "--fsdp"]))
+    assert_same_metrics(train.read_metrics(tmp_path / "one"), rows)
+
+
+GRADS = """
+import sys
+import torch
+import rollout
+import train
+
+batch_file, out_file, fsdp = sys.argv[1], sys.argv[2], sys.argv[3] == "fsdp"
+args = train.Args(**torch.load(batch_file)["args"], fsdp=fsdp, device="cpu")
+worker = train.setup_worker(args)
+tok = rollout.build_tiny_tokenizer()
+with train.parameters_on_meta():  # every rank: no weights in memory; rank 0 alone builds them and broadcasts
+    model = rollout.build_tiny_model(tok, hidden=64, layers=2)
+full = rollout.build_tiny_model(tok, hidden=64, layers=2).state_dict() if worker.rank == 0 else None
+model = train.place_model(model, worker, args, full, load=True, trainable=True)
+batch = torch.load(batch_file)["batch"]
+rows = [r for p in train.rank_places(worker.rank, 2, 4, 4) for r in range(2 * p, 2 * p + 2)]  # this rank's groups
+opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=train.WEIGHT_DECAY)
+ctx = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+train.update(model, opt, {k: v[rows] for k, v in batch.items()}, args.lr, args, 2, *train.policy_step(args, ctx))
+whole = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
+params = {n: whole(p.detach()).clone() for n, p in train.unwrap(model).named_parameters()}
+if worker.rank == 0:
+    torch.save(params, out_file)
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_one_rank_and_two_ranks_make_the_same_update(tiny_tokenizer, tmp_path, mode):
+    """2 gloo ranks (DDP or FSDP2), each with its share of the mini-batch and the global normaliser, against one
+    process with all of it: the parameters after one AdamW step agree. Dropping `loss * world` (DDP and FSDP2
+    average over ranks) or a head gradient missing FSDP2's reduction fails this. The models are built on the
+    meta device everywhere and filled from rank 0 by broadcast."""
+    args = dict(group_size=2, mini_batch_prompts=4, lr=1e-3, micro_batch_tokens=20, kl_coef=0.05, max_new_tokens=6)
+    batch, one = random_batch(), rollout.build_tiny_model(tiny_tokenizer, hidden=64, layers=2).train()
+    g = torch.Generator().manual_seed(2)
+    noise = lambda: torch.where(batch["response_mask"], -1 + 0.2 * torch.randn(8, 6, generator=g), 0.0)  # noqa
+    batch.update(old_logp=noise(), ref_logp=noise(), sampler_logp=noise())
+    torch.save({"batch": batch, "args": args}, tmp_path / "batch.pt")
+    (tmp_path / "grads.py").write_text(GRADS)
+    res = subprocess.run([*TORCHRUN, str(tmp_path / "grads.py"), str(tmp_path / "batch.pt"), str(tmp_path / "two.pt"),
+                          mode], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert (tmp_path / "two.pt").exists(), res.stdout[-2000:] + res.stderr[-4000:]
+    a = train.Args(**args)
+    opt = torch.optim.AdamW(one.parameters(), lr=a.lr, weight_decay=train.WEIGHT_DECAY)
+    before = {n: p.detach().clone() for n, p in one.named_parameters()}
+    train.update(one, opt, batch, a.lr, a, 1, *train.policy_step(a, lambda: torch.autocast("cpu", enabled=False)))
+    two = torch.load(tmp_path / "two.pt")
+    assert two.keys() == before.keys() and any(not torch.equal(p, before[n]) for n, p in one.named_parameters())
+    for n, p in one.named_parameters():
+        torch.testing.assert_close(two[n], p.detach(), atol=1e-6, rtol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+RESUME = """
+import sys
+import train
+
+n, out, flags = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+for mode in ("ddp", "fsdp"):
+    more = flags + (["--fsdp"] if mode == "fsdp" else [])
+    train.train(train.parse_args(more + ["--out", f"{out}/{mode}-straight", "--steps", str(2 * n)]))
+    train.train(train.parse_args(more + ["--out", f"{out}/{mode}-resumed", "--steps", str(n)]))
+    train.train(train.parse_args(more + ["--out", f"{out}/{mode}-resumed", "--steps", str(2 * n), "--resume"]))
+"""
+
+
+def test_torchrun_ppo_resumes_exactly_and_equals_one_process_ddp_and_fsdp2(warm_dir, tmp_path):
+    """Under torchrun, DDP and FSDP2, --method ppo with KL: 1 + 1 steps with --resume == 2 straight (metrics, the
+    export, policy, critic and both AdamW states bit for bit; the state written by 2 ranks), and the metrics (the
+    critic's included) equal one process's; the export then loads as --model in one process."""
+    flags = small(tmp_path / "x", warm_dir, "--method", "ppo", "--kl-coef", "0.05", "--max-new-tokens", "4",
+                  "--save-every", "1")[:-2]  # no --out
+    (tmp_path / "resume.py").write_text(RESUME)
+    res = subprocess.run([*TORCHRUN, str(tmp_path / "resume.py"), "1", str(tmp_path), *flags], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    train.train(train.parse_args([*flags, "--out", str(tmp_path / "one"), "--steps", "2"]))
+    one = train.read_metrics(tmp_path / "one")
+    assert all(r["value_loss"] > 0 and r["critic_grad_norm"] > 0 for r in one)
+    for mode in ("ddp", "fsdp"):
+        a, b = train.read_metrics(tmp_path / f"{mode}-straight"), train.read_metrics(tmp_path / f"{mode}-resumed")
+        assert [r["step"] for r in b] == [1, 2] and stable(a) == stable(b)
+        assert_same_metrics(one, a)
+        assert_same_checkpoint(*(train.latest_checkpoint(str(tmp_path / f"{mode}-{x}")) for x in ("straight", "resumed")))
+    again = train.latest_checkpoint(str(tmp_path / "fsdp-straight"))
+    train.train(train.parse_args(small(tmp_path / "again", again, "--steps", "1", "--save-every", "0")))
+
+
+UNEVEN = """
+import torch
+import rollout
+import train
+
+args = train.Args(device="cpu", fsdp=True, grad_ckpt=False)
+worker = train.setup_worker(args)
+m = train.place_model(rollout.build_tiny_model(rollout.build_tiny_tokenizer()), worker, args, None, load=False,
+                      trainable=True)
+with train.sampling_mode(m) as policy, torch.no_grad():
+    for _ in range(1 + 3 * worker.rank):  # rank 0 one forward, rank 1 four: rows finishing at different times
+        policy(input_ids=torch.tensor([[3, 4, 5]]))
+m(input_ids=torch.tensor([[3, 4, 5]])).logits.sum().backward()  # FSDP's collectives must still line up
+torch.distributed.barrier()
+print("uneven forwards ok", flush=True)
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_fsdp_sampling_survives_uneven_forward_counts(tmp_path):
+    """Without sampling_mode's unshard, FSDP2 all-gathers in every forward and this hangs or aborts."""
+    (tmp_path / "uneven.py").write_text(UNEVEN)
+    res = subprocess.run([*TORCHRUN, str(tmp_path / "uneven.py")], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=180)
+    assert res.stdout.count("uneven forwards ok") == 2, res.stdout[-2000:] + res.stderr[-3000:]
+
+
+def test_a_hung_rank_ends_the_run_naming_the_step(tmp_path, tiny_model_dir):
+    """A rank that stops answering (here: SIGSTOP, as a frozen GPU would) makes the others' next collective time
+    out after --dist-timeout: the run ends with one line naming the step, and its last checkpoint stands."""
+    out = tmp_path / "o"
+    proc = subprocess.Popen([*TORCHRUN, "train.py", *small(out, tiny_model_dir, "--steps", "50", "--save-every", "1",
+                                                           "--dist-timeout", "0.25")],
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and train.checkpoint_dirs(str(out))):
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    frozen = int(workers[-1])
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        output, _ = proc.communicate(timeout=240)
+    finally:
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            with __import__("contextlib").suppress(ProcessLookupError):
+                os.kill(frozen, sig)
+    assert proc.returncode != 0 and "train.py: stopped: step" in output, output[-3000:]
+    assert "a collective failed" in output and "--dist-timeout 0.25 min" in output, output[-3000:]
+    assert train.latest_checkpoint(str(out)) is not None
