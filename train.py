@@ -262,7 +262,9 @@ def update(model, optimizer, batch: dict, lr: float, args: Args, world: int, los
                 group["lr"] = lr
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        add_stats(stats, dict(loss=mb_loss, grad_norm=norm, updates=torch.ones(()), skipped=torch.tensor(1.0 - ok)))
+        # the same on every rank: each enters log_step's sum over ranks as its 1/world share
+        add_stats(stats, dict(loss=mb_loss, grad_norm=norm / world, updates=torch.tensor(1.0 / world),
+                              skipped=torch.tensor((1.0 - ok) / world)))
     return stats
 
 
@@ -408,13 +410,13 @@ def log_step(run: Run, step: int, ro: rollout.Rollout, r, counters: dict, A, dia
                                               all_reduce(vector(maxima), dist.ReduceOp.MAX)]).tolist()))
     run.stop, run.nonfinite = t["stop"] > 0, run.nonfinite + 1 if t["skipped"] else 0
     if t["skipped"]:
-        print0(f"step {step + 1}: non-finite loss or gradient, {int(t['skipped'])} update(s) skipped")
+        print0(f"step {step + 1}: non-finite loss or gradient, {round(t['skipped'])} update(s) skipped")
     n, tok, upd = t["rows"], t["tokens"], t["updates"]
     m = dict(step=step + 1, lr=lr_at(step, run.args), reward_mean=t["reward"] / n, response_len=tok / n,
              truncated_frac=t["truncated"] / n, decoded_tokens=int(t["decoded"]), prefilled_tokens=int(t["prefilled"]),
              entropy=t["entropy"] / tok, adv_abs_mean=t["adv_abs"] / tok, **diag, loss=t["loss"] / upd,
              clip_frac=t["clipped"] / tok, dual_clip_frac=t["dual_clipped"] / tok, approx_kl=t["approx_kl"] / tok,
-             grad_norm=t["grad_norm"] / upd, skipped_updates=int(t["skipped"]), logp_gap_max=t["first_gap_max"],
+             grad_norm=t["grad_norm"] / upd, skipped_updates=round(t["skipped"]), logp_gap_max=t["first_gap_max"],
              logp_gap_mean=t["first_gap"] / t["first_tokens"], **({"kl_ref": t["kl_ref"] / tok} if "kl_ref" in t else {}),
              **{k: int(v) for k, v in t.items() if k.startswith("reward_")}, **times,
              t_step=sum(times.values()), tokens_per_s=tok / sum(times.values()))
@@ -423,7 +425,7 @@ def log_step(run: Run, step: int, ro: rollout.Rollout, r, counters: dict, A, dia
         m.update(value_loss=t["critic_value_loss"] / t["critic_updates"], value_clip_frac=t["critic_value_clipped"] / tok,
                  explained_variance=1 - var(t["critic_ev_d"], t["critic_ev_d2"]) / (var(t["critic_ev_r"], t[
                      "critic_ev_r2"]) + 1e-5), critic_grad_norm=t["critic_grad_norm"] / t["critic_updates"],
-                 critic_skipped_updates=int(t["critic_skipped"]))
+                 critic_skipped_updates=round(t["critic_skipped"]))
     return m
 
 
@@ -1004,9 +1006,10 @@ def load_checkpoint(run: Run, ckpt: str) -> None:
     state = training_state(run)
     try:
         dcp.load(state, checkpoint_id=os.path.join(ckpt, "state"), no_dist=not dist.is_initialized())
-    except Exception as e:  # DCP's CheckpointException, or what a damaged file's reader raises
+    except (Exception, dcp.api.CheckpointException) as e:  # a BaseException, or what a damaged file's reader raises
         older = checkpoint_dirs(run.args.out)[-2:-1]
-        raise UserError(f"--resume: {ckpt} does not load ({type(e).__name__}: {str(e).strip()[:160]}); move it aside "
+        raise UserError(f"--resume: {ckpt} does not load ({(str(e).strip() or type(e).__name__).splitlines()[-1][:160]}); "
+                        "move it aside "
                         + (f"to resume from {older[0]}" if older else "(it is the only checkpoint)")) from None
     for name, model, opt in (("policy", run.model, run.optimizer), ("critic", run.critic, run.critic_optimizer)):
         if model is not None:
