@@ -32,7 +32,10 @@ import rollout
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parent.parent
 FIXTURES = {"math": "math.jsonl", "math500": "math500.json", "gsm-hard": "gsm-hard.jsonl", "amc23": "amc23.parquet",
-            "medqa": "medqa.jsonl", "medmcqa": "medmcqa.parquet", "mmlu-medical": "mmlu-medical.json"}
+            "medqa": "medqa.jsonl", "medmcqa": "medmcqa.parquet", "mmlu-medical": "mmlu-medical.json",
+            "aime24": "aime24.jsonl", "aime25": "aime25.jsonl", "minerva": "minerva.jsonl",
+            "olympiadbench": "olympiadbench.jsonl", "gsm8k": "gsm8k.jsonl", "omni-math": "omni-math.jsonl",
+            "gpqa-diamond": "gpqa-diamond.csv"}   # small rows of each dataset's own schema, written for the tests
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
 
 
@@ -120,6 +123,44 @@ def test_gold_answers_of_math_amc23_and_gsm_hard():
         assert E.score("gsm-hard", answer, third) == expected, answer
     assert E.score("gsm-hard", "\\boxed{\\$3,737,022}", {"input": "q", "target": 3737022.0}) == 1.0
     assert E.score("math500", "\\boxed{0.3334}", ex("0.3333")) == 0.0         # no tolerance outside GSM-HARD
+
+
+MODEL_FORMS = [  # (bench, row, completion, expected): answers as real datasets and models write them
+    ("aime24", {"problem": "p", "answer": "025"}, "\\boxed{25}", 1),
+    ("aime24", {"problem": "p", "answer": "025"}, "\\boxed{250}", 0),
+    ("aime25", {"problem": "p", "answer": 70}, "The answer is $\\boxed{70}$.", 1),
+    ("minerva", {"question": "q", "answer": "4.5e33"}, "\\boxed{4.5 \\times 10^{33}}", 1),
+    ("minerva", {"question": "q", "answer": "4.5e33"}, "\\boxed{4.5e33}", 1),
+    ("minerva", {"question": "q", "answer": "4.5e33"}, "\\boxed{4.5 \\times 10^{32}}", 0),
+    ("olympiadbench", {"question": "q", "final_answer": ["$(1,8,19), (2,7,13), (4,5,7)$"]},
+     "\\boxed{(2,7,13), (1,8,19), (4,5,7)}", 1),
+    ("olympiadbench", {"question": "q", "final_answer": ["$(1,8,19), (2,7,13), (4,5,7)$"]},
+     "\\boxed{(1,8,19), (2,7,13)}", 0),
+    ("olympiadbench", {"question": "q", "final_answer": ["1,3,5"]}, "\\boxed{1, 3, 5}", 1),
+    ("olympiadbench", {"question": "q", "final_answer": ["1,3,5"]}, "\\boxed{1, 3}", 0),
+    ("olympiadbench", {"question": "q", "final_answer": ["$69$,$84$"]}, "\\boxed{69, 84}", 1),
+    ("olympiadbench", {"question": "q", "final_answer": ["$k=1$"]}, "\\boxed{k=1}", 1),
+    ("olympiadbench", {"question": "q", "final_answer": ["$k=1$"]}, "\\boxed{1}", 1),
+    ("olympiadbench", {"question": "q", "final_answer": ["$k=1$"]}, "\\boxed{k=2}", 0),
+    ("olympiadbench", {"question": "q", "final_answer": ["$f(x)=2 x$"]}, "\\boxed{f(x) = 2x}", 1),
+    ("olympiadbench", {"question": "q", "final_answer": ["$f(x)=2 x$"]}, "\\boxed{2x}", 1),
+    ("olympiadbench", {"question": "q", "final_answer": ["$f(x)=2 x$"]}, "\\boxed{f(x)=3x}", 0),
+    ("gsm8k", {"question": "q", "answer": "9 * 2 = <<9*2=18>>18\n#### 18"}, "She makes 9 * 2 = 18.\n#### 18", 1),
+    ("gsm8k", {"question": "q", "answer": "9 * 2 = <<9*2=18>>18\n#### 18"}, "#### 19", 0),
+    ("gsm8k", {"question": "q", "answer": "It costs 1,200.\n#### 1,200"}, "\\boxed{1,200}", 1),
+    ("omni-math", {"problem": "p", "answer": "\\[\n\\boxed{\\frac{n+1}{4n-2}}\n\\]"}, "\\boxed{\\frac{n+1}{4n-2}}", 1),
+    ("omni-math", {"problem": "p", "answer": "0 \\leq r \\leq \\frac{1}{2}"}, "\\boxed{[0, \\frac{1}{2}]}", 1),
+    ("omni-math", {"problem": "p", "answer": "0 \\leq r \\leq \\frac{1}{2}"}, "\\boxed{0 \\le r \\le 1/2}", 1),
+    ("omni-math", {"problem": "p", "answer": "0 \\leq r \\leq \\frac{1}{2}"}, "\\boxed{(0, \\frac{1}{2})}", 0),
+    ("omni-math", {"problem": "p", "answer": "(-\\infty, 2]"}, "\\boxed{x \\le 2}", 1),
+]
+
+
+@pytest.mark.parametrize("bench,row,completion,expected", MODEL_FORMS)
+def test_answers_as_datasets_and_models_write_them(bench, row, completion, expected):
+    """Catches a leading zero, e-notation, a tuple or list, a left-hand side, GSM8K's "#### N", a boxed gold or an
+    interval against an inequality scored by its text instead of its value."""
+    assert E.score(bench, completion, row) == expected
 
 
 def test_last_boxed_nesting_and_escapes():
@@ -365,6 +406,8 @@ def test_majority_and_summary_by_hand():
     assert m["accuracy"] == m["avg@2"] == m["pass@1"] == pytest.approx(0.25)
     assert m["pass@2"] == pytest.approx(0.5) and m["maj@2"] == pytest.approx(0.5)
     assert (m["timeouts"], m["no_answer"], m["truncated_frac"], m["mean_response_tokens"]) == (1, 1, 0.25, 3.0)
+    assert m["tokens_per_correct"] == 12 / 1                       # every sample's tokens over the one correct
+    assert E.summarize([dict(rows[1], correct=[False, False])], 2)["tokens_per_correct"] is None
 
 
 def test_synthetic_tasks_are_pinned_disjoint_and_self_consistent():
@@ -398,11 +441,23 @@ def test_load_each_benchmark_schema(bench):
     rows = E.load_examples(bench, data=str(DATA / FIXTURES[bench]))
     assert len(rows) == (4 if bench == "math" else 3)   # mmlu: the astronomy row is not medical
     b = E.BENCHES[bench]
-    golds = [b.gold(r) for r in rows]
+    golds = [b.gold(r).replace("$", "") for r in rows]   # a model boxes OlympiadBench's "$k=1$" as k=1
     for r, gold, other in zip(rows, golds, golds[1:] + golds[:1]):
         answer = "<think>x</think><answer>{}</answer>" if b.scorer == "choice" else "So \\boxed{{{}}}."
         assert E.score(bench, answer.format(gold), r) == 1.0
         assert other == gold or E.score(bench, answer.format(other), r) == 0.0
+
+
+def test_gpqa_options_are_shuffled_the_same_way_every_time():
+    """Catches GPQA's correct answer always listed first (a model learns "A"), or an order that changes between runs
+    or processes (random.Random seeded by the question's text, not hash())."""
+    rows = E.load_examples("gpqa-diamond", data=str(DATA / "gpqa-diamond.csv"))
+    assert [E.BENCHES["gpqa-diamond"].gold(r) for r in rows] == ["B", "C", "A"]   # the order pinned
+    code = "import evaluate as E; print(E.BENCHES['gpqa-diamond'].options({'Question': 'q', 'Correct Answer': 'x', " \
+           "'Incorrect Answer 1': 'y', 'Incorrect Answer 2': 'z', 'Incorrect Answer 3': 'w'}))"
+    runs = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(ENV, PYTHONHASHSEED=str(seed)),
+                           capture_output=True, text=True, timeout=120).stdout for seed in (1, 2)}
+    assert len(runs) == 1 and "'x'" in runs.pop()
 
 
 def test_load_limit_and_the_random_math_draw():
@@ -536,36 +591,47 @@ def test_samples_do_not_depend_on_the_batch(tiny_model, tiny_tokenizer):
     """An example's samples are keyed by its index: catches samples that change with the batch size (and so with
     the number of ranks)."""
     examples = E.load_examples("add", limit=5)
-    runs = [E.evaluate(tiny_model, tiny_tokenizer, "add", examples, n=3, temperature=1.0, max_new_tokens=6,
-                       batch_size=size, progress=False)[1] for size in (1, 2, 5)]
-    completions = [[r["completions"] for r in rows] for rows in runs]
-    assert completions[0] == completions[1] == completions[2]
+    runs = [E.evaluate(tiny_model, tiny_tokenizer, "add", examples, n=3, temperature=1.0, max_new_tokens=5,
+                       batch_size=size, progress=False)[1] for size in (2, 5)]
+    assert [r["completions"] for r in runs[0]] == [r["completions"] for r in runs[1]]
     assert len({c for r in runs[0] for c in r["completions"]}) > 3            # sampled, not all alike
-
-
-def test_command_end_to_end_on_local_files(tiny_model_dir, tmp_path):
-    """The command on the tiny model over local files in two schemas: the summary and the rows it writes agree
-    with score() on every completion."""
-    for bench in ("medqa", "gsm-hard"):
-        data = str(DATA / FIXTURES[bench])
-        results = E.main(["--bench", bench, "--model", tiny_model_dir, "--data", data, "--max-new-tokens", "8",
-                          "--out", str(tmp_path), "--no-progress"])
-        summary = json.loads((tmp_path / f"{bench}.json").read_text())
-        rows = [json.loads(line) for line in (tmp_path / f"{bench}.jsonl").read_text().splitlines()]
-        examples = E.load_examples(bench, data=data)
-        assert summary == results[bench] and summary["examples"] == len(rows) == len(examples)
-        for r, example in zip(rows, examples):
-            assert r["gold"] == E.BENCHES[bench].gold(example) and r["prompt"].startswith("<|im_start|>")
-            assert r["correct"] == [E.score(bench, c, example) == 1.0 for c in r["completions"]]
 
 
 def test_command_sampling_metrics(tmp_path):
     results = E.main(["--bench", "add", "--model", "tiny", "--limit", "5", "--n", "4", "--temperature", "1.0",
                       "--max-new-tokens", "6", "--out", str(tmp_path), "--no-progress"])
     rows = [json.loads(line) for line in (tmp_path / "add.jsonl").read_text().splitlines()]
+    summary = results["tiny"]["add"]
     for k in (1, 2, 4):
-        assert results["add"][f"pass@{k}"] == pytest.approx(sum(E.pass_at_k(4, sum(r["correct"]), k) for r in rows) / 5)
-    assert {"avg@4", "maj@4"} <= set(results["add"])
+        assert summary[f"pass@{k}"] == pytest.approx(sum(E.pass_at_k(4, sum(r["correct"]), k) for r in rows) / 5)
+    assert {"avg@4", "maj@4"} <= set(summary) and not (tmp_path / "suite.md").exists()   # one bench: no table
+
+
+def test_the_math_suite_end_to_end_offline(tiny_model_dir, tmp_path):
+    """--suite math over --data-dir (files named after the benchmarks), two models side by side: every benchmark
+    evaluated for each, the table (markdown and json) and the plot written."""
+    results = E.main(["--suite", "math", "--data-dir", str(DATA), "--model", "tiny", "--compare", tiny_model_dir,
+                      "--limit", "1", "--max-new-tokens", "4", "--out", str(tmp_path),
+                      "--no-progress"])
+    assert list(results) == ["tiny", tiny_model_dir]
+    assert all(list(r) == list(E.SUITES["math"]) for r in results.values())
+    for out, model in ((tmp_path, "tiny"), (tmp_path / "compare", tiny_model_dir)):
+        for bench in E.SUITES["math"]:   # the files agree with the summary and with score() on every completion
+            summary = json.loads((out / f"{bench}.json").read_text())
+            rows = [json.loads(line) for line in (out / f"{bench}.jsonl").read_text().splitlines()]
+            example = E.load_examples(bench, data=str(DATA / FIXTURES[bench]), limit=1)[0]
+            assert summary == results[model][bench] and summary["examples"] == len(rows) == 1
+            assert rows[0]["gold"] == E.BENCHES[bench].gold(example) and rows[0]["prompt"].startswith("<|im_start|>")
+            assert rows[0]["correct"] == [E.score(bench, c, example) == 1.0 for c in rows[0]["completions"]]
+    table = (tmp_path / "suite.md").read_text().splitlines()
+    assert len(table) == 2 + 10 + 1 and table[-1].startswith("| mean |") and tiny_model_dir in table[0]
+    assert json.loads((tmp_path / "suite.json").read_text()) == results and (tmp_path / "suite.png").stat().st_size
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "aime24.jsonl").write_text('{"problem": "p", "answer": "7"}\n{"problem": "q"}\n')
+    with pytest.raises(ValueError, match=r"^--data-dir .*mine: no gpqa-diamond\.jsonl"):
+        E.main(["--bench", "aime24,gpqa-diamond", "--data-dir", str(tmp_path / "mine"), "--model", "tiny"])
+    with pytest.raises(ValueError, match=r"^--data-dir .*aime24\.jsonl: line 2: field 'answer'"):
+        E.main(["--bench", "aime24", "--data-dir", str(tmp_path / "mine"), "--model", "tiny"])
 
 
 def test_flag_errors_are_one_line_before_a_model_loads(monkeypatch, tmp_path):
@@ -573,6 +639,7 @@ def test_flag_errors_are_one_line_before_a_model_loads(monkeypatch, tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     for argv, match in [(["--bench", "nope"], "^--bench 'nope'"), (["--bench", "math,"], "^--bench ''"),
+                        (["--suite", "maths"], "^--suite 'maths'"), (["--data-dir", str(a_file)], "^--data-dir"),
                         (["--n", "4"], "^--n 4: greedy"), (["--limit", "0"], "^--limit 0"),
                         (["--temperature", "nan"], "^--temperature nan"), (["--device", "gpu"], "^--device gpu"),
                         (["--bench", "math,medqa", "--data", str(a_file)], "^--data"),
@@ -609,6 +676,7 @@ def test_dataclass_parser_help_groups_defaults_and_layers():
     parser = E.dataclass_parser(Demo, "demo")
     help_text = parser.format_help()
     assert "first:" in help_text and "second:" in help_text and "how many steps (default: 3)" in help_text
+    assert help_text.count("options:") == 1                                 # argparse's own group, not a second one
     assert help_text.count("default:") == 4 and "(default: from the model)" in help_text
     given = vars(parser.parse_args(["--quiet", "--sizes", "4", "5"]))
     assert Demo(**{"steps": 9, **given}) == Demo(9, None, True, [4, 5])   # the preset's steps kept
