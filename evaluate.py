@@ -375,27 +375,29 @@ def evaluate(model, tokenizer, bench: str, examples: list[dict], *, n: int = 1, 
     dist = torch.distributed
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     prompts = [prompt_ids(bench, ex, tokenizer, thinking) for ex in examples]
+    golds = [BENCHES[bench].gold(ex) for ex in examples]
     if kv_budget is None and next(model.parameters()).device.type == "cuda":   # sized by the memory free now
         kv_budget = rollout.default_kv_budget(model, rows=batch_size * n)
     cfg = rollout.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, top_k=0,
                                  kv_budget=kv_budget, page_size=page_size, compile=compile_decode)
-    mine, was_training, t0, rows = list(range(rank, len(examples), world)), model.training, time.time(), []
+    eos, mine = rollout.eos_token_ids(model, tokenizer), list(range(rank, len(examples), world))
+    was_training, t0, rows = model.training, time.time(), []
     model.eval()
     bar = tqdm(total=len(examples), desc=f"eval {bench}", disable=not progress or rank != 0, dynamic_ncols=True)
     try:
         for start in range(0, len(mine), batch_size):
             idx = mine[start:start + batch_size]
-            ro = rollout.sample(model, [prompts[i] for i in idx], n, cfg, pad_token_id=tokenizer.pad_token_id,
-                                eos_token_ids=rollout.eos_token_ids(model, tokenizer), seed=seed, prompt_keys=idx)
+            ro = rollout.sample(model, [prompts[i] for i in idx], n, cfg, eos_token_ids=eos,
+                                pad_token_id=tokenizer.pad_token_id, seed=seed, prompt_keys=idx)
             lengths, ids = ro.response_mask.sum(1).tolist(), ro.response_ids.tolist()   # [B], [B, T]; B = |idx| n
             for p, i in enumerate(idx):
                 own = range(p * n, p * n + n)
                 texts = [tokenizer.decode(ids[r][:lengths[r]], skip_special_tokens=True) for r in own]
                 reward, extracted, status = zip(*(score_one(bench, t, examples[i]) for t in texts))
-                rows.append({"index": i, "prompt": tokenizer.decode(prompts[i]), "gold": BENCHES[bench].gold(
-                    examples[i]), "completions": texts, "extracted": list(extracted), "correct": [r == 1 for r in
-                    reward], "status": list(status), "response_tokens": [lengths[r] for r in own],
-                    "truncated": [not ro.finished[r].item() for r in own]})
+                rows.append({"index": i, "prompt": tokenizer.decode(prompts[i]), "gold": golds[i],
+                             "completions": texts, "extracted": list(extracted), "status": list(status),
+                             "correct": [r == 1 for r in reward], "response_tokens": [lengths[r] for r in own],
+                             "truncated": [not ro.finished[r].item() for r in own]})
             bar.update(len(idx) * world)
     finally:
         bar.close()
@@ -621,7 +623,7 @@ def main(argv: list[str] | None = None) -> dict:
             results.setdefault(name, {})[bench] = summary = dict(summary, model=name, data=files[bench])
             bar.update(len(rows_in))
             if rank0:
-                print(json.dumps(summary), flush=True)   # first: a failed write below loses nothing of the result
+                bar.write(json.dumps(summary))   # first: a failed write below loses nothing of the result
                 with open(os.path.join(out, bench + ".json"), "w") as f:
                     json.dump(summary, f, indent=2)
                 with open(os.path.join(out, bench + ".jsonl"), "w") as f:
@@ -655,11 +657,13 @@ def _write_suite(out: str, results: dict) -> None:
     with open(os.path.join(out, "suite.json"), "w") as f:
         json.dump(results, f, indent=2)
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(benches)), 4))
+    width = 1 / (len(cells) + 1)   # a bar per model, side by side, a gap between benchmarks
     for i, (ax, label) in enumerate(zip(axes, ("accuracy (avg@n)", "tokens per correct solution"))):
         for j, m in enumerate(cells):
-            ax.bar([x + j / (len(cells) + 1) for x in range(len(benches))], [cells[m][b][i] or 0 for b in benches],
-                   1 / (len(cells) + 1), label=m)
-        ax.set_xticks(range(len(benches)), benches, rotation=45, ha="right")
+            ax.bar([x + j * width for x in range(len(benches))], [cells[m][b][i] or 0 for b in benches], width,
+                   label=m)
+        ax.set_xticks([x + (len(cells) - 1) * width / 2 for x in range(len(benches))], benches, rotation=45,
+                      ha="right")
         ax.set_title(label)
     axes[0].legend(fontsize="small")
     fig.tight_layout()
