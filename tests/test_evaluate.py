@@ -108,9 +108,10 @@ def test_math_scorer_verdicts(completion, gold, expected):
     assert E.score("math500", completion, ex(gold)) == expected
 
 
-def test_gold_answers_of_math_amc23_and_gsm_hard():
+def test_gold_answers_read_from_the_right_place():
     """Catches a gold read from the wrong place: MATH's is its solution's last box, AMC23's 27.0 or ["27.0"] is
-    27, and GSM-HARD's float target takes a plain number within 1e-3 (absolute: its authors' check), no closer."""
+    27, GSM8K's the "#### N" line of its worked solution, OmniMATH's a box inside \\[...\\]; and GSM-HARD's float
+    target takes a plain number within 1e-3 (absolute: its authors' check), no closer."""
     row = {"problem": "p", "solution": "First $\\boxed{x}$ is a variable; then $y = \\boxed{\\frac{7}{8}}$."}
     assert E.BENCHES["math"].gold(row) == "\\frac{7}{8}" and E.score("math", "So \\boxed{0.875}.", row) == 1.0
     for answer in (27.0, "27.0", ["27.0"]):
@@ -123,6 +124,10 @@ def test_gold_answers_of_math_amc23_and_gsm_hard():
         assert E.score("gsm-hard", answer, third) == expected, answer
     assert E.score("gsm-hard", "\\boxed{\\$3,737,022}", {"input": "q", "target": 3737022.0}) == 1.0
     assert E.score("math500", "\\boxed{0.3334}", ex("0.3333")) == 0.0         # no tolerance outside GSM-HARD
+    gsm8k = {"question": "q", "answer": "1,000 + 250 = <<1000+250=1250>>1,250 people.\n#### 1,250"}
+    assert E.BENCHES["gsm8k"].gold(gsm8k) == "1250" and E.score("gsm8k", "So \\boxed{1250}.", gsm8k) == 1.0
+    omni = {"problem": "p", "answer": "\\[\n\\boxed{\\frac{n}{n+1}}\n\\]"}
+    assert E.BENCHES["omni-math"].gold(omni) == "\\frac{n}{n+1}"
 
 
 MODEL_FORMS = [  # (bench, row, completion, expected): answers as real datasets and models write them
