@@ -685,25 +685,28 @@ class _Parser(argparse.ArgumentParser):
 
 def dataclass_parser(cls, description: str) -> argparse.ArgumentParser:
     """A --flag-name per field of the dataclass `cls` (every entry point and benchmark builds its parser here),
-    typed by its annotation (bool: --x / --no-x; X | None: X; list[X]: one or more X), the docstring under the
-    field its help (the default said once), the `# --- title` comments above fields its --help groups. Flags not
-    given are left out of the namespace, so `cls(**{**preset, **vars(namespace)})` layers defaults, preset, flags."""
+    typed by its annotation (bool: --x / --no-x; X | None: X; list[X]: one or more X); its help the comment after it
+    on its line or the docstring under it (the default said once), its --help group the `# --- title` comment above
+    it. Flags not given are left out of the namespace, so `cls(**{**preset, **vars(namespace)})` layers defaults,
+    preset, flags."""
     lines = textwrap.dedent(inspect.getsource(cls)).splitlines()
     body = ast.parse("\n".join(lines)).body[0].body
-    docs = {a.target.id: b.value.value.strip() for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
-    titles, title = {}, "options"
-    for m in filter(None, (re.match(r"\s*# --- (.+)|\s*(\w+):", line) for line in lines)):
-        title = m[1] or title
-        titles.update({m[2]: title} if m[2] in docs else {})
+    helps, titles = {}, {}
+    for a, b in zip(body, body[1:] + [None]):
+        if isinstance(a, ast.AnnAssign):
+            comment = re.match(r"\s*#\s*(.*)", lines[a.end_lineno - 1][a.end_col_offset:])
+            doc = isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant) and b.value.value
+            helps[a.target.id] = doc.strip() if doc else comment[1] if comment else ""
+            titles[a.target.id] = ([m[1] for ln in lines[:a.lineno] if (m := re.match(r"\s*# --- (.+)", ln))]
+                                   or ["options"])[-1]
     parser = _Parser(description=description, usage="%(prog)s [options]", argument_default=argparse.SUPPRESS,
                      allow_abbrev=False)
     hints, groups = typing.get_type_hints(cls), {"options": parser}   # untitled fields: argparse's own group
     for f in dataclasses.fields(cls):
-        flag, kind, title = "--" + f.name.replace("_", "-"), hints[f.name], titles.get(f.name, "options")
+        flag, kind, title = "--" + f.name.replace("_", "-"), hints[f.name], titles[f.name]
         group = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        doc = docs[f.name] + ("" if "default" in docs[f.name] else f" (default: {default})")
+        doc = helps[f.name] + ("" if "default" in helps[f.name] else f" (default: {default})")
         if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:   # X | None -> X
             kind = next(t for t in typing.get_args(kind) if t is not type(None))
         listed = typing.get_origin(kind) is list

@@ -8,6 +8,7 @@ validation in test_train.py.
 """
 import concurrent.futures as cf
 import contextlib
+import dataclasses as dc
 import hashlib
 import itertools
 import json
@@ -660,28 +661,56 @@ def test_flag_errors_are_one_line_before_a_model_loads(monkeypatch, tmp_path):
         assert run.returncode == 2 and run.stderr.startswith(line) and run.stderr.count("\n") == 1, run.stderr
 
 
-def test_dataclass_parser_help_groups_defaults_and_layers():
-    """The argparse builder every entry point uses: catches a lost --help group or docstring, a default said twice,
-    and a flag not given overriding a preset."""
-    import dataclasses as dc
+@dc.dataclass
+class DocstringForm:   # help in the docstring under each field (the benchmarks' Args)
+    # --- first
+    steps: int = 3
+    """how many steps"""
+    lr: float | None = None
+    """learning rate (default: from the model)"""
+    # --- second
+    quiet: bool = False
+    """no bar"""
+    sizes: list[int] = dc.field(default_factory=lambda: [1, 2])
+    """sizes"""
 
-    @dc.dataclass
-    class Demo:
-        # --- first
-        steps: int = 3
-        """how many steps"""
-        lr: float | None = None
-        """learning rate (default: from the model)"""
-        # --- second
-        quiet: bool = False
-        """no bar"""
-        sizes: list[int] = dc.field(default_factory=lambda: [1, 2])
-        """sizes"""
 
-    parser = E.dataclass_parser(Demo, "demo")
+@dc.dataclass
+class CommentForm:   # help in a comment after each field, one line each (train.py's and evaluate.py's Args)
+    # --- first
+    steps: int = 3  # how many steps
+    lr: float | None = None  # learning rate (default: from the model)
+    # --- second
+    quiet: bool = False  # no bar
+    sizes: list[int] = dc.field(default_factory=lambda: [1, 2])  # sizes
+
+
+@pytest.mark.parametrize("cls", [DocstringForm, CommentForm])
+def test_dataclass_parser_help_groups_defaults_and_layers(cls):
+    """The argparse builder every entry point uses, on help written in either form: catches a lost --help group or
+    help text, a default said twice, and a flag not given overriding a preset."""
+    parser = E.dataclass_parser(cls, "demo")
     help_text = parser.format_help()
     assert "first:" in help_text and "second:" in help_text and "how many steps (default: 3)" in help_text
+    assert re.search(r"first:\n.*--steps.*--lr.*\n\nsecond:\n.*--quiet.*--sizes", help_text, re.S)   # each in its group
+    assert "no bar (default: False)" in help_text and "sizes (default: [1, 2])" in help_text
     assert help_text.count("options:") == 1                                 # argparse's own group, not a second one
     assert help_text.count("default:") == 4 and "(default: from the model)" in help_text
     given = vars(parser.parse_args(["--quiet", "--sizes", "4", "5"]))
-    assert Demo(**{"steps": 9, **given}) == Demo(9, None, True, [4, 5])   # the preset's steps kept
+    assert cls(**{"steps": 9, **given}) == cls(9, None, True, [4, 5])   # the preset's steps kept
+
+
+def test_dataclass_parser_reads_a_comment_only_after_the_field():
+    """Catches a help cut at a '#' inside a default, a '# --- title' taken for help, or a field without a group
+    given a second 'options:' group."""
+    @dc.dataclass
+    class Tricky:
+        tag: str = "a # not a comment"  # the tag
+        # --- later
+        path: str = os.sep  # where
+        count: int = 2
+
+    help_text = E.dataclass_parser(Tricky, "demo").format_help()
+    assert "the tag (default: a # not a comment)" in help_text and "where (default: /)" in help_text
+    assert re.search(r"options:\n.*--tag.*\n\nlater:\n.*--path.*--count", help_text, re.S)
+    assert help_text.count("options:") == 1
