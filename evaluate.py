@@ -1,20 +1,13 @@
 """evaluate.py: the benchmarks, their verifiable rewards (SPEC 7), and `python evaluate.py --bench medqa`.
 
 `score(bench, completion, row)` is the one definition of "correct", for training and evaluation alike:
-- math: the last `\\boxed{}` after Qwen3's `</think>` (else "answer is X", else the last number), equal to the
-  gold by math-verify, which runs in a child process that bounds every call by wall clock;
+- math: the last `\\boxed{}` after Qwen3's `</think>` (else, more leniently than the papers, "answer is X" or the
+  last number), equal to the gold by math-verify in a child process that bounds every call by wall clock;
 - choice (medqa, medmcqa, mmlu-medical, gpqa-diamond): the option a completion states, by its letter or its text;
 - integer (add and chain, offline synthetic tasks for the demo): the integer after the last "=".
-Metrics: accuracy (avg@n with n samples), pass@k, maj@n, mean response tokens, tokens per correct solution.
-Departures: MedQA's options go one per line under the question, and our system prompt asks for
-<answer>C</answer> (the authors': "A: x, B: y", an R1-style prompt, only <answer> read); untagged forms such as
-"The answer is (C)" count too. Math's fallbacks after \\boxed{} are a little more lenient than the papers';
-GSM-HARD takes a plain number within 1e-3 (its authors' check). Only a completion's last MAX_SCORED_CHARS are
-read. Qwen3's thinking mode is off by default: it overruns the papers' 2,048 tokens.
-Run: `python evaluate.py --bench medqa --model Qwen/Qwen3-1.7B` writes OUT/medqa.json (summary) and .jsonl (a row
-per example); `--suite math` runs TreeAdv's ten benchmarks into one table and plot (`--compare MODEL`: a second
-model beside it). Offline: `--data FILE` or `--data-dir DIR` (json, jsonl, parquet or csv files in each dataset's
-own schema, named after the benchmarks) and `--model tiny` or a local directory.
+Departures: MedQA's options go one per line, and our system prompt asks for <answer>C</answer> (the authors':
+"A: x, B: y", only <answer> read); untagged forms such as "The answer is (C)" count too. Only a completion's last
+MAX_SCORED_CHARS are read. Qwen3's thinking mode is off by default: it overruns the papers' 2,048 tokens.
 """
 import argparse
 import ast
@@ -23,8 +16,8 @@ import dataclasses
 import difflib
 import hashlib
 import inspect
+import itertools
 import json
-import logging
 import math
 import os
 import random
@@ -37,11 +30,9 @@ import tempfile
 import textwrap
 import threading
 import time
-import types
 import typing
 from collections import Counter
-from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
 
 # ---- benchmarks (SPEC 7) ----
 
@@ -63,16 +54,7 @@ def _text(value, name: str) -> str:
     return str(value).strip()
 
 
-def _options(texts, name: str) -> dict:
-    """{letter: option text} from a list or a {letter: text} object (a parquet struct pads with None)."""
-    pairs = texts.items() if isinstance(texts, dict) else zip(LETTERS, texts) if isinstance(texts, list) else ()
-    out = {k.strip().upper(): _text(v, f"{name}.{k}") for k, v in pairs if v is not None}
-    if len(out) < 2 or not set(out) <= set(LETTERS):
-        raise ValueError(f"field {name!r}: expected 2-10 options lettered A-J, got {str(texts)[:60]}")
-    return out
-
-
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Bench:
     """A benchmark: where its rows come from, which fields of a row are asked and hold the answer, its scorer."""
     source: str                  # hub dataset id, or "synthetic" (generated offline)
@@ -80,10 +62,23 @@ class Bench:
     question: str                # the row's question field
     answer: str                  # the row's gold field (choice: an index, a letter or the option's text)
     scorer: str                  # "math" | "choice" | "integer"
-    options: Callable[[dict], dict] | None = None   # choice: row -> {letter: option text}
+    choices: tuple = ()          # choice: one field ({letter: text} or a list of texts), or a field per option
     configs: tuple = (None,)     # hub configs, loaded and concatenated
     shuffle: bool = False        # a seeded draw before --limit (the paper's random MATH split)
     tolerance: float | None = None   # math: a plain-number answer this close to the gold counts
+
+    def options(self, row: dict) -> dict:
+        """{letter: text}; options holding the gold (GPQA's) shuffled, the same way for a question in any process."""
+        one, name = len(self.choices) == 1, f"{self.choices[0]}..{self.choices[-1]}"
+        texts = row.get(self.choices[0]) if one else [row.get(f) for f in self.choices]
+        if self.answer in self.choices:
+            random.Random(str(row.get(self.question))).shuffle(texts)
+        pairs = texts.items() if isinstance(texts, dict) else zip(LETTERS, texts) if isinstance(texts, list) else ()
+        out = {k.strip().upper(): _text(v, f"{name}.{k}") for k, v in pairs if v is not None}   # parquet pads None
+        if len(out) < 2 or not set(out) <= set(LETTERS):
+            raise ValueError(f"field {self.choices[0] if one else name!r}: expected 2-10 options lettered A-J, got "
+                             f"{str(texts)[:60]}")
+        return out
 
     def ask(self, row: dict) -> str:
         """The user message: a math problem and the papers' instruction; a question and its options."""
@@ -114,47 +109,31 @@ class Bench:
         return re.sub(r"^(-?\d+)\.0+$", r"\1", gold)                 # AMC23 stores 27 as "27.0"
 
 
-def _gpqa_options(row: dict) -> dict:
-    """GPQA's four answers in an order fixed per question (a random.Random seeded by its text): the correct one is
-    not always first, and a question reads the same in every run."""
-    fields = ("Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
-    texts = [row.get(f) for f in fields]
-    random.Random(str(row.get("Question"))).shuffle(texts)
-    return _options(texts, "Correct Answer, Incorrect Answer 1-3")
-
-
-TRAIN_TEST = {"train": "train", "test": "test"}
+TRAIN_TEST, TEST, TRAIN = {"train": "train", "test": "test"}, {"test": "test"}, {"test": "train"}
 SUITES = {"math": ("math500", "aime24", "aime25", "amc23", "minerva", "olympiadbench", "omni-math", "gsm8k",
                    "gsm-hard", "gpqa-diamond")}   # for TreeAdv's ten, whose list is not public (README says which)
-BENCHES: dict[str, Bench] = {   # each in its hub dataset's own schema, named in the comment
-    # MATH (lighteval): problem, level, type, solution (its last \boxed{} the gold); drawn at random, as the paper
+BENCHES: dict[str, Bench] = {   # each in its hub dataset's own schema
+    # MATH (lighteval): the gold is the solution's last box; drawn at random, as the paper
     "math": Bench("DigitalLearningGmbH/MATH-lighteval", TRAIN_TEST, "problem", "solution", "math", shuffle=True),
-    "math500": Bench("HuggingFaceH4/MATH-500", {"test": "test"}, "problem", "answer", "math"),   # + solution, level
-    # GSM-HARD: input, code, target (the program's float). Within 1e-3 counts (PAL's gsm_eval.py); a relative
-    # tolerance would be too loose for its large targets and too strict for a short decimal.
-    "gsm-hard": Bench("reasoning-machines/gsm-hard", {"test": "train"}, "input", "target", "math", tolerance=1e-3),
-    "amc23": Bench("math-ai/amc23", {"test": "test"}, "question", "answer", "math"),   # answer 27.0 or ["27.0"]
-    # MedQA (USMLE): question, options {letter: text} (4 or 5), answer_idx (a letter), answer, meta_info
-    "medqa": Bench("Neelectric/MedQA-USMLE", TRAIN_TEST, "question", "answer_idx", "choice",
-                   lambda r: _options(r.get("options"), "options")),
-    # MedMCQA: question, opa..opd, cop (the hub's ClassLabel a-d: 0-3); the test split has no answers
+    "math500": Bench("HuggingFaceH4/MATH-500", TEST, "problem", "answer", "math"),
+    # GSM-HARD's target is its program's float: within 1e-3 counts (PAL's gsm_eval.py); a relative tolerance would
+    # be too loose for its large targets and too strict for a short decimal
+    "gsm-hard": Bench("reasoning-machines/gsm-hard", TRAIN, "input", "target", "math", tolerance=1e-3),
+    "amc23": Bench("math-ai/amc23", TEST, "question", "answer", "math"),   # answer 27.0 or ["27.0"]
+    "medqa": Bench("Neelectric/MedQA-USMLE", TRAIN_TEST, "question", "answer_idx", "choice", ("options",)),
     "medmcqa": Bench("openlifescienceai/medmcqa", {"train": "train", "test": "validation"}, "question", "cop",
-                     "choice", lambda r: _options([r.get(f) for f in ("opa", "opb", "opc", "opd")], "opa..opd")),
-    # MMLU's medical subjects, a hub config each: question, subject, choices [4 texts], answer (0-3)
+                     "choice", ("opa", "opb", "opc", "opd")),   # cop: the hub's ClassLabel a-d, 0-3
     "mmlu-medical": Bench("cais/mmlu", {"train": "validation", "test": "test"}, "question", "answer", "choice",
-                          lambda r: _options(r.get("choices"), "choices"), MEDICAL),
-    # TreeAdv's suite. AIME 2024: id, problem, solution, answer ("025": math-verify reads 25), url, year
-    "aime24": Bench("HuggingFaceH4/aime_2024", {"test": "train"}, "problem", "answer", "math"),
-    "aime25": Bench("math-ai/aime25", {"test": "test"}, "problem", "answer", "math"),   # answer an integer, id
-    "minerva": Bench("math-ai/minervamath", {"test": "test"}, "question", "answer", "math"),   # "4.5e33", LaTeX
-    # OlympiadBench, English text-only maths: question, final_answer (a list of one: "$k=1$", "1,3,5"), solution
-    "olympiadbench": Bench("Hothan/OlympiadBench", {"test": "train"}, "question", "final_answer", "math",
-                           configs=("OE_TO_maths_en_COMP",)),
+                          ("choices",), MEDICAL),   # a config per subject
+    "aime24": Bench("HuggingFaceH4/aime_2024", TRAIN, "problem", "answer", "math"),   # answer "025"
+    "aime25": Bench("math-ai/aime25", TEST, "problem", "answer", "math"),   # answer an integer
+    "minerva": Bench("math-ai/minervamath", TEST, "question", "answer", "math"),   # "4.5e33", LaTeX
+    "olympiadbench": Bench("Hothan/OlympiadBench", TRAIN, "question", "final_answer", "math",
+                           configs=("OE_TO_maths_en_COMP",)),   # final_answer a list of one: "$k=1$", "1,3,5"
     "gsm8k": Bench("openai/gsm8k", TRAIN_TEST, "question", "answer", "math", configs=("main",)),   # "... #### 18"
-    "omni-math": Bench("KbsdJames/Omni-MATH", {"test": "test"}, "problem", "answer", "math"),   # + domain, solution
-    # GPQA-Diamond: Question, Correct Answer, Incorrect Answer 1-3 (+ Explanation, Subdomain, ...)
-    "gpqa-diamond": Bench("Idavidrein/gpqa", {"test": "train"}, "Question", "Correct Answer", "choice",
-                          _gpqa_options, configs=("gpqa_diamond",)),
+    "omni-math": Bench("KbsdJames/Omni-MATH", TEST, "problem", "answer", "math"),   # a gold may be \[\boxed{..}\]
+    "gpqa-diamond": Bench("Idavidrein/gpqa", TRAIN, "Question", "Correct Answer", "choice", ("Correct Answer",
+                          "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3"), ("gpqa_diamond",)),
     # offline: "12+34=" -> "46"; "12+34+56+7=" -> "109", solved as "12+34=46;46+56=102;102+7=109"
     "add": Bench("synthetic", TRAIN_TEST, "question", "answer", "integer"),
     "chain": Bench("synthetic", TRAIN_TEST, "question", "answer", "integer"),
@@ -177,8 +156,7 @@ MAX_SCORED_CHARS = 4000   # the final answer and the sentences after it: ten tim
 
 
 def _window(text: str) -> str:
-    """The end of a completion, each whitespace run one character (a newline if it held one): no pattern below
-    can then split a long run of blanks between two of its quantifiers."""
+    """The end of a completion, a whitespace run one character (so no pattern can split a run between quantifiers)."""
     return re.sub(r"\s+", lambda m: "\n" if "\n" in m.group(0) else " ", text[-MAX_SCORED_CHARS:])
 
 
@@ -188,8 +166,7 @@ def strip_think(text: str) -> str | None:
 
 
 def last_boxed(text: str) -> str | None:
-    """The content of the last complete \\boxed{...} or \\fbox{...} (nested braces; `\\boxed 5` too), or None.
-    One pass pairs the braces with a stack, so that unclosed boxes cost no rescan."""
+    """The last complete \\boxed{...} or \\fbox{...} (`\\boxed 5` too), or None; a stack pairs braces in one pass."""
     opening, found, stack = {}, [], []   # a box's "{" -> the box's start; (start, content) of closed boxes
     for m in re.finditer(r"\\(?:boxed|fbox)\b\s*", text):
         if text.startswith("{", m.end()):
@@ -224,27 +201,6 @@ def _normalize_math(ans: str) -> str:
         "\\tfrac", "\\frac").rstrip(".")
 
 
-def _score_math(body: str, gold: str, tolerance: float | None) -> tuple[float, str | None, str]:
-    def plain(s):   # a number written out plainly ("1,234.5", "$18.90"), else None
-        s = re.sub(r"\\\$|\$|\\!", "", s).strip()
-        return float(s.replace(",", "")) if re.fullmatch(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+", s) else None
-
-    def latex(s):   # math-verify reads 4.5e33 as 4.5 e 33; a gold in $...$ (OlympiadBench's) is read as written
-        s = re.sub(r"^(-?\d+(?:\.\d+)?)[eE]\+?(-?\d+)$", r"\1\\times10^{\2}", s)
-        return s if re.search(r"(?<!\\)\$", s) else "\\boxed{" + s + "}"   # an unescaped $ (\$ is money)
-
-    if (ans := extract_math_answer(body)) is None:
-        return 0.0, None, "no_answer"
-    if hostile_reason(ans):
-        return 0.0, ans[:80], "filtered"
-    if _normalize_math(ans) == _normalize_math(gold):
-        return 1.0, ans, "ok"
-    if tolerance is not None and (x := plain(ans)) is not None and (g := plain(gold)) is not None:
-        return float(abs(x - g) < tolerance), ans, "ok"
-    ok = _VERIFIER.verify(latex(gold), latex(ans), VERIFY_TIMEOUT_S)
-    return (0.0, ans, "timeout") if ok is None else (float(ok), ans, "ok")
-
-
 # Multiple choice. A mark is a letter standing alone: "(C)", "[C]", a capital followed by no letter or digit
 # ("C", "C."), or a lower-case letter ending the statement ("the answer is c"); so "a" and "As" never count.
 _MARK = re.compile(r"[*_`$\s]*(?:\\(?:boxed|text|textbf|mathrm)\{\s?)*(?:(?i:option|choice|letter)\s)?"
@@ -258,8 +214,7 @@ _TEXT_TOKEN = re.compile(r"\w+|[^\w\s.,;:!?'\"`()\[\]{}*]")   # keeps the symbol
 
 
 def _by_text(said: str, options: dict, opening: bool = False) -> str | None:
-    """The option whose text the statement is, opens with (`opening`) or contains (3+ characters): the longest
-    one, when every other one found lies inside it."""
+    """The option whose text the statement is, opens with (`opening`) or contains: the longest, if it holds the rest."""
     def norm(t):
         return " " + " ".join(_TEXT_TOKEN.findall(t.casefold())) + " "
 
@@ -270,11 +225,8 @@ def _by_text(said: str, options: dict, opening: bool = False) -> str | None:
 
 
 def extract_choice(text: str, options: dict) -> str | None:
-    """The option letter a completion picks, or None. Only the last <answer>...</answer> is read when there is one
-    (or what follows an unclosed <answer>). Then: the last statement ("the answer is (C)", "Answer: C", "option C
-    is correct", \\boxed{C}), where "the answer is <an option's text>" names that option even when the text opens
-    with "A"; else the letter that starts lines ("(C) Metformin", "**C**"), unless several do (a walk through the
-    options); else the option's own text."""
+    """The option picked, within the last <answer>...</answer> if any: the last statement ("the answer is (C)", "option
+    C is correct", "Answer: <an option's text>"), else the one letter that starts lines ("C", "**C**"), else a text."""
     def letter(m):
         return next((g.upper() for g in m.groups() if g), None) if m else None
 
@@ -296,6 +248,14 @@ def extract_choice(text: str, options: dict) -> str | None:
 
 def score_one(bench: str, completion: str, example: dict) -> tuple[float, str | None, str]:
     """(reward, extracted answer or None, status), status one of ok | no_answer | filtered | timeout."""
+    def plain(s):   # a number written out plainly ("1,234.5", "$18.90"), else None
+        s = re.sub(r"\\\$|\$|\\!", "", s).strip()
+        return float(s.replace(",", "")) if re.fullmatch(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+", s) else None
+
+    def latex(s):   # math-verify reads 4.5e33 as 4.5 e 33; a gold in $...$ (OlympiadBench's) is read as written
+        s = re.sub(r"^(-?\d+(?:\.\d+)?)[eE]\+?(-?\d+)$", r"\1\\times10^{\2}", s)
+        return s if re.search(r"(?<!\\)\$", s) else "\\boxed{" + s + "}"   # an unescaped $ (\$ is money)
+
     b = BENCHES[bench]
     gold = b.gold(example)
     if b.scorer == "integer":   # the integer right after the last "=" (the whole completion if it has none)
@@ -304,8 +264,16 @@ def score_one(bench: str, completion: str, example: dict) -> tuple[float, str | 
     if b.scorer == "choice":
         letter = extract_choice(completion, b.options(example))
         return float(letter == gold), letter, "ok" if letter else "no_answer"
-    body = strip_think(completion)
-    return (0.0, None, "no_answer") if body is None else _score_math(body, gold, b.tolerance)
+    if (body := strip_think(completion)) is None or (ans := extract_math_answer(body)) is None:
+        return 0.0, None, "no_answer"
+    if hostile_reason(ans):
+        return 0.0, ans[:80], "filtered"
+    if _normalize_math(ans) == _normalize_math(gold):
+        return 1.0, ans, "ok"
+    if b.tolerance is not None and (x := plain(ans)) is not None and (g := plain(gold)) is not None:
+        return float(abs(x - g) < b.tolerance), ans, "ok"
+    ok = _VERIFIER.verify(latex(gold), latex(ans), VERIFY_TIMEOUT_S)
+    return (0.0, ans, "timeout") if ok is None else (float(ok), ans, "ok")
 
 
 def score(bench: str, completion: str, example: dict) -> float:
@@ -339,9 +307,8 @@ def majority_correct(extracted: list, correct: list) -> float:
 
 
 def summarize(rows: list[dict], n: int) -> dict:
-    """accuracy (the mean over every sample, = avg@n), pass@k for k = 1, 2, 4, ..., n and maj@n when n > 1, the
-    scorer's counters, the truncated share, the mean response length in tokens, and the tokens generated per
-    correct solution (all samples' tokens over the correct samples: what a solution costs; None with none)."""
+    """accuracy (over every sample: avg@n), pass@k (k = 1, 2, 4, ..., n) and maj@n when n > 1, the scorer's counters,
+    the truncated share, mean response tokens, and tokens per correct solution (all tokens over the correct samples)."""
     def mean(key):   # over every sample
         return sum(sum(r[key]) for r in rows) / (n * len(rows))
 
@@ -362,17 +329,12 @@ def evaluate(model, tokenizer, bench: str, examples: list[dict], *, n: int = 1, 
              max_new_tokens: int = 512, batch_size: int = 32, thinking: bool = False, seed: int = 0,
              progress: bool = True, kv_budget: int | None = None, page_size: int = 128,
              compile_decode: bool = False) -> tuple[dict, list[dict]]:
-    """Generate n completions per example through rollout.sample (greedy at temperature 0) and score them.
-
-    Returns (summary, rows), a row per example in order: index, prompt, gold, and per sample completions,
-    extracted, correct, status, response_tokens, truncated. Samples are keyed by the example's index, so they do
-    not depend on the batch size or the number of ranks. Under torch.distributed rank r takes examples r::world;
-    every rank gets the summary, rank 0 the rows. The model's train/eval mode is restored."""
-    import torch
+    """n scored completions per example, greedy at temperature 0: (summary, a row per example, on rank 0). Samples are
+    keyed by the example's index, so the batch size and the ranks (each takes examples rank::world) change none."""
+    import torch.distributed as dist
     import rollout
     from tqdm.auto import tqdm
 
-    dist = torch.distributed
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     prompts = [prompt_ids(bench, ex, tokenizer, thinking) for ex in examples]
     golds = [BENCHES[bench].gold(ex) for ex in examples]
@@ -412,9 +374,8 @@ def evaluate(model, tokenizer, bench: str, examples: list[dict], *, n: int = 1, 
 
 
 def synthetic_examples(bench: str, split: str, count: int, seed: int = 0) -> list[dict]:
-    """Rows {question, answer, solution} of "add" (two terms 10-99) or "chain" (3-4 terms 1-99), deterministic in
-    (bench, split, count, seed), distinct; a question's split is fixed by its hash (1 in 10 is "test"), whatever
-    the seed. `solution` is the demo's warm-start target (without EOS): each running sum a step."""
+    """Distinct rows {question, answer, solution (each running sum)} of "add" (two terms 10-99) or "chain" (3-4 terms
+    1-99), fixed by (bench, split, count, seed); a question's split is fixed by its hash (1 in 10 is "test")."""
     def in_split(q):
         return ("test" if int(hashlib.sha256(q.encode()).hexdigest()[:8], 16) % 10 == 0 else "train") == split
 
@@ -437,104 +398,93 @@ def synthetic_examples(bench: str, split: str, count: int, seed: int = 0) -> lis
     return rows
 
 
+READERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}   # a file's datasets reader
+
+
 def load_examples(bench: str, split: str = "test", data: str | None = None, limit: int | None = None,
                   seed: int = 0, flag: str = "--data") -> list[dict]:
-    """Rows in the dataset's own schema: generated (synthetic; 5,000 train / 500 test without a limit), read from
-    the file `data` (named by `flag` in messages: train.py's validation file is --val-data), or from the hub.
-    Every row is checked now, so that a bad one stops the run before a model loads, named by file and line.
-    `limit` keeps the first N rows, after a seeded shuffle for benches drawn at random (MATH)."""
+    """Rows in the dataset's own schema (synthetic, the file `data` named as `flag`, or the hub), each checked now: a
+    bad one is named by file and line. `limit`: the first N, after a seeded shuffle for benches drawn at random."""
     b = BENCHES[bench]
     if split not in b.splits:
         raise ValueError(f"{flag}: bench {bench} has no {split} split (it has {', '.join(b.splits)})")
     if b.source == "synthetic" and data is None:
         return synthetic_examples(bench, split, limit or {"train": 5000, "test": 500}[split], seed)
     source = f"{flag} {data}" if data else f"{b.source} ({b.splits[split]} split)"
+    kind, text = READERS.get(os.path.splitext(data or "")[1]), ""
+    if data and (kind is None or not os.path.isfile(data)):
+        raise ValueError(f"{source}: " + ("no such file" if kind else "expected a .jsonl, .json, .parquet or .csv"))
+    import datasets
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)   # it logs a bad file before raising
     if data:
-        rows, where = _read_file(data, source)
+        text = "" if kind == "parquet" else Path(data).read_text(encoding="utf-8", errors="replace")
+        try:
+            rows = datasets.load_dataset(kind, data_files=data, split="train").to_list()
+        except Exception as e:   # datasets wraps the reader's error, and names no line of a JSON file
+            array = text.lstrip().startswith("[")
+            for number, line in ([(0, text)] if array else enumerate(text.split("\n"), 1)) if kind == "json" else ():
+                try:
+                    json.loads(line) if line.strip() else None
+                except json.JSONDecodeError as bad:
+                    raise ValueError(f"{source}: line {number or bad.lineno} is not JSON: {bad.msg}") from None
+            raise ValueError(f"{source}: not a readable {kind} file ({_why(e.__cause__ or e)})") from None
     else:
         check_hub_model(b.source, flag)
-        import datasets
         try:
             parts = [datasets.load_dataset(b.source, c, split=b.splits[split]) for c in b.configs]
         except Exception as e:   # ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
             raise ValueError(f"{source}: could not load it ({_why(e)}); pass {flag} PATH, a local file of it") from None
         keep = limit if limit and not b.shuffle else None   # the first `limit` of each config, when only those stay
         rows = [r for ds in parts for r in ds.select(range(min(keep or len(ds), len(ds)))).to_list()]
-        where = [f"row {i + 1}" for i in range(len(rows))]
+    lines = [f"line {i + 1}" for i, line in enumerate(text.split("\n")) if line.strip()]   # JSON lines: a row each
+    jsonl = kind == "json" and not text.lstrip().startswith("[") and len(lines) == len(rows)
+    pairs = list(zip(lines if jsonl else [f"row {i + 1}" for i in range(len(rows))], rows))   # (where, row)
     if bench == "mmlu-medical":   # a whole-MMLU file: its other 51 subjects must not score as medicine
-        if missing := next((at for row, at in zip(rows, where) if not row.get("subject")), None):
+        if missing := next((at for at, row in pairs if not row.get("subject")), None):
             raise ValueError(f"{source}: {missing}: no subject, so the rows cannot be kept to the medical subjects")
-        kept = [(r, at) for r, at in zip(rows, where) if r["subject"] in MEDICAL]
-        rows, where = [r for r, _ in kept], [at for _, at in kept]
+        pairs = [(at, row) for at, row in pairs if row["subject"] in MEDICAL]
     if bench == "medmcqa" and data:   # the hub's coding is known: 0-3
-        rows = _medmcqa_zero_based(rows, where, source)
-    for row, at in zip(rows, where):   # the row check: the bench's question and gold answer fields
+        pairs = _medmcqa_zero_based(pairs, source)
+    for at, row in pairs:   # the row check: the bench's question and gold answer fields
         try:
             b.ask(row), b.gold(row)
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"{source}: {at}: {e}") from None
-    if not rows:
+    if not pairs:
         raise ValueError(f"{source}: no rows" + (" of the medical subjects" if bench == "mmlu-medical" else ""))
+    rows = [row for _, row in pairs]
     if b.shuffle:
         random.Random(seed).shuffle(rows)
     return rows[:limit] if limit else rows
 
 
-def _medmcqa_zero_based(rows: list[dict], where: list[str], source: str) -> list[dict]:
-    """MedMCQA rows with cop coded 0-3, the hub's coding. The original release (github.com/medmcqa/medmcqa) codes
-    1-4 (its README: "cop: Correct option, i.e., 1,2,3,4"; its loader subtracts 1). A file is read as 1-4 when a 4
-    is among its cop values (impossible in 0-3), converted with a note; as 0-3 when a 0 is. Values all in 1..3
-    fit both, and a wrong guess would move every gold one letter without a sign: such a file (only one cut to a
-    few rows can be) is refused; cop written as a letter a-d settles it. Both 0 and 4 fit neither coding."""
-    cops = [c if isinstance(c, int) and not isinstance(c, bool) else None for c in (r.get("cop") for r in rows)]
-    ints = {c for c in cops if c is not None}
+def _medmcqa_zero_based(pairs: list[tuple[str, dict]], source: str) -> list[tuple[str, dict]]:
+    """cop as the hub codes it, 0-3; the original release's 1-4 is read (with a note) when a 4 shows it. All in 1..3
+    fits both, and a wrong guess would move every gold a letter unseen: refused (a letter a-d settles it)."""
+    cops = [c if type(c) is int else None for c in (row.get("cop") for _, row in pairs)]
+    ints = set(cops) - {None}
     if {0, 4} <= ints:
-        raise ValueError(f"{source}: {where[cops.index(4)]}: cop 4 in a file that also has cop 0; neither MedMCQA's "
-                         "0-3 coding (the hub's) nor its 1-4 coding (the original release's) allows both")
+        raise ValueError(f"{source}: {pairs[cops.index(4)][0]}: cop 4 in a file that also has cop 0; neither "
+                         "MedMCQA's 0-3 coding (the hub's) nor its 1-4 coding (the original release's) allows both")
     if ints and ints <= {1, 2, 3}:
         raise ValueError(f"{source}: every cop lies in 1..3, which fits both MedMCQA's 0-3 coding (the hub's) and its "
                          "1-4 coding (the original release's); write cop as a letter a-d, or load more rows")
     if 4 not in ints or not ints <= {1, 2, 3, 4}:
-        return rows   # 0-3, letters, or a value out of both ranges (which the row check names)
+        return pairs   # 0-3, letters, or a value out of both ranges (which the row check names)
     if os.environ.get("RANK", "0") == "0":
         print(f"note: {source}: cop runs 1..4, the original MedMCQA release's coding; read as 1 = A .. 4 = D",
               file=sys.stderr)
-    return [dict(r, cop=c - 1) if c is not None else r for r, c in zip(rows, cops)]
+    return [(at, dict(row, cop=c - 1) if c is not None else row) for (at, row), c in zip(pairs, cops)]
 
 
 def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
-def _read_file(path: str, source: str) -> tuple[list[dict], list[str]]:
-    """The rows of a local file, read by datasets, and where each one is ("line 7" in JSON lines, else "row 7")."""
-    kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(os.path.splitext(path)[1])
-    if kind is None or not os.path.isfile(path):
-        raise ValueError(f"{source}: {'no such file' if kind else 'expected a .json, .jsonl, .parquet or .csv file'}")
-    import datasets
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)   # it logs a bad file before raising
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = "" if kind == "parquet" else f.read()
-    try:
-        rows = datasets.load_dataset(kind, data_files=path, split="train").to_list()
-    except Exception as e:   # datasets wraps the reader's error, and names no line of a JSON file
-        lines = [(0, text)] if text.lstrip().startswith("[") else enumerate(text.split("\n"), 1)
-        for number, line in lines if kind == "json" else ():
-            try:
-                json.loads(line) if line.strip() else None
-            except json.JSONDecodeError as bad:
-                raise ValueError(f"{source}: line {number or bad.lineno} is not JSON: {bad.msg}") from None
-        raise ValueError(f"{source}: not a readable {kind} file ({_why(e.__cause__ or e)})") from None
-    numbers = [i + 1 for i, line in enumerate(text.split("\n")) if line.strip()]
-    if kind == "json" and not text.lstrip().startswith("[") and len(numbers) == len(rows):
-        return rows, [f"line {n}" for n in numbers]
-    return rows, [f"row {i + 1}" for i in range(len(rows))]
-
-
 def check_hub_model(name: str, flag: str = "--model") -> None:
-    """A hub id with the hub out of reach fails now, in a second, not after the libraries' minute of retries
-    (unchecked offline, HF_HUB_OFFLINE=1, where the hub's cache is read, and behind a proxy)."""
+    """A hub id fails now, in a second, if the hub is out of reach (not after the libraries' minute of retries);
+    unchecked offline (HF_HUB_OFFLINE=1: the hub's cache is read) and behind a proxy."""
     unchecked = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v, "").upper() in
                  ("1", "ON", "YES", "TRUE")] + [v for v in ("HTTPS_PROXY", "https_proxy") if os.environ.get(v)]
     if name == "tiny" or os.path.exists(name) or unchecked:
@@ -547,43 +497,24 @@ def check_hub_model(name: str, flag: str = "--model") -> None:
                          "set HF_HUB_OFFLINE=1 to use a copy in the hub's cache") from None
 
 
-@dataclass
+@dataclasses.dataclass
 class Args:
-    bench: str = "medqa"
-    """benchmark, or several comma-separated (evaluate.BENCHES lists them: math, medqa, aime24, gpqa-diamond, ...)"""
-    suite: str | None = None
-    """a named list in place of --bench: math = TreeAdv's ten (math500, aime24, aime25, amc23, minerva,
-    olympiadbench, omni-math, gsm8k, gsm-hard, gpqa-diamond)"""
-    model: str = "Qwen/Qwen3-1.7B"
-    """hub id, local directory (a train.py checkpoint included), or `tiny` (random offline Qwen3)"""
-    compare: str | None = None
-    """a second model evaluated beside --model (its files in OUT/compare; both in the table and the plot)"""
-    data: str | None = None
-    """local .json/.jsonl/.parquet/.csv file of the bench's test split, in the dataset's own schema"""
-    data_dir: str | None = None
-    """a folder of such files named after the benchmarks (aime24.jsonl, gpqa-diamond.csv, ...) in place of the hub"""
-    limit: int | None = None
-    """evaluate the first N examples only (MATH: N drawn at random with --seed, as the paper did)"""
-    n: int = 1
-    """samples per example: n > 1 reports avg@n, pass@k and maj@n (needs --temperature > 0; under torchrun put `--`
-    before evaluate.py, or torchrun takes --n)"""
-    temperature: float = 0.0
-    """0 = greedy (the papers' validation setting)"""
-    max_new_tokens: int = 2048
-    """response budget in tokens (the papers': 2,048)"""
-    batch_size: int = 32
-    """prompts per generation batch (each with n samples); the samples do not depend on it"""
-    thinking: bool = False
-    """Qwen3 thinking mode (off: 2,048 tokens truncate most thinking; MedQA has its own <think> format)"""
-    out: str = "runs/eval"
-    """output directory for BENCH.json (summary), BENCH.jsonl (a row per example) and, for several benchmarks or
-    models, suite.md, suite.json (the summaries) and suite.png"""
-    device: str = "auto"
-    """cuda, cuda:N or cpu (auto: this rank's GPU if there is one); bf16 on a GPU, fp32 on the CPU"""
-    seed: int = 0
-    """seed of the sampler and of random draws"""
-    progress: bool = True
-    """show a progress bar"""
+    bench: str = "medqa"  # benchmark, or several comma-separated (evaluate.BENCHES: math, medqa, aime24, ...)
+    suite: str | None = None  # a named list in place of --bench: math = TreeAdv's ten (evaluate.SUITES)
+    model: str = "Qwen/Qwen3-1.7B"  # hub id, local directory (a train.py checkpoint too), or `tiny` (random, offline)
+    compare: str | None = None  # a second model beside --model (its files in OUT/compare; both in table and plot)
+    data: str | None = None  # local .json/.jsonl/.parquet/.csv file of the bench's test split, in its own schema
+    data_dir: str | None = None  # a folder of such files named after the benchmarks (aime24.jsonl, ...), not the hub
+    limit: int | None = None  # evaluate the first N examples only (MATH: N drawn at random with --seed, as the paper)
+    n: int = 1  # samples per example: avg@n, pass@k, maj@n (--temperature > 0; under torchrun: `--` before evaluate.py)
+    temperature: float = 0.0  # 0 = greedy (the papers' validation setting)
+    max_new_tokens: int = 2048  # response budget in tokens (the papers': 2,048)
+    batch_size: int = 32  # prompts per generation batch (each with n samples); the samples do not depend on it
+    thinking: bool = False  # Qwen3 thinking mode (off: 2,048 tokens truncate most thinking; MedQA has its own <think>)
+    out: str = "runs/eval"  # output directory: BENCH.json (summary), BENCH.jsonl (a row per example), suite.md/json/png
+    device: str = "auto"  # cuda, cuda:N or cpu (auto: this rank's GPU if there is one); bf16 on a GPU, fp32 on the CPU
+    seed: int = 0  # seed of the sampler and of random draws
+    progress: bool = True  # show a progress bar
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -591,9 +522,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     files = {b: args.data for b in args.bench.split(",")}
     for b in files if args.data_dir else ():   # --data-dir: the file named after the benchmark
-        named = [p for p in (os.path.join(args.data_dir, b + e) for e in (".jsonl", ".json", ".parquet", ".csv"))
-                 if os.path.isfile(p)]
-        if not named:
+        if not (named := [p for e in READERS if os.path.isfile(p := os.path.join(args.data_dir, b + e))]):
             raise ValueError(f"--data-dir {args.data_dir}: no {b}.jsonl (or .json, .parquet, .csv) in it")
         files[b] = named[0]
     examples = {b: load_examples(b, "test", path, args.limit, args.seed, "--data-dir" if args.data_dir else "--data")
@@ -605,11 +534,11 @@ def main(argv: list[str] | None = None) -> dict:
             tempfile.TemporaryFile(dir=out).close()
     except OSError as e:
         raise ValueError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
-    import torch
+    import torch.distributed as dist
     import rollout
     from tqdm.auto import tqdm
 
-    device, dist, results = rollout.setup_device(args.device), torch.distributed, {}   # under torchrun: the group too
+    device, results = rollout.setup_device(args.device), {}   # under torchrun: the process group too
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     bar = tqdm(total=len(outs) * sum(map(len, examples.values())), desc="suite", dynamic_ncols=True,
                disable=not (args.progress and rank0 and len(outs) * len(examples) > 1))   # across the suite
@@ -624,10 +553,8 @@ def main(argv: list[str] | None = None) -> dict:
             bar.update(len(rows_in))
             if rank0:
                 bar.write(json.dumps(summary))   # first: a failed write below loses nothing of the result
-                with open(os.path.join(out, bench + ".json"), "w") as f:
-                    json.dump(summary, f, indent=2)
-                with open(os.path.join(out, bench + ".jsonl"), "w") as f:
-                    f.writelines(json.dumps(row) + "\n" for row in rows)
+                Path(out, bench + ".json").write_text(json.dumps(summary, indent=2))
+                Path(out, bench + ".jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
         del model, tokenizer   # before --compare's model loads
     if rank0 and len(outs) * len(examples) > 1:
         _write_suite(args.out, results)
@@ -638,32 +565,27 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _write_suite(out: str, results: dict) -> None:
-    """OUT/suite.md: a row per benchmark and their mean, accuracy (avg@n) and tokens per correct solution for each
-    model; OUT/suite.json: every summary; OUT/suite.png: the two measures as bars, the models side by side."""
+    """OUT/suite.md, a row per benchmark and their mean: accuracy (avg@n) and tokens per correct solution of each
+    model; OUT/suite.json, every summary; OUT/suite.png, the two measures as bars, the models side by side."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    benches, measures = list(next(iter(results.values()))), ("accuracy", "tokens_per_correct")
-    cells = {m: {b: [r[b][k] for k in measures] for b in benches} for m, r in results.items()}   # None: no correct
-    for m in cells:   # the mean over the benchmarks that have the measure
-        cells[m]["mean"] = [sum(v) / len(v) if (v := [c[i] for c in cells[m].values() if c[i] is not None]) else None
-                            for i in range(2)]
+    benches = list(next(iter(results.values())))
+    cells = {m: {b: [r[b]["accuracy"], r[b]["tokens_per_correct"]] for b in benches} for m, r in results.items()}
+    for c in cells.values():   # the mean over the benchmarks that have the measure (None: nothing correct)
+        c["mean"] = [sum(v) / len(v) if (v := [x[i] for x in c.values() if x[i] is not None]) else None for i in (0, 1)]
     lines = ["| benchmark | " + " | ".join(f"{m}: accuracy | {m}: tokens per correct" for m in cells) + " |",
              "| --- " * (1 + 2 * len(cells)) + "|"]
     lines += [f"| {b} | " + " | ".join(f"{a:.3f} | " + (f"{t:.0f}" if t is not None else "-") for a, t in
-                                       (cells[m][b] for m in cells)) + " |" for b in benches + ["mean"]]
-    with open(os.path.join(out, "suite.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(out, "suite.json"), "w") as f:
-        json.dump(results, f, indent=2)
+                                       (c[b] for c in cells.values())) + " |" for b in benches + ["mean"]]
+    Path(out, "suite.md").write_text("\n".join(lines) + "\n")
+    Path(out, "suite.json").write_text(json.dumps(results, indent=2))
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(benches)), 4))
-    width = 1 / (len(cells) + 1)   # a bar per model, side by side, a gap between benchmarks
+    width, x = 1 / (len(cells) + 1), range(len(benches))   # a bar per model, side by side, a gap between benchmarks
     for i, (ax, label) in enumerate(zip(axes, ("accuracy (avg@n)", "tokens per correct solution"))):
-        for j, m in enumerate(cells):
-            ax.bar([x + j * width for x in range(len(benches))], [cells[m][b][i] or 0 for b in benches], width,
-                   label=m)
-        ax.set_xticks([x + (len(cells) - 1) * width / 2 for x in range(len(benches))], benches, rotation=45,
-                      ha="right")
+        for j, (m, c) in enumerate(cells.items()):
+            ax.bar([k + j * width for k in x], [c[b][i] or 0 for b in benches], width, label=m)
+        ax.set_xticks([k + (len(cells) - 1) * width / 2 for k in x], benches, rotation=45, ha="right")
         ax.set_title(label)
     axes[0].legend(fontsize="small")
     fig.tight_layout()
@@ -672,23 +594,9 @@ def _write_suite(out: str, results: dict) -> None:
     print(f"wrote {os.path.join(out, 'suite')}.md, .json and .png", flush=True)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error: a mistyped flag names the flag it is closest to, with no usage dump."""
-
-    def error(self, message: str):
-        flags = [o for a in self._actions for o in a.option_strings]
-        typo = re.match(r"unrecognized arguments: (-[^\s=]+)", message)
-        close = difflib.get_close_matches(typo[1], flags, n=1, cutoff=0.6) if typo else []
-        hint = f" (did you mean {close[0]}?)" if close else "" if typo is None else " (--help lists the flags)"
-        self.exit(2, f"{self.prog}: error: {message}{hint}\n")
-
-
 def dataclass_parser(cls, description: str) -> argparse.ArgumentParser:
-    """A --flag-name per field of the dataclass `cls` (every entry point and benchmark builds its parser here),
-    typed by its annotation (bool: --x / --no-x; X | None: X; list[X]: one or more X); its help the comment after it
-    on its line or the docstring under it (the default said once), its --help group the `# --- title` comment above
-    it. Flags not given are left out of the namespace, so `cls(**{**preset, **vars(namespace)})` layers defaults,
-    preset, flags."""
+    """A typed --flag per field of `cls`; help: the comment after it or the docstring under it, group: the `# --- title`
+    above it. Flags not given stay out of the namespace, so `cls(**{**preset, **given})` layers presets under flags."""
     lines = textwrap.dedent(inspect.getsource(cls)).splitlines()
     body = ast.parse("\n".join(lines)).body[0].body
     helps, titles = {}, {}
@@ -699,17 +607,25 @@ def dataclass_parser(cls, description: str) -> argparse.ArgumentParser:
             helps[a.target.id] = doc.strip() if doc else comment[1] if comment else ""
             titles[a.target.id] = ([m[1] for ln in lines[:a.lineno] if (m := re.match(r"\s*# --- (.+)", ln))]
                                    or ["options"])[-1]
-    parser = _Parser(description=description, usage="%(prog)s [options]", argument_default=argparse.SUPPRESS,
-                     allow_abbrev=False)
-    hints, groups = typing.get_type_hints(cls), {"options": parser}   # untitled fields: argparse's own group
+    parser = argparse.ArgumentParser(description=description, usage="%(prog)s [options]",
+                                     argument_default=argparse.SUPPRESS, allow_abbrev=False)
+
+    def error(message: str):   # one line; a mistyped flag names the flag it is closest to
+        typo = re.match(r"unrecognized arguments: (-[^\s=]+)", message)
+        flags = [o for a in parser._actions for o in a.option_strings]
+        close = difflib.get_close_matches(typo[1], flags, n=1, cutoff=0.6) if typo else []
+        hint = f" (did you mean {close[0]}?)" if close else "" if typo is None else " (--help lists the flags)"
+        parser.exit(2, f"{parser.prog}: error: {message}{hint}\n")
+
+    parser.error, hints, groups = error, typing.get_type_hints(cls), {"options": parser}   # untitled: argparse's own
     for f in dataclasses.fields(cls):
         flag, kind, title = "--" + f.name.replace("_", "-"), hints[f.name], titles[f.name]
         group = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        doc = helps[f.name] + ("" if "default" in helps[f.name] else f" (default: {default})")
-        if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:   # X | None -> X
+        if type(None) in typing.get_args(kind):   # X | None -> X
             kind = next(t for t in typing.get_args(kind) if t is not type(None))
-        listed = typing.get_origin(kind) is list
+        listed, doc = typing.get_origin(kind) is list, helps[f.name]
+        doc += "" if "default" in doc else f" (default: {default})"
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, help=doc)
         else:
@@ -739,15 +655,15 @@ def parse_args(argv: list[str] | None = None) -> Args:
         raise ValueError(f"--n {args.n}: greedy decoding gives identical samples; set --temperature > 0")
     if not re.fullmatch(r"auto|cpu|cuda(?::\d+)?", args.device):
         raise ValueError(f"--device {args.device}: expected auto, cpu, cuda or cuda:N")
-    check_hub_model(args.model)
-    if args.compare:
-        check_hub_model(args.compare, "--compare")
+    for flag, name in (("--model", args.model), ("--compare", args.compare)):
+        if name:
+            check_hub_model(name, flag)
     return args
 
 
-# The math-verify child process. Cheap checks keep obviously hostile answers away from sympy (they only save the
-# wait); every equivalence check runs in a child process bounded by wall clock, so that scoring works in any
-# thread or worker process (math-verify's own timeouts use SIGALRM, which only the main thread receives).
+# The math-verify child. Cheap checks keep obviously hostile answers from sympy (an exponent tower blocks in C code
+# that no timeout interrupts); each check runs in a child bounded by wall clock, so scoring works in any thread or
+# process (math-verify's own timeouts use SIGALRM, which only the main thread receives).
 
 MAX_ANSWER_CHARS = 400    # MATH answers are a few dozen characters; a 20k-term sum is not an answer
 MAX_NESTING = 30          # bracket depth: sympy's parser recurses on it
@@ -757,10 +673,7 @@ VERIFY_START_S = 120.0    # the child's imports (sympy) on a busy machine
 
 def hostile_reason(ans: str) -> str | None:
     """Why an extracted answer must not reach sympy, or None if it may."""
-    depth = peak = 0
-    for c in ans[:MAX_ANSWER_CHARS + 1]:
-        depth += (c in "([{") - (c in ")]}")
-        peak = max(peak, depth)
+    peak = max(itertools.accumulate(((c in "([{") - (c in ")]}") for c in ans[:MAX_ANSWER_CHARS + 1]), initial=0))
     checks = [("length", len(ans) > MAX_ANSWER_CHARS), ("nesting", peak > MAX_NESTING),
               ("dunder", "__" in ans),   # Python attribute access: no LaTeX has it, and sympy's parse_expr evaluates
               ("exponent tower", re.search(r"(?:\^|\*\*)\{?\s*\d+\s*(?:\^|\*\*)", ans)),   # 2^{2^{100}}; not e^{x^2}
@@ -770,17 +683,15 @@ def hostile_reason(ans: str) -> str | None:
 
 
 def _verify_worker() -> None:
-    """The child: a JSON request a line {"gold", "pred"} on stdin, a reply {"ok": bool} on stdout (the first one
-    when it is ready). math-verify's SIGALRM timeouts are off (the parent bounds the time); its prints go nowhere."""
+    """The child: a request {"gold", "pred"} a line on stdin, a reply {"ok"} on stdout (one first, when ready), with
+    math-verify's SIGALRM timeouts off (the parent bounds the time) and its prints and logs sent nowhere."""
     import resource
     from math_verify import parse, verify
     out = os.fdopen(os.dup(1), "w")
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-    logging.disable(logging.CRITICAL)
     limit = resource.getrlimit(resource.RLIMIT_AS)[1]   # a blow-up: a MemoryError, not a swapping machine
     resource.setrlimit(resource.RLIMIT_AS, (min(4 << 30, limit) if limit > 0 else 4 << 30, limit))
-    out.write('{"ok": true}\n')
-    out.flush()
+    print('{"ok": true}', file=out, flush=True)
     for line in sys.stdin:
         req = json.loads(line)
         try:
@@ -788,59 +699,53 @@ def _verify_worker() -> None:
                         timeout_seconds=None, allow_set_relation_comp=True)   # [0, 1/2] equals 0 <= x <= 1/2
         except BaseException:   # MemoryError, RecursionError, whatever sympy raises: not equivalent
             ok = False
-        out.write(json.dumps({"ok": bool(ok)}) + "\n")
-        out.flush()
+        print(json.dumps({"ok": bool(ok)}), file=out, flush=True)
 
 
 class _Verifier:
-    """This process's handle on its math-verify child, shared by its threads (a lock serialises requests); a
-    process that inherited the handle through fork starts its own child."""
+    """This process's math-verify child, shared by its threads (a lock serialises requests); a forked process
+    starts its own. The child runs this file by path, so Hugging Face's `evaluate` package cannot stand in for it."""
 
     def __init__(self):
-        self.lock, self.proc, self.pid = threading.Lock(), None, os.getpid()
+        self.lock, self.proc = threading.Lock(), None
+        os.register_at_fork(after_in_child=lambda: self.__dict__.update(lock=threading.Lock(), proc=None))
         atexit.register(self.close)
 
     def close(self) -> None:
-        if self.proc is not None and self.pid == os.getpid():
+        if self.proc is not None:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
 
     def verify(self, gold: str, pred: str, timeout: float) -> bool | None:
-        """math-verify's verdict, or None when it ran past `timeout` seconds (the child is killed; the next call
-        starts a fresh one). The child loads this file by path under another name: no clash with Hugging Face's
-        `evaluate` package."""
-        if self.pid != os.getpid():   # forked: the parent's child and lock are not ours
-            self.lock, self.proc, self.pid = threading.Lock(), None, os.getpid()
+        """math-verify's verdict, or None past `timeout` seconds (the child is killed; the next call starts one)."""
         with self.lock:
             if self.proc is None or self.proc.poll() is not None:
-                code = ("import importlib.util as u, sys; s = u.spec_from_file_location('evaluate_verifier', "
-                        "sys.argv[1]); m = u.module_from_spec(s); s.loader.exec_module(m); m._verify_worker()")
-                self.proc = subprocess.Popen([sys.executable, "-c", code, os.path.abspath(__file__)], text=True,
+                self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--verify-worker"], text=True,
                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-                if self._reply(VERIFY_START_S) is None:
-                    self.close()
+                if self._reply(None, VERIFY_START_S) is None:
                     raise RuntimeError("the math-verify worker process did not start (is math-verify installed?)")
-            try:
-                self.proc.stdin.write(json.dumps({"gold": gold, "pred": pred}) + "\n")
-                self.proc.stdin.flush()
-                ok = self._reply(timeout)
-            except (OSError, ValueError):
-                ok = None
-            if ok is None:
-                self.close()
-            return ok
+            return self._reply({"gold": gold, "pred": pred}, timeout)
 
-    def _reply(self, timeout: float) -> bool | None:
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline() if ready else ""
-        return json.loads(line)["ok"] if line else None
+    def _reply(self, request: dict | None, timeout: float) -> bool | None:
+        """The child's answer to `request` (None: its greeting); None past `timeout` or if it died (it is killed)."""
+        try:
+            if request is not None:
+                print(json.dumps(request), file=self.proc.stdin, flush=True)
+            if select.select([self.proc.stdout], [], [], timeout)[0] and (line := self.proc.stdout.readline()):
+                return json.loads(line)["ok"]
+        except (OSError, ValueError):
+            pass
+        self.close()
+        return None
 
 
 _VERIFIER = _Verifier()
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and sys.argv[1:] == ["--verify-worker"]:   # the math-verify child (not a user flag)
+    _verify_worker()
+elif __name__ == "__main__":
     try:
         main()
     except ValueError as e:   # a user error: one line naming the flag, argparse's exit code

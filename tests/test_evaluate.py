@@ -106,6 +106,8 @@ MATH_CASES = [  # (completion, gold, expected)
 
 @pytest.mark.parametrize("completion,gold,expected", MATH_CASES)
 def test_math_scorer_verdicts(completion, gold, expected):
+    """Catches a wrong verdict on the forms MATH answers take (units, %, \\text, intervals, matrices), an earlier box
+    or one inside <think> taken for the answer, and a fallback that finds an answer where there is none."""
     assert E.score("math500", completion, ex(gold)) == expected
 
 
@@ -170,6 +172,7 @@ def test_answers_as_datasets_and_models_write_them(bench, row, completion, expec
 
 
 def test_last_boxed_nesting_and_escapes():
+    """Catches nested or escaped braces cutting a box short, and an unclosed last box taken for the answer."""
     assert E.last_boxed("a \\boxed{\\frac{1}{\\sqrt{2}}} b") == "\\frac{1}{\\sqrt{2}}"
     assert E.last_boxed("\\boxed{\\{1, 2\\}}") == "\\{1, 2\\}"
     assert E.last_boxed("\\boxed{1} and \\boxed{2") == "1"                 # an unclosed last box is skipped
@@ -198,6 +201,7 @@ def last_boxed_readable(text):
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from(["\\boxed", "\\fbox", "{", "}", "\\", " ", "x", "1", "\\{", "\\}", "$"]), max_size=30))
 def test_last_boxed_matches_the_readable_rescan(parts):
+    """Catches the one-pass brace pairing disagreeing with the plain definition on any mix of boxes and braces."""
     text = "".join(parts)
     assert E.last_boxed(text) == last_boxed_readable(text)
 
@@ -271,6 +275,8 @@ CHOICE_CASES = [  # (bench, example, completion, the letter it picks or None); M
 
 @pytest.mark.parametrize("bench,example,completion,expected", CHOICE_CASES)
 def test_choice_scorer_verdicts(bench, example, completion, expected):
+    """Catches a wrong option picked from the forms models write (tagged, stated, by letter or text, a walk through the
+    options, a later correction), or one picked where none is."""
     b = E.BENCHES[bench]
     assert E.extract_choice(completion, b.options(example)) == expected
     assert E.score(bench, completion, example) == float(expected == b.gold(example))
@@ -299,6 +305,8 @@ def test_an_options_text_names_that_option_only(options):
 # Hostile completions: bounded time, nothing executed, nothing logged
 
 def test_hostile_completions_score_zero_in_bounded_time(tmp_path, capfd, caplog, monkeypatch):
+    """Catches code executed through sympy's parser, an exponent tower or a huge number hanging the scorer, and a
+    hostile answer echoed to the logs."""
     monkeypatch.setattr(E, "MAX_SCORED_CHARS", 10 ** 6)   # the long answers must reach the filter, not the cap
     target = tmp_path / "pwned"
     code = f"__import__('os').system('touch {target}')"
@@ -317,6 +325,8 @@ def test_hostile_completions_score_zero_in_bounded_time(tmp_path, capfd, caplog,
 
 
 def test_timeout_is_counted_not_logged_and_the_worker_restarts(monkeypatch, capfd, caplog):
+    """Catches a slow check that hangs the scorer, is not counted, is logged, or leaves the next check without a
+    worker."""
     monkeypatch.setattr(E, "hostile_reason", lambda ans: None)   # let a slow answer reach sympy
     monkeypatch.setattr(E, "MAX_SCORED_CHARS", 10 ** 6)
     monkeypatch.setattr(E, "VERIFY_TIMEOUT_S", 0.5)
@@ -347,6 +357,7 @@ HOSTILE_SCANS = [  # each took over 30 s (some hours) on an earlier, backtrackin
 
 @pytest.mark.parametrize("bench,completion", HOSTILE_SCANS)
 def test_degenerate_completions_score_zero_without_backtracking(bench, completion):
+    """Catches a scan that backtracks super-linearly on a degenerate completion."""
     with deadline(60):
         assert E.score(bench, completion, MEDQA if bench == "medqa" else ex("5")) == 0.0
 
@@ -356,12 +367,14 @@ def test_degenerate_completions_score_zero_without_backtracking(bench, completio
                                  "\\boxed{", "}", "<answer>", "</answer>", "</think>", "=", "-", "$", "c", "."]),
                 min_size=1, max_size=20), st.integers(1, 3000))
 def test_random_degenerate_completions_finish(parts, repeat):
+    """Catches a super-linear scan on any repetition of answer-like fragments."""
     with deadline(60):
         E.extract_choice("".join(parts) * repeat, MEDQA["options"])
         E.extract_math_answer("".join(parts) * repeat)
 
 
 def test_only_the_end_of_a_long_completion_is_read():
+    """Catches an answer read from the start of a long completion, and an unclosed <think> scored as an answer."""
     filler = "Let me think about this again. " * 500            # longer than MAX_SCORED_CHARS
     assert E.extract_choice(filler + "The answer is C.", MEDQA["options"]) == "C"
     assert E.extract_choice("The answer is C." + filler, MEDQA["options"]) is None   # the statement is cut off
@@ -394,12 +407,15 @@ def test_score_from_worker_processes(method):
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 9).flatmap(lambda n: st.tuples(st.just(n), st.integers(0, n), st.integers(1, n))))
 def test_pass_at_k_matches_enumeration(nck):
+    """Catches a biased or off-by-one pass@k."""
     n, c, k = nck
     subsets = list(itertools.combinations([1] * c + [0] * (n - c), k))
     assert E.pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
 
 
 def test_majority_and_summary_by_hand():
+    """Catches maj@n's vote split by spacing or \\dfrac, its tie rule, and any summary metric off its hand-computed
+    value."""
     assert E.majority_correct(["5", "4", "5", None], [True, False, True, False]) == 1.0
     assert E.majority_correct(["4", "5", "5", "4"], [False, True, True, False]) == 0.0   # tie: first seen
     assert E.majority_correct(["\\dfrac{1}{2}", "\\frac{1}{2}", "3"], [True, True, False]) == 1.0
@@ -430,6 +446,7 @@ def test_synthetic_tasks_are_pinned_disjoint_and_self_consistent():
 
 
 def test_integer_scorer():
+    """Catches the synthetic tasks' scorer reading a number other than the one right after the last "="."""
     add = {"question": "12+34=", "answer": "46"}
     for completion, expected in [("46", 1), (" 46", 1), ("46<junk", 1), ("47", 0), ("460", 0), ("", 0),
                                  ("12+34=46", 1), ("12+34=46;46+56=102", 0), ("x=46", 1), ("=-46", 0),
@@ -467,6 +484,7 @@ def test_gpqa_options_are_shuffled_the_same_way_every_time():
 
 
 def test_load_limit_and_the_random_math_draw():
+    """Catches --limit taking other rows than the first N, and MATH's random draw not following --seed."""
     math500 = E.load_examples("math500", data=str(DATA / "math500.json"))
     assert E.load_examples("math500", data=str(DATA / "math500.json"), limit=2) == math500[:2]
     drawn = E.load_examples("math", data=str(DATA / "math.jsonl"), limit=3, seed=3)       # MATH is drawn at random
@@ -475,6 +493,8 @@ def test_load_limit_and_the_random_math_draw():
 
 
 def test_a_bad_file_or_row_is_one_line_naming_file_and_line(tmp_path):
+    """Catches a bad file or row reported as a traceback, or without its file and line (or row), and --limit hiding a
+    bad row."""
     rows = E.load_examples("medqa", data=str(DATA / "medqa.jsonl"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(rows[0]) + "\n\n" + '{"question": "q", "options": ' + "\n" + json.dumps(rows[1]) + "\n")
@@ -604,6 +624,7 @@ def test_samples_do_not_depend_on_the_batch(tiny_model, tiny_tokenizer):
 
 
 def test_command_sampling_metrics(tmp_path):
+    """Catches the command's pass@k disagreeing with the rows it wrote, and a suite table written for one benchmark."""
     results = E.main(["--bench", "add", "--model", "tiny", "--limit", "5", "--n", "4", "--temperature", "1.0",
                       "--max-new-tokens", "6", "--out", str(tmp_path), "--no-progress"])
     rows = [json.loads(line) for line in (tmp_path / "add.jsonl").read_text().splitlines()]
@@ -641,6 +662,7 @@ def test_the_math_suite_end_to_end_offline(tiny_model_dir, tmp_path):
 
 
 def test_flag_errors_are_one_line_before_a_model_loads(monkeypatch, tmp_path):
+    """Catches a bad flag found only after a model loads, or reported as more than one line."""
     monkeypatch.setattr(rollout, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("a model was loaded"))
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
