@@ -69,15 +69,15 @@ class Bench:
 
     def options(self, row: dict) -> dict:
         """{letter: text}; options holding the gold (GPQA's) shuffled, the same way for a question in any process."""
-        one, name = len(self.choices) == 1, f"{self.choices[0]}..{self.choices[-1]}"
-        texts = row.get(self.choices[0]) if one else [row.get(f) for f in self.choices]
+        one = len(self.choices) == 1
+        name, texts = (self.choices[0], row.get(self.choices[0])) if one else (
+            f"{self.choices[0]}..{self.choices[-1]}", [row.get(f) for f in self.choices])
         if self.answer in self.choices:
             random.Random(str(row.get(self.question))).shuffle(texts)
         pairs = texts.items() if isinstance(texts, dict) else zip(LETTERS, texts) if isinstance(texts, list) else ()
         out = {k.strip().upper(): _text(v, f"{name}.{k}") for k, v in pairs if v is not None}   # parquet pads None
         if len(out) < 2 or not set(out) <= set(LETTERS):
-            raise ValueError(f"field {self.choices[0] if one else name!r}: expected 2-10 options lettered A-J, got "
-                             f"{str(texts)[:60]}")
+            raise ValueError(f"field {name!r}: expected 2-10 options lettered A-J, got {str(texts)[:60]}")
         return out
 
     def ask(self, row: dict) -> str:
