@@ -511,6 +511,9 @@ def test_a_bad_file_or_row_is_one_line_naming_file_and_line(tmp_path):
     write_jsonl(tmp_path / "third.jsonl", rows[:2] + [{k: v for k, v in rows[2].items() if k != "options"}])
     with pytest.raises(ValueError, match=r"third\.jsonl: line 3: field 'options'"):
         E.load_examples("medqa", data=str(tmp_path / "third.jsonl"), limit=1)   # checked beyond --limit too
+    write_jsonl(tmp_path / "option_b.jsonl", rows[:1] + [dict(rows[1], options=dict(rows[1]["options"], B=["x"] * 2))])
+    with pytest.raises(ValueError, match=r"option_b\.jsonl: line 2: field 'options\.B': expected text, got list"):
+        E.load_examples("medqa", data=str(tmp_path / "option_b.jsonl"))
     write_jsonl(tmp_path / "gold_e.jsonl", rows[:1] + [dict(rows[1], answer_idx="E")])
     with pytest.raises(ValueError, match=r"line 2: field 'answer_idx': 'E' is neither an option letter"):
         E.load_examples("medqa", data=str(tmp_path / "gold_e.jsonl"))
