@@ -500,7 +500,7 @@ def check_hub_model(name: str, flag: str = "--model") -> None:
 @dataclasses.dataclass
 class Args:
     bench: str = "medqa"  # benchmark, or several comma-separated (evaluate.BENCHES: math, medqa, aime24, ...)
-    suite: str | None = None  # a named list in place of --bench: math = TreeAdv's ten (evaluate.SUITES)
+    suite: str | None = None  # a named list in place of --bench (listed above): math, TreeAdv's ten
     model: str = "Qwen/Qwen3-1.7B"  # hub id, local directory (a train.py checkpoint too), or `tiny` (random, offline)
     compare: str | None = None  # a second model beside --model (its files in OUT/compare; both in table and plot)
     data: str | None = None  # local .json/.jsonl/.parquet/.csv file of the bench's test split, in its own schema
@@ -636,7 +636,8 @@ def dataclass_parser(cls, description: str) -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> Args:
     """Parse and check every flag (a ValueError naming it) before anything loads."""
-    args = Args(**vars(dataclass_parser(Args, __doc__.splitlines()[0]).parse_args(argv)))
+    suites = "; ".join(f"--suite {k}: {', '.join(v)}" for k, v in SUITES.items())
+    args = Args(**vars(dataclass_parser(Args, f"{__doc__.splitlines()[0]} {suites}.").parse_args(argv)))
     if args.suite is not None and args.suite not in SUITES:
         raise ValueError(f"--suite {args.suite!r}: unknown; choose from {', '.join(SUITES)}")
     args.bench = ",".join(SUITES[args.suite]) if args.suite else args.bench
