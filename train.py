@@ -435,7 +435,7 @@ def validate(run: Run, step: int) -> dict:
     if not args.val_every or not (step % args.val_every == 0 or step == args.steps):
         return {}
     with sampling_mode(run.model) as policy, run.ctx():
-        summary, _ = evaluate.evaluate(policy, run.tokenizer, args.task, run.val_ex, n=1, temperature=0.0,
+        summary, _ = evaluate.evaluate(policy, run.tokenizer, args.val_bench, run.val_ex, n=1, temperature=0.0,
                                        max_new_tokens=args.max_new_tokens, batch_size=64, seed=args.seed,
                                        progress=False, kv_budget=args.kv_budget)
     run.val_acc.append((step, summary["accuracy"]))
@@ -488,7 +488,7 @@ def train(args: Args, worker: Worker | None = None, model=None, tokenizer=None) 
             try:
                 m = train_step(run, step)
             except RuntimeError as e:  # a collective timed out or lost its peer (DistError is a RuntimeError)
-                if not dist.is_initialized() or not re.search(r"time[d ]?out|connection|broken pipe|closed", str(e), re.I):
+                if not dist.is_initialized() or not re.search(r"timed? ?out|connection|broken pipe|closed", str(e), re.I):
                     raise
                 raise StopRun(f"step {step + 1}: a collective failed: another rank is hung, slower than "
                               f"--dist-timeout {args.dist_timeout:g} min, or gone ({str(e).splitlines()[0][:160]})") from e
@@ -534,7 +534,8 @@ class Args:
     tiny_layers: int = 2  # tiny model: decoder layers
     task: str = "math"  # evaluate.BENCHES name to train and validate on (add, chain: offline synthetic tasks)
     data: str | None = None  # local training file (json, jsonl, parquet) in the task's schema, instead of the hub
-    val_data: str | None = None  # local validation file in the task's schema, instead of the hub's test split
+    val_bench: str | None = None  # the benchmark validated on (default: --task; any of evaluate.BENCHES)
+    val_data: str | None = None  # local validation file in --val-bench's schema, instead of the hub's test split
     # --- batch
     group_size: int = 7  # G responses per prompt
     prompts_per_step: int = 256  # prompts per RL step over all ranks (SPEC 7: 256)
@@ -554,7 +555,7 @@ class Args:
     # --- system
     device: str = "auto"  # auto (this rank's GPU if any, bf16 compute) | cpu (fp32) | cuda | cuda:N
     fsdp: bool = False  # shard with FSDP2 instead of DDP
-    grad_ckpt: bool = True  # gradient checkpointing in the update (never while sampling)
+    grad_ckpt: bool | None = None  # gradient checkpointing in the update (default: on CUDA, where memory binds)
     dist_timeout: float = 60.0  # minutes a rank waits in a collective (the slowest rollout) before stopping
     # --- output
     out: str | None = None  # run directory: metrics, samples, plot, checkpoints (default runs/METHOD-TASK)
@@ -567,17 +568,16 @@ class Args:
     progress: bool = True  # a progress bar on rank 0
     # --- demo and controls
     demo: bool = False  # the offline demo: tiny Qwen3, supervised warm start on `add`, then RL with --method
-    warm_dir: str | None = None  # demo: where its warm-started model is cached (default OUT/warm-start)
     shuffle_rewards: bool = False  # control: permute the step's rewards over its rows, leaving nothing to learn
 
 
 # The demo's settings (README "Running it" has the runs that chose them); flags given on the command line win.
 DEMO = dict(model="tiny", tiny_hidden=128, tiny_layers=4, task="add", val_limit=500, group_size=8, prompts_per_step=64,
             mini_batch_prompts=64, micro_batch_rows=512, max_new_tokens=8, lr=2e-4, warmup_steps=10, steps=200,
-            val_every=50, save_every=200, sample_every=50, device="cpu", grad_ckpt=False)
+            val_every=50, save_every=200, sample_every=50, device="cpu")
 DEMO_WARM = dict(steps=2000, target=0.3, batch=64, lr=1e-3)  # the supervised warm start before the demo's RL
 CHOICES = dict(method=METHODS, scale=advantages.SCALES, objective=OBJECTIVES, sampler=("flat", "tree"),
-               task=tuple(evaluate.BENCHES))
+               task=tuple(evaluate.BENCHES), val_bench=tuple(evaluate.BENCHES))
 AT_LEAST = dict(tiny_hidden=8, tiny_layers=1, group_size=2, prompts_per_step=1, mini_batch_prompts=1, micro_batch_rows=1,
                 micro_batch_tokens=1, max_new_tokens=1, kv_budget=1, val_limit=1, keep_last=1, steps=0,
                 warmup_steps=0, val_every=0, save_every=0, sample_every=0, seed=0)
@@ -590,6 +590,7 @@ def parse_args(argv: list[str] | None = None, preset: dict | None = None) -> Arg
     layers = [preset or {}, DEMO if given.get("demo") else {}, given]
     args = Args(**{k: v for layer in layers for k, v in layer.items()})
     args.out = args.out or os.path.join("runs", f"demo-{args.method}" if args.demo else f"{args.method}-{args.task}")
+    args.val_bench = args.val_bench or args.task
     return args
 
 
@@ -799,14 +800,14 @@ def start_run(args: Args, worker: Worker | None = None, model=None, tokenizer=No
     try:
         train_ex = evaluate.load_examples(args.task, "train", data=args.data, seed=args.seed, limit=None if
                                           evaluate.BENCHES[args.task].source == "synthetic" else TRAIN_PROMPTS)
-        val_ex = evaluate.load_examples(args.task, "test", data=args.val_data, limit=args.val_limit, seed=args.seed,
-                                        flag="--val-data") if args.val_every else []
+        val_ex = evaluate.load_examples(args.val_bench, "test", data=args.val_data, limit=args.val_limit,
+                                        seed=args.seed, flag="--val-data") if args.val_every else []
     except ValueError as e:
         raise UserError(str(e)) from None
     ckpt = latest_checkpoint(args.out) if args.resume else None
     if args.resume and ckpt is None:
         print0(f"--resume: {args.out} holds no checkpoint yet; starting fresh")
-    policy, ref, critic, tokenizer = load_models(args, worker, fresh=ckpt is None, model=model, tokenizer=tokenizer)
+    policy, ref, critic, tokenizer = load_models(args, worker, model, tokenizer)
     adamw = lambda m, lr: m and torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)  # noqa: E731
     prompts = [evaluate.prompt_ids(args.task, ex, tokenizer) for ex in train_ex]
     keep = [i for i, q in enumerate(prompts) if len(q) <= MAX_PROMPT_TOKENS]
@@ -825,83 +826,39 @@ def start_run(args: Args, worker: Worker | None = None, model=None, tokenizer=No
     return run
 
 
-def load_models(args: Args, worker: Worker, fresh: bool, model=None, tokenizer=None):
-    """(policy, reference or None, critic or None, tokenizer), placed and wrapped on every rank. Rank 0 alone reads
-    the initial weights into CPU memory: the policy's on a fresh start, the reference's, the critic's backbone
-    (SPEC 9: the policy's initial weights, a fresh value head). Every rank builds each model on the meta device,
-    shards or places it, and receives the values from rank 0 (on --resume, the checkpoint's). A `model` given (the
-    benchmark's random shapes, built alike on every rank) is used as it is."""
-    initial, build = (model.state_dict(), lambda: copy.deepcopy(model)) if model is not None else (None, None)
-    if model is None:
-        if worker.rank == 0 and (fresh or args.kl_coef > 0):
-            initial = rollout.load_model_and_tokenizer(args.model, tiny_hidden=args.tiny_hidden,
-                                                       tiny_layers=args.tiny_layers, seed=args.seed)[0].state_dict()
+def load_models(args: Args, worker: Worker, model=None, tokenizer=None):
+    """(policy, reference or None, critic or None, tokenizer), placed and wrapped on every rank. Each rank reads the
+    initial weights itself (rank 0 first, so that a hub model is downloaded once); the reference is a frozen copy
+    and the critic (SPEC 9) the policy's architecture as a token-classification model, i.e. its backbone with a
+    value head Linear(hidden, 1), drawn N(0, initializer_range) from --seed. On --resume the checkpoint then
+    replaces the policy's and the critic's values. A `model` given (the benchmark's random shapes) is used as is."""
+    from transformers import AutoModelForTokenClassification
+    for turn in (0, 1) if model is None else ():
+        if (worker.rank == 0) == (turn == 0):
+            model, tokenizer = rollout.load_model_and_tokenizer(args.model, tiny_hidden=args.tiny_hidden,
+                                                                tiny_layers=args.tiny_layers, seed=args.seed)
         if dist.is_initialized():
-            dist.barrier()  # a hub model is in the local cache now: the other ranks read its config
-        if args.model == "tiny":
-            tokenizer = rollout.build_tiny_tokenizer()
-        else:
-            from transformers import AutoTokenizer
-            tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")
-            tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-        build = lambda: skeleton(args, tokenizer)  # noqa: E731
-    policy = place_model(build(), worker, args, initial, load=fresh, trainable=True)
-    ref = place_model(build(), worker, args, initial, load=True, trainable=False) if args.kl_coef > 0 else None
-    critic = state = None
+            dist.barrier()
+    ref = place_model(copy.deepcopy(model), worker, args, trainable=False) if args.kl_coef > 0 else None
+    critic = None
     if args.method == "ppo":
-        critic = skeleton(args, tokenizer, critic_of=unwrap(policy).config)
-        if initial is not None:  # the backbone's weights and a value head drawn N(0, initializer_range) from --seed
-            head = torch.randn((1, critic.config.hidden_size), generator=torch.Generator().manual_seed(args.seed))
-            state = {k: v for k, v in initial.items() if not k.startswith("lm_head.")}
-            state.update({"score.weight": head * critic.config.initializer_range, "score.bias": torch.zeros(1)})
-        critic = place_model(critic, worker, args, state, load=fresh, trainable=True)
-    return policy, ref, critic, tokenizer
+        config = copy.deepcopy(model.config)
+        config.num_labels, config.classifier_dropout, config.tie_word_embeddings = 1, 0.0, False
+        critic = AutoModelForTokenClassification.from_config(config, dtype=torch.float32)
+        critic.model.load_state_dict(model.model.state_dict())
+        head = torch.randn((1, config.hidden_size), generator=torch.Generator().manual_seed(args.seed))
+        critic.score.weight.data, critic.score.bias.data = head * config.initializer_range, torch.zeros(1)
+        critic = place_model(critic, worker, args, trainable=True)
+    return place_model(model, worker, args, trainable=True), ref, critic, tokenizer
 
 
-@contextlib.contextmanager
-def parameters_on_meta():
-    """Modules built inside get their parameters on the meta device (no memory, no initialisation) and their
-    buffers as usual (rotary frequencies are computed, not loaded: no state dict holds them)."""
-    register = torch.nn.Module.register_parameter
-
-    def register_on_meta(module, name, param):
-        if param is not None and param.device.type != "meta":
-            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    torch.nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = register
-
-
-def skeleton(args: Args, tokenizer, critic_of=None):
-    """The --model architecture in fp32 with its parameters on the meta device (and its generation EOS ids); or,
-    given the policy's config, SPEC 9's critic: that architecture as a token-classification model, i.e. its
-    backbone with a value head Linear(hidden, 1) instead of the LM head."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, GenerationConfig
-    with parameters_on_meta():
-        if critic_of is not None:
-            config = copy.deepcopy(critic_of)
-            config.num_labels, config.classifier_dropout, config.tie_word_embeddings = 1, 0.0, False
-            return AutoModelForTokenClassification.from_config(config, dtype=torch.float32)
-        if args.model == "tiny":
-            return rollout.build_tiny_model(tokenizer, args.tiny_hidden, args.tiny_layers, seed=args.seed)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model), dtype=torch.float32)
-    with contextlib.suppress(OSError):  # Qwen3 ends on two EOS ids, as from_pretrained would read them
-        model.generation_config = GenerationConfig.from_pretrained(args.model)
-    return model
-
-
-def place_model(model, worker: Worker, args: Args, state: dict | None, *, load: bool, trainable: bool):
-    """A model (meta or real parameters) -> this rank's fp32 parameters on its device, sharded by FSDP2 (each layer,
-    then the root) or whole, in DDP when trainable on several ranks; with `load`, rank 0's `state`, broadcast.
-    Frozen: eval mode, no gradients. Trainable: gradient checkpointing, which acts in training mode only."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+def place_model(model, worker: Worker, args: Args, trainable: bool):
+    """A model's fp32 parameters on this rank's device: sharded by FSDP2 (each decoder layer, then the root; it moves
+    the shards there) or whole, in DDP when trainable on several ranks. Frozen: eval mode, no gradients. Trainable:
+    gradient checkpointing (--grad-ckpt), which transformers applies in training mode only."""
     if not trainable:
         model.requires_grad_(False).eval()
-    elif args.grad_ckpt:
+    elif args.grad_ckpt or (args.grad_ckpt is None and worker.device.type == "cuda"):  # on CPU it costs time only
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)(
             {"use_reentrant": False})
     if args.fsdp:  # no MixedPrecisionPolicy: fp32 weights are gathered and autocast computes, as under DDP
@@ -911,35 +868,13 @@ def place_model(model, worker: Worker, args: Args, state: dict | None, *, load: 
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh, reshard_after_forward=not trainable)
-    materialize_(model, worker.device)
-    if load and dist.is_initialized():
-        set_model_state_dict(model, dict(state) if worker.rank == 0 else {},
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    elif load:
-        model.load_state_dict(state)
-    if not args.fsdp and worker.world_size > 1 and trainable:  # the weights already agree: no broadcast
+    else:
+        model.to(worker.device)
+    if not args.fsdp and worker.world_size > 1 and trainable:  # every rank read the same weights: no broadcast
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[worker.device.index] if worker.device.type == "cuda" else None, init_sync=False,
             forward_sync_buffers=False, gradient_as_bucket_view=True)
     return model.train() if trainable else model
-
-
-def materialize_(model, device: torch.device) -> None:
-    """Meta parameters -> uninitialised ones on `device` (their values come next), keeping the buffers the
-    constructor computed and tied parameters tied; a model with real parameters is moved to `device`."""
-    if not any(p.device.type == "meta" for p in model.parameters()):
-        model.to(device)
-        return
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    swap = torch.__future__.get_swap_module_params_on_conversion()
-    torch.__future__.set_swap_module_params_on_conversion(True)  # in place: a tied Parameter stays one
-    try:
-        model.to_empty(device=device)
-    finally:
-        torch.__future__.set_swap_module_params_on_conversion(swap)
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            b.copy_(buffers[name])
 
 
 # ==============================================================================================
@@ -1135,9 +1070,9 @@ def supervised_warm_start(model, tokenizer, task: str, examples: list[dict], *, 
 
 
 def warm_start(args: Args) -> str:
-    """The demo's warm-started model directory (--warm-dir, default OUT/warm-start), trained unless a model of the
-    same recipe is cached there; written to a temporary directory and renamed."""
-    warm, w = args.warm_dir or os.path.join(args.out, "warm-start"), DEMO_WARM
+    """The demo's warm-started model directory, OUT/warm-start, trained unless a model of the same recipe is cached
+    there (a rerun of the demo keeps it); written to a temporary directory and renamed."""
+    warm, w = os.path.join(args.out, "warm-start"), DEMO_WARM
     recipe = dict(task=args.task, hidden=args.tiny_hidden, layers=args.tiny_layers, **w, seed=args.seed,
                   train_limit=None, check="longest-target")
     with contextlib.suppress(FileNotFoundError), open(os.path.join(warm, "warm_start.json")) as f:

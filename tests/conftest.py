@@ -37,4 +37,4 @@ def tiny_model_dir(tmp_path_factory, tiny_model, tiny_tokenizer):
 def warm_dir(tmp_path_factory):
     """The demo's warm-started tiny model (hidden 128 x 4, supervised on `add` to 30% greedy accuracy)."""
     import train
-    return train.warm_start(train.parse_args(["--demo", "--warm-dir", str(tmp_path_factory.mktemp("warm") / "w")]))
+    return train.warm_start(train.parse_args(["--demo", "--out", str(tmp_path_factory.mktemp("warm"))]))

@@ -92,7 +92,7 @@ def test_critic_is_the_policys_initial_backbone_with_a_value_head(tiny_model_dir
     """load_models' critic: every backbone tensor the initial policy's, no LM head, a [1, H] head; its values have
     the response's shape, 0 at padding, and equal the last hidden state before each token times the head."""
     args = train.parse_args(["--method", "ppo", "--model", tiny_model_dir, "--no-grad-ckpt", "--out", str(tmp_path)])
-    policy, _, critic, _ = train.load_models(args, train.Worker(), fresh=True)
+    policy, _, critic, _ = train.load_models(args, train.Worker())
     sd, psd = critic.state_dict(), policy.state_dict()
     assert not any(k.startswith("lm_head") for k in sd) and sd["score.weight"].shape == (1, 64)
     assert {k for k in psd if not k.startswith("lm_head")} == {k for k in sd if k.startswith("model.")}

@@ -113,7 +113,7 @@ def assert_same_metrics(one, two):
 
 TWO_RANKS = {  # batch-wide statistics gathered over ranks (HEPO's top 20%, batch std), tree sampling under FSDP2
     "ddp": ["--method", "hepo", "--scale", "batch", "--kl-coef", "0.05", "--objective", "gspo"],
-    "fsdp": ["--method", "treeadv", "--sampler", "tree", "--unique-segments", "--fsdp", "--no-grad-ckpt"],
+    "fsdp": ["--method", "treeadv", "--sampler", "tree", "--unique-segments", "--fsdp", "--grad-ckpt"],
 }
 
 
@@ -142,11 +142,8 @@ import train
 batch_file, out_file, fsdp = sys.argv[1], sys.argv[2], sys.argv[3] == "fsdp"
 args = train.Args(**torch.load(batch_file)["args"], fsdp=fsdp, device="cpu")
 worker = train.setup_worker(args)
-tok = rollout.build_tiny_tokenizer()
-with train.parameters_on_meta():  # every rank: no weights in memory; rank 0 alone builds them and broadcasts
-    model = rollout.build_tiny_model(tok, hidden=64, layers=2)
-full = rollout.build_tiny_model(tok, hidden=64, layers=2).state_dict() if worker.rank == 0 else None
-model = train.place_model(model, worker, args, full, load=True, trainable=True)
+model = train.place_model(rollout.build_tiny_model(rollout.build_tiny_tokenizer(), hidden=64, layers=2), worker, args,
+                          trainable=True)
 batch = torch.load(batch_file)["batch"]
 rows = [r for p in train.rank_places(worker.rank, 2, 4, 4) for r in range(2 * p, 2 * p + 2)]  # this rank's groups
 opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=train.WEIGHT_DECAY)
@@ -165,8 +162,7 @@ torch.distributed.destroy_process_group()
 def test_one_rank_and_two_ranks_make_the_same_update(tiny_tokenizer, tmp_path, mode):
     """2 gloo ranks (DDP or FSDP2), each with its share of the mini-batch and the global normaliser, against one
     process with all of it: the parameters after one AdamW step agree. Dropping `loss * world` (DDP and FSDP2
-    average over ranks) or a head gradient missing FSDP2's reduction fails this. The models are built on the
-    meta device everywhere and filled from rank 0 by broadcast."""
+    average over ranks) or a head gradient missing FSDP2's reduction fails this."""
     args = dict(group_size=2, mini_batch_prompts=4, lr=1e-3, micro_batch_tokens=20, kl_coef=0.05, max_new_tokens=6)
     batch, one = random_batch(), rollout.build_tiny_model(tiny_tokenizer, hidden=64, layers=2).train()
     g = torch.Generator().manual_seed(2)
@@ -229,8 +225,7 @@ import train
 
 args = train.Args(device="cpu", fsdp=True, grad_ckpt=False)
 worker = train.setup_worker(args)
-m = train.place_model(rollout.build_tiny_model(rollout.build_tiny_tokenizer()), worker, args, None, load=False,
-                      trainable=True)
+m = train.place_model(rollout.build_tiny_model(rollout.build_tiny_tokenizer()), worker, args, trainable=True)
 with train.sampling_mode(m) as policy, torch.no_grad():
     for _ in range(1 + 3 * worker.rank):  # rank 0 one forward, rank 1 four: rows finishing at different times
         policy(input_ids=torch.tensor([[3, 4, 5]]))

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -314,6 +315,17 @@ def test_defaults_are_the_papers_and_the_demo_preset_yields_to_flags():
     assert args.out == os.path.join("runs", "demo-tempo")
 
 
+def test_validation_runs_on_val_bench(tiny_model_dir, tmp_path, monkeypatch):
+    """--val-bench: validation on another benchmark than the task trained on (default: the task itself)."""
+    seen, real = [], train.evaluate.evaluate
+    monkeypatch.setattr(train.evaluate, "evaluate", lambda m, tok, bench, ex, **k: seen.append((bench, ex[0])) or real(
+        m, tok, bench, ex, **k))
+    train.train(train.parse_args(small(tmp_path, tiny_model_dir, "--steps", "1", "--save-every", "0", "--val-every",
+                                       "1", "--val-limit", "2", "--val-bench", "chain")))
+    assert [b for b, _ in seen] == ["chain", "chain"] and seen[0][1]["solution"].count(";") >= 1
+    assert train.parse_args(["--task", "add"]).val_bench == "add"
+
+
 def test_help_groups_the_flags_and_a_typo_is_one_line_with_a_suggestion():
     res = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert "the algorithm:" in res.stdout and "output:" in res.stdout and res.stdout.count("  --method METHOD") == 1
@@ -423,7 +435,7 @@ def test_bf16_keeps_fp32_weights_and_a_frozen_reference_at_the_policys_precision
 def test_grad_ckpt_changes_no_update(warm_dir, tmp_path):
     """Gradient checkpointing recomputes activations in the backward: the same metrics with it on and off."""
     runs = [train.train(train.parse_args(small(tmp_path / x, warm_dir, "--steps", "1", "--save-every", "0", *f)))
-            for x, f in (("on", []), ("off", ["--no-grad-ckpt"]))]
+            for x, f in (("on", ["--grad-ckpt"]), ("off", ["--no-grad-ckpt"]))]
     a, b = (train.read_metrics(r["out"]) for r in runs)
     assert [{k: pytest.approx(v, rel=1e-5, abs=1e-7) for k, v in r.items()} for r in stable(a)] == stable(b)
 
@@ -465,7 +477,9 @@ def test_demo_learns_and_shuffled_rewards_do_not(warm_dir, tmp_path):
     """GRPO from the demo's warm start gains greedy accuracy on 500 test prompts; with the rewards shuffled over the
     step's rows (nothing to learn) accuracy does not rise. The margin: on 4 processor settings x seeds the demo
     gained 0.15-0.49 (README "Running it" has them); 0.05 is 2.5 standard deviations of a 500-prompt accuracy."""
-    common = ["--demo", "--warm-dir", warm_dir, "--no-progress", "--sample-every", "0", "--save-every", "0"]
+    common = ["--demo", "--no-progress", "--sample-every", "0", "--save-every", "0"]
+    for run in ("grpo", "shuffled"):  # the warm start the demo caches in OUT/warm-start
+        shutil.copytree(warm_dir, tmp_path / run / "warm-start")
     real = train.demo(train.parse_args([*common, "--val-every", "200", "--out", str(tmp_path / "grpo")]))
     control = train.demo(train.parse_args([*common, "--steps", "50", "--val-every", "50", "--shuffle-rewards",
                                            "--out", str(tmp_path / "shuffled")]))
