@@ -1011,24 +1011,22 @@ def read_metrics(run_dir: str) -> list[dict]:
 
 
 def plot_runs(run_dirs: list[str], out_png: str, labels: list[str] | None = None) -> str:
-    """Training reward (EMA 0.9) and greedy validation accuracy against the step, one line per run."""
+    """Training reward (EMA 0.9, a line) and greedy validation accuracy (dots) against the step, a colour per run."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, run in enumerate(run_dirs):
-        rows, label = read_metrics(run), labels[i] if labels else os.path.basename(run)
-        tr, va = [r for r in rows if "reward_mean" in r], [r for r in rows if r.get("val_acc") is not None]
-        ema = [tr[0]["reward_mean"]] if tr else []
-        for r in tr[1:]:
-            ema.append(0.9 * ema[-1] + 0.1 * r["reward_mean"])
-        ax[0].plot([r["step"] for r in tr], ema, label=label)
-        ax[1].plot([r["step"] for r in va], [r["val_acc"] for r in va], "o-", label=label)
-    ax[0].set(title="training reward (EMA 0.9)", xlabel="step")
-    ax[1].set(title="greedy validation accuracy", xlabel="step")
-    ax[1].legend()
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+        rows, ema = read_metrics(run), []
+        for r in (r for r in rows if "reward_mean" in r):
+            ema.append((r["step"], r["reward_mean"] if not ema else 0.9 * ema[-1][1] + 0.1 * r["reward_mean"]))
+        name = labels[i] if labels else os.path.basename(run)
+        line, = ax.plot(*zip(*ema or [(0, 0)]), label=f"{name}: reward")
+        ax.plot(*zip(*[(r["step"], r["val_acc"]) for r in rows if "val_acc" in r] or [(0, 0)]), "o--",
+                color=line.get_color(), label=f"{name}: greedy validation accuracy")
+    ax.set(xlabel="step", ylim=(0, 1))
+    ax.legend()
+    fig.savefig(out_png, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out_png
 

@@ -148,20 +148,25 @@ batch = torch.load(batch_file)["batch"]
 rows = [r for p in train.rank_places(worker.rank, 2, 4, 4) for r in range(2 * p, 2 * p + 2)]  # this rank's groups
 opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=train.WEIGHT_DECAY)
 ctx = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
-train.update(model, opt, {k: v[rows] for k, v in batch.items()}, args.lr, args, 2, *train.policy_step(args, ctx))
 whole = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
+grads, clip = {}, torch.nn.utils.clip_grad_norm_
+def capture(params, max_norm):  # the summed gradient, before clipping (AdamW alone would hide a scale error)
+    grads.update({n: whole(p.grad).clone() for n, p in train.unwrap(model).named_parameters()})
+    return clip(params, max_norm)
+torch.nn.utils.clip_grad_norm_ = capture
+train.update(model, opt, {k: v[rows] for k, v in batch.items()}, args.lr, args, 2, *train.policy_step(args, ctx))
 params = {n: whole(p.detach()).clone() for n, p in train.unwrap(model).named_parameters()}
 if worker.rank == 0:
-    torch.save(params, out_file)
+    torch.save({"grads": grads, "params": params}, out_file)
 torch.distributed.barrier()
 torch.distributed.destroy_process_group()
 """
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_one_rank_and_two_ranks_make_the_same_update(tiny_tokenizer, tmp_path, mode):
+def test_one_rank_and_two_ranks_make_the_same_update(tiny_tokenizer, tmp_path, mode, monkeypatch):
     """2 gloo ranks (DDP or FSDP2), each with its share of the mini-batch and the global normaliser, against one
-    process with all of it: the parameters after one AdamW step agree. Dropping `loss * world` (DDP and FSDP2
+    process with all of it: the summed gradients (before clipping) and the parameters after one AdamW step agree. Dropping `loss * world` (DDP and FSDP2
     average over ranks) or a head gradient missing FSDP2's reduction fails this."""
     args = dict(group_size=2, mini_batch_prompts=4, lr=1e-3, micro_batch_tokens=20, kl_coef=0.05, max_new_tokens=6)
     batch, one = random_batch(), rollout.build_tiny_model(tiny_tokenizer, hidden=64, layers=2).train()
@@ -173,14 +178,16 @@ def test_one_rank_and_two_ranks_make_the_same_update(tiny_tokenizer, tmp_path, m
     res = subprocess.run([*TORCHRUN, str(tmp_path / "grads.py"), str(tmp_path / "batch.pt"), str(tmp_path / "two.pt"),
                           mode], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert (tmp_path / "two.pt").exists(), res.stdout[-2000:] + res.stderr[-4000:]
-    a = train.Args(**args)
+    a, grads, clip = train.Args(**args), {}, torch.nn.utils.clip_grad_norm_
     opt = torch.optim.AdamW(one.parameters(), lr=a.lr, weight_decay=train.WEIGHT_DECAY)
-    before = {n: p.detach().clone() for n, p in one.named_parameters()}
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: grads.update(
+        {n: p.grad.clone() for n, p in one.named_parameters()}) or clip(params, max_norm))
     train.update(one, opt, batch, a.lr, a, 1, *train.policy_step(a, lambda: torch.autocast("cpu", enabled=False)))
     two = torch.load(tmp_path / "two.pt")
-    assert two.keys() == before.keys() and any(not torch.equal(p, before[n]) for n, p in one.named_parameters())
+    assert two["grads"].keys() == grads.keys() and sum(float(g.abs().sum()) for g in grads.values()) > 0
     for n, p in one.named_parameters():
-        torch.testing.assert_close(two[n], p.detach(), atol=1e-6, rtol=1e-5, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(two["grads"][n], grads[n], atol=1e-6, rtol=1e-5, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(two["params"][n], p.detach(), atol=1e-5, rtol=1e-5, msg=lambda m: f"{n}: {m}")
 
 
 RESUME = """

@@ -474,9 +474,10 @@ def test_warm_start_checks_accuracy_on_whole_answers(tiny_tokenizer, monkeypatch
 
 @pytest.mark.slow
 def test_demo_learns_and_shuffled_rewards_do_not(warm_dir, tmp_path):
-    """GRPO from the demo's warm start gains greedy accuracy on 500 test prompts; with the rewards shuffled over the
-    step's rows (nothing to learn) accuracy does not rise. The margin: on 4 processor settings x seeds the demo
-    gained 0.15-0.49 (README "Running it" has them); 0.05 is 2.5 standard deviations of a 500-prompt accuracy."""
+    """GRPO from the demo's warm start gains greedy accuracy on 500 test prompts; with the step's rewards shuffled over
+    its rows (nothing to learn) accuracy collapses. The claim holds on any machine, not one trajectory: the demo is
+    chaotic in the processor's float rounding (README "Running it"), and over 6 seeds and 3 processor settings the
+    gain was +0.09 to +0.49 (sd of a 500-prompt accuracy: 0.02) and the control fell by 0.26 to 0.42."""
     common = ["--demo", "--no-progress", "--sample-every", "0", "--save-every", "0"]
     for run in ("grpo", "shuffled"):  # the warm start the demo caches in OUT/warm-start
         shutil.copytree(warm_dir, tmp_path / run / "warm-start")
@@ -485,5 +486,5 @@ def test_demo_learns_and_shuffled_rewards_do_not(warm_dir, tmp_path):
                                            "--out", str(tmp_path / "shuffled")]))
     assert real["before"] == control["before"]  # the same warm start
     assert real["after"] - real["before"] >= 0.05, real
-    assert control["after"] - control["before"] < 0.02, control
+    assert control["after"] - control["before"] <= -0.1, control
     assert os.path.getsize(tmp_path / "grpo" / "plot.png") > 10_000
