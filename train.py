@@ -1109,6 +1109,7 @@ def main(argv: list[str] | None = None):
     hf_logging.disable_progress_bar()  # no "Loading weights" / "Writing model shards" bars beside ours
     # one process saves its checkpoint alone on purpose; torch.distributed.checkpoint warns about it at each save
     warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")  # we never write into one
     args = parse_args(argv)
     return demo(args) if args.demo else train(args)
 
