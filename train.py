@@ -253,7 +253,7 @@ def update(model, optimizer, batch: dict, lr: float, args: Args, world: int, los
                 loss, st = loss_fn(model, pack_rows(mb, part), N)
                 (loss * world).backward()
             mb_loss = mb_loss + loss.detach()
-            add_stats(stats, {**st, **({"first_" + k: v for k, v in st.items()} if s == 0 else {})})
+            add_stats(stats, {**st, **({"first_" + key: v for key, v in st.items()} if s == 0 else {})})
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
         ok = all_reduce(torch.isfinite(mb_loss + norm).float().reshape(1), dist.ReduceOp.MIN).item()  # 1 sync
@@ -352,7 +352,8 @@ def advantage_step(run: Run, ro: rollout.Rollout, r: torch.Tensor, step: int, va
     PPO: GAE from the critic's `values`, whitened over every rank's valid tokens (SPEC 9)."""
     args, G, (B, T) = run.args, run.args.group_size, ro.response_mask.shape
     mine = slice(run.worker.rank * B, (run.worker.rank + 1) * B)  # this rank's rows: whole groups
-    responses, mask, r_all = gather_rows(ro.response_ids), gather_rows(ro.response_mask), gather_rows(r[:, None])[:, 0]
+    responses, r_all = gather_rows(ro.response_ids), gather_rows(r[:, None])[:, 0]
+    mask = gather_rows(ro.response_mask.long()).bool()  # as integers: not every backend gathers bool
     if args.shuffle_rewards:  # the control: rewards no longer belong to their responses
         r_all = r_all[torch.randperm(len(r_all), generator=torch.Generator().manual_seed(sample_seed(args.seed, step)))
                       .to(r_all.device)]
