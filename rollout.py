@@ -326,47 +326,42 @@ PREFILL_TOKENS = 8192
 
 
 def group_pages(prompt_len: int, G: int, max_new_tokens: int, page: int) -> int:
-    """The most pages one group can hold: its prompt, and for each of its G rows the positions only it
-    holds (at most max_new_tokens, starting part-way into a page: one page more)."""
+    """The most pages a group can hold: its prompt's, and per row max_new_tokens starting part-way into a page."""
     return -(-prompt_len // page) + G * (-(-max_new_tokens // page) + 1)
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host to device without waiting: from pinned memory, non-blocking (the caching host allocator keeps the pinned
-    block until the copy is done)."""
+    """Host to device without waiting: pinned, non-blocking (the host allocator keeps the block until it is copied)."""
     return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
 
 
 def _read(x: torch.Tensor) -> torch.Tensor:
-    """The host read that waits for the device: once a decode step and once a prefill."""
+    """The read that waits for the device: once a decode step and once a prefill."""
     return x.cpu()
 
 
 class _Engine:
-    """One sample() call: the pool and the outputs on the device; rows, pages and groups on the host.
-
-    The rows in flight are `live` [n, 2] (leaf, t): t is the response position a row samples next, from its token t - 1
-    at cache position prompt length + t - 1; a step's host work is a few tensor ops over `live` and a loop over the rows
-    something happens to. pages[leaf] is a row's page table, `table` [B, J] all of them on the device. A group (a
-    prompt's rows) is in flight, waiting to be prefilled, or swapped out to host memory."""
+    """One sample() call. Device: the pool, the outputs, `table` [B, J] every leaf's pages. Host: the rows in flight
+    `live` [n, 2] (leaf, t: a row samples response position t next, from token t - 1 at cache position prompt length
+    + t - 1), pages[leaf] a row's page table, the groups waiting or swapped out. A step's host work is a few tensor ops
+    over `live` and a loop over the rows something happens to."""
 
     def __init__(self, model, prompts, G, cfg, eos, pad, seed, keys):
         P, T, page, dev = len(prompts), cfg.max_new_tokens, cfg.page_size, next(model.parameters()).device
         self.model, self.cfg, self.prompts, self.G, self.page, self.pad, self.dev = model, cfg, prompts, G, page, pad, dev
         self.tree = cfg.sampler == "tree" and not math.isinf(cfg.tau)  # tau = inf forks nothing: all G start at once
         self.M, self.C = (cfg.num_chains, cfg.max_children) if self.tree else (G, 1)
-        # usable pages, page N the scratch page. No budget: every group at its longest, its prompt and per leaf the
-        # pages its positions plen .. plen + T - 2 fall in (group_pages bounds this over every prompt length)
+        # usable pages, N the scratch page. No budget: every group at its longest, its prompt and per leaf the pages its
+        # positions plen .. plen + T - 2 fall in (group_pages bounds this over every prompt length)
         N = cfg.kv_budget // page - 1 if cfg.kv_budget is not None else \
             sum(-(-len(q) // page) + G * ((len(q) + T - 2) // page - len(q) // page + 1) for q in prompts)
-        t = model.config.get_text_config()
-        Hkv, D = t.num_key_value_heads, getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
-        self.pool = torch.empty(t.num_hidden_layers, 2, N + 1, page, Hkv, D, dtype=_cache_dtype(model, dev), device=dev)
+        t, B, C = model.config.get_text_config(), P * G, self.C
+        self.pool = torch.empty(t.num_hidden_layers, 2, N + 1, page, t.num_key_value_heads, getattr(t, "head_dim", None)
+                                or t.hidden_size // t.num_attention_heads, dtype=_cache_dtype(model, dev), device=dev)
         self.pool[:, :, N] = 0  # what masked positions read (weight 0, and 0 x NaN would be NaN)
-        B, C = P * G, self.C
-        self.out = dict(tokens=torch.full((B, T), pad, device=dev), logprobs=torch.zeros(B, T, device=dev),
-                        entropy=torch.zeros(B, T, device=dev), alt_tok=torch.zeros(B, T, C - 1, dtype=torch.long,
-                        device=dev), alt_lp=torch.zeros(B, T, C - 1, device=dev))  # [B, T(, C - 1 fork alternatives)]
+        self.out = {k: torch.zeros(B, T, *shape, dtype=dtype, device=dev) for k, shape, dtype in [  # C - 1 alternatives
+            ("tokens", (), torch.long), ("logprobs", (), None), ("entropy", (), None), ("alt_tok", (C - 1,), torch.long),
+            ("alt_lp", (C - 1,), None)]}
         self.seed_word = _seed_word(seed, dev)
         # one entry more each (unused): compile would specialize a size of 1
         self.keys = _to_device(torch.tensor([*(keys if keys is not None else range(P)), 0]), dev)  # [P + 1]
@@ -379,14 +374,13 @@ class _Engine:
         self.waiting, self.swapped = collections.deque(range(P)), {}
         self.length, self.finished, self.parent, self.branch_pos = [0] * B, [False] * B, [-1] * B, [0] * B
         self.forks, self.steps, self.decoded, self.peak = [0] * P, 0, 0, 0
-        self.hist = torch.zeros(B, T, C + 1, dtype=torch.float64) if self.tree else None  # what each draw read back
+        self.hist = torch.zeros(B, T, C + 1, dtype=torch.float64) if self.tree else None  # what each step read back
         self.traffic = dict(prefill=0, decode=0, copy=0, swap=0)
         self.step = _compiled_decode() if cfg.compile else _decode
 
     def admit(self) -> bool:
-        """Bring groups in, oldest first, while the free pages hold them and leave a page for every row in flight (each
-        may open one next step): a swapped-out group back, else waiting prompts, prefilled together. With no row in
-        flight the oldest group comes in if it fits at all, which check_config's floor guarantees."""
+        """Bring groups in, oldest first, while the free pages hold them and a page for every row in flight: a swapped
+        group back, else waiting prompts, prefilled together. With no row in flight the oldest comes in if it fits."""
         def fits(pages, rows, first):
             n = len(self._rows())
             return pages + n + rows <= len(self.free) or first and not n and pages <= len(self.free)
@@ -400,12 +394,12 @@ class _Engine:
                 continue
             batch, pages = [], 0
             while self.waiting:
-                g = self.waiting[0]
-                if not fits(pages + self._prompt_pages(g), self.M * (len(batch) + 1), not batch) or batch and \
-                        (len(batch) + 1) * max(len(self.prompts[h]) for h in batch + [g]) > PREFILL_TOKENS:
+                g, longest = self.waiting[0], max(len(self.prompts[h]) for h in batch + [self.waiting[0]])
+                more = -(-len(self.prompts[g]) // self.page)
+                if not fits(pages + more, self.M * (len(batch) + 1), not batch) or \
+                        batch and (len(batch) + 1) * longest > PREFILL_TOKENS:
                     break
-                batch.append(self.waiting.popleft())
-                pages += self._prompt_pages(g)
+                batch, pages = batch + [self.waiting.popleft()], pages + more
             if not batch:
                 break
             self._prefill(batch)
@@ -413,10 +407,9 @@ class _Engine:
         return len(self.live) > 0
 
     def grow(self) -> None:
-        """Give every row the page its next position goes to: a fresh one when the position opens a page, a copy of the
-        written part when the page is shared (copy on write, batched). With no page free, the newest group in flight
-        is swapped out until one is: the oldest groups are served first, so they always progress. Only the rows at a
-        page boundary or just (re)started are looked at."""
+        """Give each row at a page boundary or just (re)started the page its next position goes to: a fresh one, or a
+        copy of the written part of a shared one (copy on write). With no page free, the newest group is swapped out:
+        the oldest groups are served first, so they always progress."""
         live, G, page, copies = self._rows(), self.G, self.page, []  # copies: (new page, shared page, positions)
         pos = self.plen[live[:, 0] // G] + live[:, 1] - 1  # [n] where each row writes next
         need = (pos % page == 0) | torch.isin(live[:, 0], torch.tensor(list(self.fresh), dtype=torch.long))
@@ -440,8 +433,8 @@ class _Engine:
         self._copy(copies)
 
     def decode(self) -> None:
-        """One token for every row in flight (`_decode`), then the step's host read: which rows drew EOS, and for a tree
-        the entropies and alternatives' EOS flags a root's forks need when it ends. Ended rows retire (`_end`)."""
+        """One token for every row in flight (`_decode`), then the step's read: which rows drew EOS (and for a tree
+        what a root's forks need: the entropies, the alternatives' EOS). Ended rows retire (`_end`)."""
         live, T = self._rows(), self.cfg.max_new_tokens
         if self.changes:  # one copy; a dict, as index_put with a repeated index has no defined winner on CUDA
             ch = _to_device(torch.tensor([[c, j, p] for (c, j), p in self.changes.items()]), self.dev)  # [k, 3]
@@ -454,8 +447,8 @@ class _Engine:
         flags = _read(self.step(self.model, self.pool, self.out, self.table, _to_device(meta, self.dev),
                                 int(pos.max()) + 1, self.page, self.cfg, self.G, self.seed_word, self.keys,
                                 self.eos))[: len(live)]  # [n, C + 1]: each draw's EOS, the entropy
-        self.steps, self.decoded, self.traffic["decode"] = self.steps + 1, self.decoded + len(live), \
-            self.traffic["decode"] + len(live)
+        self.steps, self.decoded = self.steps + 1, self.decoded + len(live)
+        self.traffic["decode"] += len(live)
         if self.tree:
             self.hist[live[:, 0], live[:, 1]] = flags
         ended = (flags[:, 0] > 0) | (live[:, 1] + 1 >= T)
@@ -466,12 +459,12 @@ class _Engine:
             self._drop(self.pages.pop(c))
 
     def _prefill(self, batch: list[int]) -> None:
-        """Run prompts `batch` into fresh pages (right-padded: causal attention never sees the padding, which writes the
-        scratch page), draw the first token of all G lanes of each (C draws a lane; a tree's later fresh chain uses
-        its lane's), start the first M rows. Reads back the draws' EOS flags: the prefill's one wait."""
+        """Prompts `batch` into fresh pages (right-padded: causal attention never sees the padding, which writes the
+        scratch page); the first token of all G lanes of each (a fresh chain started later uses its lane's); the
+        first M rows start. One read: the draws' EOS flags."""
         G, C, page, N, b, dev = self.G, self.C, self.page, len(self.ref), len(batch), self.dev
         plen = [len(self.prompts[g]) for g in batch]
-        Tq, tables = max(plen), [self._take(self._prompt_pages(g)) for g in batch]
+        Tq, tables = max(plen), [self._take(-(-n // page)) for n in plen]
         ids = [self.prompts[g] + [self.pad] * (Tq - n) for g, n in zip(batch, plen)]
         slots = [[(tab[x // page] if x < n else N) * page + x % page for x in range(Tq)] for tab, n in zip(tables, plen)]
         x = _to_device(torch.tensor([ids, slots]), dev)  # [2, b, Tq] token ids, each position's slot
@@ -525,8 +518,7 @@ class _Engine:
                 self._start(b, 0, pages)
 
     def assemble(self) -> Rollout:
-        """Rows grouped per prompt, leaves in id order, a branch's positions before its fork read from its root's row;
-        padding beyond each length."""
+        """Leaves in id order, a branch's positions before its fork read from its root's row; padding past each end."""
         P, G, o, dev, pad = len(self.prompts), self.G, self.out, self.dev, self.pad
         B, T, Tp = P * G, max(self.length), max(map(len, self.prompts))
         src = torch.arange(B)[:, None].repeat(1, T)  # [B, T] the row each position is read from
@@ -546,49 +538,40 @@ class _Engine:
             peak_kv_tokens=self.peak * self.page, kv_capacity=self.pool.shape[2] * self.page,
             kv_traffic=dict(self.traffic))
 
-    # -- pages and rows: who holds what --
-
-    def _rows(self) -> torch.Tensor:
-        """The rows in flight [n, 2] (leaf, t), those that joined since the last call included."""
+    def _rows(self) -> torch.Tensor:  # the rows in flight, those that joined since the last call included
         if self.joining:
             self.live, self.joining = torch.cat([self.live, torch.tensor(self.joining)]), []
         return self.live
 
-    def _prompt_pages(self, g: int) -> int:
-        return -(-len(self.prompts[g]) // self.page)
-
-    def _take(self, n: int) -> list[int]:
-        """n free pages, the lowest first, held by the caller until it drops them."""
+    def _take(self, n: int) -> list[int]:  # n free pages, the lowest first, held by the caller until it drops them
         pages = [heapq.heappop(self.free) for _ in range(n)]
         for p in pages:
             self.ref[p] = 1
         self.peak = max(self.peak, len(self.ref) - len(self.free))
         return pages
 
-    def _hold(self, c: int, pages: list[int], j: int = 0) -> None:
-        """Leaf c's row holds `pages` as its blocks j, j + 1, ..."""
+    def _hold(self, c: int, pages: list[int], j: int = 0) -> None:  # leaf c holds `pages` as its blocks j, j + 1, ..
         for p in pages:
             self.ref[p] += 1
         self.pages.setdefault(c, [])[j: j + len(pages)] = pages
         self.changes.update(((c, i), p) for i, p in enumerate(pages, j))
 
-    def _drop(self, pages: list[int]) -> None:
-        """A table (or a caller's hold) lets go of `pages`; a page no one holds is free."""
+    def _drop(self, pages: list[int]) -> None:  # a table or a caller lets go of `pages`; one no one holds is free
         for p in pages:
             self.ref[p] -= 1
             if not self.ref[p]:
                 heapq.heappush(self.free, p)
 
-    def _start(self, c: int, t: int, pages: list[int]) -> None:
-        """Leaf c, its tokens up to response position t recorded, decodes from t + 1 on the part of `pages` that holds
-        its prompt and its tokens before t: shared, not copied."""
-        self.joining.append([c, t + 1])
+    def _start(self, c: int, t: int, pages: list[int], whole: bool = False) -> None:
+        """Leaf c decodes from response position t + 1 (or t, `whole`: a swapped row back) on `pages`: the part that
+        holds its prompt and its tokens before t, shared, not copied (or all of them)."""
+        self.joining.append([c, t if whole else t + 1])
         self.fresh.add(c)
-        self._hold(c, pages[: -(-(len(self.prompts[c // self.G]) + t) // self.page)])
+        self._hold(c, pages if whole else pages[: -(-(len(self.prompts[c // self.G]) + t) // self.page)])
 
     def _copy(self, copies: list[tuple[int, int, int]]) -> None:
-        """Copy on write, in one copy: pages new <- shared, the positions before the largest offset (a row overwrites
-        what it gets past its own offset before it reads it)."""
+        """Copy on write, in one copy: pages new <- shared up to the largest offset (what a row gets past its own it
+        overwrites before reading)."""
         if copies:
             (new, old, _), off = _to_device(torch.tensor(copies).T, self.dev), max(c[2] for c in copies)
             head = self.pool[:, :, :, :off]  # [layers, 2, N + 1, off, Hkv, D]
@@ -597,29 +580,25 @@ class _Engine:
             copies.clear()
 
     def _swap_out(self, g: int) -> None:
-        """Preempt group g (vLLM's swap, whole groups as vLLM does for parallel samples): its pages to host memory (pinned,
-        non-blocking: only a later copy on the same stream reads them), its rows out of flight. `_swap_in` brings them
-        back bit for bit, so no token changes."""
+        """Preempt group g (vLLM's swap, whole groups): its pages to pinned host memory without waiting (only a later copy
+        on the same stream reads them), its rows out of flight; `_swap_in` brings them back bit for bit."""
         live = self._rows()
         mine = live[:, 0] // self.G == g
         self.live, rows = live[~mine], [(c, t, self.pages.pop(c)) for c, t in live[mine].tolist()]
         pages = sorted({p for *_, ps in rows for p in ps})
         x = self.pool[:, :, _to_device(torch.tensor(pages), self.dev)]  # [layers, 2, pages, page, Hkv, D]
-        saved = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda).copy_(x, non_blocking=True)
-        self.swapped[g] = (saved, [(c, t, [pages.index(p) for p in ps]) for c, t, ps in rows])
+        self.swapped[g] = (torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda).copy_(x, non_blocking=True),
+                           [(c, t, [pages.index(p) for p in ps]) for c, t, ps in rows])
         for *_, ps in rows:
             self._drop(ps)
         self.traffic["swap"] += len(pages) * self.page
 
     def _swap_in(self, g: int) -> None:
-        """Group g's pages back into free pages (anywhere), its rows back in flight."""
         saved, rows = self.swapped.pop(g)
         pages = self._take(saved.shape[2])
         self.pool[:, :, _to_device(torch.tensor(pages), self.dev)] = _to_device(saved, self.dev)
         for c, t, idx in rows:
-            self.joining.append([c, t])
-            self.fresh.add(c)
-            self._hold(c, [pages[i] for i in idx])
+            self._start(c, t, [pages[i] for i in idx], whole=True)
         self._drop(pages)
         self.traffic["swap"] += len(pages) * self.page
 
@@ -887,40 +866,36 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 
 def check_config(cfg: SamplingConfig, group_size: int, longest_prompt: int) -> None:
-    """A ValueError "cfg.FIELD=VALUE: why" for every invalid setting; sample() calls it, and
-    train.py calls it on its flags before anything loads (a row reserves longest_prompt + max_new_tokens)."""
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+    """A ValueError "cfg.FIELD=VALUE: why" for the first invalid setting; sample() calls it, and train.py calls it on its
+    flags before anything loads (a row reserves longest_prompt + max_new_tokens)."""
+    def integer(lo, hi=math.inf):
+        return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+    def number(lo, hi=math.inf):  # NaN compares false: refused
+        return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi
+
+    if not integer(1)(group_size):
         raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
-    if not isinstance(cfg.max_new_tokens, int) or not 1 <= cfg.max_new_tokens < 2**24:
-        raise ValueError(f"cfg.max_new_tokens={cfg.max_new_tokens!r}: must be an int in [1, 2^24)")
-    if not (isinstance(cfg.temperature, (int, float)) and math.isfinite(cfg.temperature) and cfg.temperature >= 0):
-        raise ValueError(f"cfg.temperature={cfg.temperature!r}: must be a finite number >= 0 (0 = greedy)")
-    if not (isinstance(cfg.top_p, (int, float)) and 0 < cfg.top_p <= 1):
-        raise ValueError(f"cfg.top_p={cfg.top_p!r}: must be in (0, 1]")
-    if isinstance(cfg.top_k, bool) or not isinstance(cfg.top_k, int) or cfg.top_k < 0:
-        raise ValueError(f"cfg.top_k={cfg.top_k!r}: must be an int >= 0 (0 = off)")
-    if cfg.sampler not in ("flat", "tree"):
-        raise ValueError(f"cfg.sampler={cfg.sampler!r}: must be 'flat' or 'tree'")
-    if not isinstance(cfg.tau, (int, float)) or math.isnan(cfg.tau) or cfg.tau < 0:
-        raise ValueError(f"cfg.tau={cfg.tau!r}: must be >= 0 nats (inf = never fork)")
-    if cfg.sampler == "tree":
-        if cfg.temperature == 0:
-            raise ValueError("cfg.temperature=0: greedy with cfg.sampler = 'tree' would repeat the argmax in every "
-                             "branch; use temperature > 0 or sampler = 'flat'")
-        if not isinstance(cfg.num_chains, int) or not 1 <= cfg.num_chains <= group_size:
-            raise ValueError(f"cfg.num_chains={cfg.num_chains!r}: must be an int in [1, group_size={group_size}]")
-        if not isinstance(cfg.max_children, int) or not 2 <= cfg.max_children <= 256:
-            raise ValueError(f"cfg.max_children={cfg.max_children!r}: must be an int in [2, 256]")
-        if not isinstance(cfg.max_forks, int) or cfg.max_forks < 0:
-            raise ValueError(f"cfg.max_forks={cfg.max_forks!r}: must be an int >= 0 (0 = no limit)")
-    if isinstance(cfg.page_size, bool) or not isinstance(cfg.page_size, int) or not 1 <= cfg.page_size <= 2**16:
-        raise ValueError(f"cfg.page_size={cfg.page_size!r}: must be an int in [1, 65536]")
+    tree = cfg.sampler == "tree"
+    for name, ok, why in [
+        ("max_new_tokens", integer(1, 2**24 - 1), "an int in [1, 2^24)"),
+        ("temperature", lambda v: number(0)(v) and math.isfinite(v) and (v > 0 or not tree),
+         "a finite number >= 0 (0 = greedy), > 0 for sampler 'tree' (greedy branches would all repeat the argmax)"),
+        ("top_p", lambda v: number(0, 1)(v) and v > 0, "in (0, 1]"),
+        ("top_k", integer(0), "an int >= 0 (0 = off)"),
+        ("sampler", lambda v: v in ("flat", "tree"), "'flat' or 'tree'"),
+        ("tau", number(0), ">= 0 nats (inf = never fork)"),
+        ("num_chains", lambda v: not tree or integer(1, group_size)(v), f"an int in [1, group_size={group_size}]"),
+        ("max_children", lambda v: not tree or integer(2, 256)(v), "an int in [2, 256]"),
+        ("max_forks", lambda v: not tree or integer(0)(v), "an int >= 0 (0 = no limit)"),
+        ("page_size", integer(1, 2**16), "an int in [1, 65536]"),
+        ("compile", lambda v: isinstance(v, bool), "a bool"),
+    ]:
+        if not ok(getattr(cfg, name)):
+            raise ValueError(f"cfg.{name}={getattr(cfg, name)!r}: must be {why}")
     need = (group_pages(longest_prompt, group_size, cfg.max_new_tokens, cfg.page_size) + 1) * cfg.page_size
-    if cfg.kv_budget is not None and (isinstance(cfg.kv_budget, bool) or not isinstance(cfg.kv_budget, int)
-                                      or cfg.kv_budget < need):
+    if cfg.kv_budget is not None and not integer(need)(cfg.kv_budget):
         raise ValueError(f"cfg.kv_budget={cfg.kv_budget!r}: cannot hold one group at its longest: the longest "
                          f"prompt ({longest_prompt}) + {group_size} rows x max_new_tokens ({cfg.max_new_tokens}), in "
                          f"pages of {cfg.page_size} (one more per row, as a row starts part-way into a page, and a "
                          f"scratch page) = {need} positions; give at least that (or None: every group at once)")
-    if not isinstance(cfg.compile, bool):
-        raise ValueError(f"cfg.compile={cfg.compile!r}: must be a bool")
