@@ -130,9 +130,9 @@ class Rollout:
     kv_capacity: int = 0
     """cache positions allocated: pages x page_size, the scratch page included; <= cfg.kv_budget when one is set"""
     kv_traffic: dict = field(default_factory=dict)
-    """cache positions written or copied, by kind: prefill (written by prompt prefills, padding included), decode
-    (one per row and step), copy (the shared part of a page a row copies before writing into it), swap (positions
-    of pages copied to the host and back by preemption, both ways). x kv_bytes_per_position = bytes"""
+    """cache positions written or moved, by kind: prefill (written by prompt prefills, padding included), decode (one
+    per row and step), swap (positions of pages copied to the host and back by preemption, both ways); nothing is
+    copied besides. x kv_bytes_per_position = bytes"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,9 +315,9 @@ def sample(model, prompts: list[list[int]], group_size: int, cfg: SamplingConfig
 # ---- infrastructure: the decode engine ---------------------------------------------------------------------------
 #
 # The cache is one pool [layers, K/V, pages, page_size, KV heads, head_dim] in the compute dtype, allocated per sample()
-# call. A row (a leaf being decoded) holds a page table, its positions 0, 1, ... in blocks of page_size. A group's rows
-# share its prompt's pages and a tree's branches their root's; `ref` counts the tables holding a page, and a row copies
-# the written part of a shared page before writing into it (copy on write). The schedule lives on the host; a step sends
+# call. A row (a leaf being decoded) holds a page table in three runs, each starting on a page of its own: its prompt's
+# pages, shared by the group's rows; for a tree branch, its root's pages up to the fork, shared; its own pages, the only
+# ones it writes. So nothing is ever copied; `ref` counts the tables holding a page. The schedule lives on the host; a step sends
 # the device its rows and the tables' changes (pinned memory, non-blocking) and reads back one small tensor: which rows
 # drew EOS, and the entropies a tree's forks need. That read is the step's one wait for the device.
 
@@ -342,19 +342,20 @@ def _read(x: torch.Tensor) -> torch.Tensor:
 
 class _Engine:
     """One sample() call. Device: the pool, the outputs, `table` [B, J] every leaf's pages. Host: the rows in flight
-    `live` [n, 2] (leaf, t: a row samples response position t next, from token t - 1 at cache position prompt length
-    + t - 1), pages[leaf] a row's page table, the groups waiting or swapped out. A step's host work is a few tensor ops
-    over `live` and a loop over the rows something happens to."""
+    `live` [n, 3] (leaf; t, the response position it samples next, from token t - 1 at cache position prompt length
+    + t - 1; t0, the response positions it reads from its root: its own start at t0), pages[leaf] a row's table, the
+    groups waiting or swapped out. A step's host work is a few tensor ops over `live` and a loop over the rows
+    something happens to."""
 
     def __init__(self, model, prompts, G, cfg, eos, pad, seed, keys):
         P, T, page, dev = len(prompts), cfg.max_new_tokens, cfg.page_size, next(model.parameters()).device
         self.model, self.cfg, self.prompts, self.G, self.page, self.pad, self.dev = model, cfg, prompts, G, page, pad, dev
         self.tree = cfg.sampler == "tree" and not math.isinf(cfg.tau)  # tau = inf forks nothing: all G start at once
         self.M, self.C = (cfg.num_chains, cfg.max_children) if self.tree else (G, 1)
-        # usable pages, N the scratch page. No budget: every group at its longest, its prompt and per leaf the pages its
-        # positions plen .. plen + T - 2 fall in (group_pages bounds this over every prompt length)
+        # usable pages, N the scratch page. No budget: every group at its longest, its prompt's pages and per leaf the
+        # own pages of its T - 1 written positions at most
         N = cfg.kv_budget // page - 1 if cfg.kv_budget is not None else \
-            sum(-(-len(q) // page) + G * ((len(q) + T - 2) // page - len(q) // page + 1) for q in prompts)
+            sum(-(-len(q) // page) + G * -(-(T - 1) // page) for q in prompts)
         t, B, C = model.config.get_text_config(), P * G, self.C
         self.pool = torch.empty(t.num_hidden_layers, 2, N + 1, page, t.num_key_value_heads, getattr(t, "head_dim", None)
                                 or t.hidden_size // t.num_attention_heads, dtype=_cache_dtype(model, dev), device=dev)
@@ -366,16 +367,16 @@ class _Engine:
         # one entry more each (unused): compile would specialize a size of 1
         self.keys = _to_device(torch.tensor([*(keys if keys is not None else range(P)), 0]), dev)  # [P + 1]
         self.eos = _to_device(torch.tensor(eos + eos[:1]), dev)  # [E + 1]
-        self.table = torch.full((B, 1 - (-max(map(len, prompts)) - T) // page), N, device=dev)  # [B, J + 1] N: none
+        self.table = torch.full((B, 3 - (-max(map(len, prompts)) - T) // page), N, device=dev)  # [B, J + 3] N: none
         self.changes = {}  # (leaf, block) -> page not yet in `table` (a dict: one value an entry)
         self.plen = torch.tensor([len(q) for q in prompts])  # [P]
-        self.live, self.joining, self.fresh = torch.zeros(0, 2, dtype=torch.long), [], set()  # fresh: just (re)started
+        self.live, self.joining = torch.zeros(0, 3, dtype=torch.long), []
         self.pages, self.ref, self.free = {}, [0] * N, list(range(N))  # free: a heap, the lowest first
         self.waiting, self.swapped = collections.deque(range(P)), {}
         self.length, self.finished, self.parent, self.branch_pos = [0] * B, [False] * B, [-1] * B, [0] * B
         self.forks, self.steps, self.decoded, self.peak = [0] * P, 0, 0, 0
         self.hist = torch.zeros(B, T, C + 1, dtype=torch.float64) if self.tree else None  # what each step read back
-        self.traffic = dict(prefill=0, decode=0, copy=0, swap=0)
+        self.traffic = dict(prefill=0, decode=0, swap=0)
         self.step = _compiled_decode() if cfg.compile else _decode
 
     def admit(self) -> bool:
@@ -407,30 +408,18 @@ class _Engine:
         return len(self.live) > 0
 
     def grow(self) -> None:
-        """Give each row at a page boundary or just (re)started the page its next position goes to: a fresh one, or a
-        copy of the written part of a shared one (copy on write). With no page free, the newest group is swapped out:
-        the oldest groups are served first, so they always progress."""
-        live, G, page, copies = self._rows(), self.G, self.page, []  # copies: (new page, shared page, positions)
-        pos = self.plen[live[:, 0] // G] + live[:, 1] - 1  # [n] where each row writes next
-        need = (pos % page == 0) | torch.isin(live[:, 0], torch.tensor(list(self.fresh), dtype=torch.long))
-        self.fresh.clear()
-        for c, x in sorted(torch.stack([live[:, 0], pos], 1)[need].tolist()):  # leaf order: the oldest group first
-            j, off = divmod(x, page)
-            if c not in self.pages or j < len(self.pages[c]) and self.ref[self.pages[c][j]] == 1:
-                continue  # swapped out in this loop, or writing its own page
+        """Give each row whose next position opens one of its own pages a fresh page. With none free, the newest group
+        is swapped out until one is: the oldest groups are served first, so they always progress."""
+        live, G = self._rows(), self.G
+        for c in sorted(live[(live[:, 1] - 1 - live[:, 2]) % self.page == 0, 0].tolist()):  # leaf order: oldest first
             while not self.free:
                 newest = int(self.live[:, 0].max()) // G
                 assert newest > c // G or int(self.live[:, 0].min()) // G < newest, "a group outgrew group_pages()"
-                self._copy(copies)  # before the swap reads the pages
                 self._swap_out(newest)
-            if c in self.pages:
-                new = self._take(1)
-                if j < len(self.pages[c]):
-                    copies.append((new[0], self.pages[c][j], off))
-                    self._drop(self.pages[c][j: j + 1])
-                self._hold(c, new, j)
-                self._drop(new)  # _take's hold: the row holds it now
-        self._copy(copies)
+            if c in self.pages:  # not swapped out in this loop
+                new = self._take(1)[0]  # the row's: _take's hold is its
+                self.changes[c, len(self.pages[c])] = new
+                self.pages[c].append(new)
 
     def decode(self) -> None:
         """One token for every row in flight (`_decode`), then the step's read: which rows drew EOS (and for a tree
@@ -440,12 +429,12 @@ class _Engine:
             ch = _to_device(torch.tensor([[c, j, p] for (c, j), p in self.changes.items()]), self.dev)  # [k, 3]
             self.table[ch[:, 0], ch[:, 1]] = ch[:, 2]
             self.changes.clear()
-        pos = self.plen[live[:, 0] // self.G] + live[:, 1] - 1
-        meta = torch.cat([live, pos[:, None]], 1)  # [n, 3] leaf, t, cache position of token t - 1
+        plen = self.plen[live[:, 0] // self.G]
+        meta = torch.cat([live, plen[:, None]], 1)  # [n, 4] leaf, t, t0, prompt length
         if self.cfg.compile and len(meta) == 1:
             meta = meta.repeat(2, 1)  # compile would specialize a size of 1: the lone row twice (the same writes)
         flags = _read(self.step(self.model, self.pool, self.out, self.table, _to_device(meta, self.dev),
-                                int(pos.max()) + 1, self.page, self.cfg, self.G, self.seed_word, self.keys,
+                                int((plen + live[:, 1]).max()), self.page, self.cfg, self.G, self.seed_word, self.keys,
                                 self.eos))[: len(live)]  # [n, C + 1]: each draw's EOS, the entropy
         self.steps, self.decoded = self.steps + 1, self.decoded + len(live)
         self.traffic["decode"] += len(live)
@@ -454,7 +443,7 @@ class _Engine:
         ended = (flags[:, 0] > 0) | (live[:, 1] + 1 >= T)
         self.live = live[~ended]
         self.live[:, 1] += 1
-        for c, t, eos in torch.cat([live, flags[:, :1].long()], 1)[ended].tolist():
+        for c, t, _, eos in torch.cat([live, flags[:, :1].long()], 1)[ended].tolist():
             self._end(c, t + 1, eos > 0, self.pages[c])
             self._drop(self.pages.pop(c))
 
@@ -485,7 +474,7 @@ class _Engine:
             if self.tree:
                 self.hist[g * G: g * G + G, 0] = torch.cat([first, f[-1:].expand(G, 1)], 1)
             for c, eos in zip(range(g * G, g * G + self.M), first[:, 0].tolist()):
-                self._end(c, 1, eos > 0, tab) if eos or self.cfg.max_new_tokens == 1 else self._start(c, 0, tab)
+                self._end(c, 1, eos > 0, tab) if eos or self.cfg.max_new_tokens == 1 else self._start(c, 0, tab, 0)
             self._drop(tab)  # the prompt's pages now belong to its rows (free if none continues)
 
     def _end(self, c: int, n: int, eos: bool, pages: list[int]) -> None:
@@ -507,7 +496,7 @@ class _Engine:
                 self.finished[b] = bool(self.hist[c, t, 1 + j])
                 at.append((b, t, j))
                 if not (self.finished[b] or t + 1 >= T):
-                    self._start(b, t, pages)
+                    self._start(b, t, pages, t)
         if at:
             b, t, j = _to_device(torch.tensor(at).T, self.dev)
             o["tokens"][b, t], o["logprobs"][b, t] = o["alt_tok"][c, t, j], o["alt_lp"][c, t, j]
@@ -515,15 +504,15 @@ class _Engine:
         for b in range(g * G + nxt, g * G + nxt + fresh):  # fresh chains: their first token was drawn at prefill
             self.length[b], self.finished[b] = 1, bool(self.hist[b, 0, 0])
             if not (self.finished[b] or T == 1):
-                self._start(b, 0, pages)
+                self._start(b, 0, pages, 0)
 
     def assemble(self) -> Rollout:
         """Leaves in id order, a branch's positions before its fork read from its root's row; padding past each end."""
         P, G, o, dev, pad = len(self.prompts), self.G, self.out, self.dev, self.pad
         B, T, Tp = P * G, max(self.length), max(map(len, self.prompts))
         src = torch.arange(B)[:, None].repeat(1, T)  # [B, T] the row each position is read from
-        for b, (p, t) in enumerate(zip(self.parent, self.branch_pos)):
-            src[b, :t] = p
+        for b in (b for b, p in enumerate(self.parent) if p >= 0):
+            src[b, : self.branch_pos[b]] = self.parent[b]
         rows = _to_device(torch.tensor([self.length, self.finished, self.parent, self.branch_pos]), dev)  # [4, B]
         prompts = torch.tensor([[pad] * (Tp - len(q)) + q for q in self.prompts])  # [P, Tp] left-padded
         prompts = _to_device(torch.stack([prompts, torch.arange(Tp) >= Tp - self.plen[:, None]]), dev)  # and the mask
@@ -550,11 +539,11 @@ class _Engine:
         self.peak = max(self.peak, len(self.ref) - len(self.free))
         return pages
 
-    def _hold(self, c: int, pages: list[int], j: int = 0) -> None:  # leaf c holds `pages` as its blocks j, j + 1, ..
-        for p in pages:
+    def _hold(self, c: int, pages: list[int]) -> None:  # leaf c's row holds `pages` as its page table
+        self.pages[c] = list(pages)
+        for i, p in enumerate(pages):
             self.ref[p] += 1
-        self.pages.setdefault(c, [])[j: j + len(pages)] = pages
-        self.changes.update(((c, i), p) for i, p in enumerate(pages, j))
+            self.changes[c, i] = p
 
     def _drop(self, pages: list[int]) -> None:  # a table or a caller lets go of `pages`; one no one holds is free
         for p in pages:
@@ -562,34 +551,23 @@ class _Engine:
             if not self.ref[p]:
                 heapq.heappush(self.free, p)
 
-    def _start(self, c: int, t: int, pages: list[int], whole: bool = False) -> None:
-        """Leaf c decodes from response position t + 1 (or t, `whole`: a swapped row back) on `pages`: the part that
-        holds its prompt and its tokens before t, shared, not copied (or all of them)."""
-        self.joining.append([c, t if whole else t + 1])
-        self.fresh.add(c)
-        self._hold(c, pages if whole else pages[: -(-(len(self.prompts[c // self.G]) + t) // self.page)])
-
-    def _copy(self, copies: list[tuple[int, int, int]]) -> None:
-        """Copy on write, in one copy: pages new <- shared up to the largest offset (what a row gets past its own it
-        overwrites before reading)."""
-        if copies:
-            (new, old, _), off = _to_device(torch.tensor(copies).T, self.dev), max(c[2] for c in copies)
-            head = self.pool[:, :, :, :off]  # [layers, 2, N + 1, off, Hkv, D]
-            head.index_copy_(2, new, head.index_select(2, old))
-            self.traffic["copy"] += len(copies) * off
-            copies.clear()
+    def _start(self, c: int, t: int, pages: list[int], t0: int) -> None:
+        """Leaf c, its tokens up to response position t recorded, decodes from t + 1, reading its prompt and its first t0
+        response positions from `pages` (its prompt's, then its root's own): shared, not copied."""
+        self.joining.append([c, t + 1, t0])
+        self._hold(c, pages[: -(-len(self.prompts[c // self.G]) // self.page) - (-t0 // self.page)])
 
     def _swap_out(self, g: int) -> None:
         """Preempt group g (vLLM's swap, whole groups): its pages to pinned host memory without waiting (only a later copy
         on the same stream reads them), its rows out of flight; `_swap_in` brings them back bit for bit."""
         live = self._rows()
         mine = live[:, 0] // self.G == g
-        self.live, rows = live[~mine], [(c, t, self.pages.pop(c)) for c, t in live[mine].tolist()]
-        pages = sorted({p for *_, ps in rows for p in ps})
+        self.live, rows = live[~mine], [(row, self.pages.pop(row[0])) for row in live[mine].tolist()]
+        pages = sorted({p for _, ps in rows for p in ps})
         x = self.pool[:, :, _to_device(torch.tensor(pages), self.dev)]  # [layers, 2, pages, page, Hkv, D]
         self.swapped[g] = (torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda).copy_(x, non_blocking=True),
-                           [(c, t, [pages.index(p) for p in ps]) for c, t, ps in rows])
-        for *_, ps in rows:
+                           [(row, [pages.index(p) for p in ps]) for row, ps in rows])
+        for _, ps in rows:
             self._drop(ps)
         self.traffic["swap"] += len(pages) * self.page
 
@@ -597,26 +575,34 @@ class _Engine:
         saved, rows = self.swapped.pop(g)
         pages = self._take(saved.shape[2])
         self.pool[:, :, _to_device(torch.tensor(pages), self.dev)] = _to_device(saved, self.dev)
-        for c, t, idx in rows:
-            self._start(c, t, [pages[i] for i in idx], whole=True)
+        for row, idx in rows:
+            self.joining.append(row)
+            self._hold(row[0], [pages[i] for i in idx])
         self._drop(pages)
         self.traffic["swap"] += len(pages) * self.page
 
 
 def _decode(model, pool, out, table, meta, L: int, page: int, cfg: SamplingConfig, G: int, seed_word, keys, eos):
-    """The decode step on the device (compiled whole with cfg.compile). meta [n, 3]: per row its leaf, the response
-    position t it samples, the cache position of its token t - 1 (L: the largest + 1); table [B, J]: every leaf's pages.
-    Writes each row's key and value in place, draws and records by leaf. Returns [n, C + 1] float64: each draw's EOS,
-    the entropy."""
-    leaf, t, pos = meta.unbind(1)  # [n] each
+    """The decode step on the device (compiled whole with cfg.compile). meta [n, 4]: per row its leaf, the response
+    position t it samples, t0 (its own positions start there), its prompt length; L: the most positions a row reads;
+    table [B, J]: every leaf's pages. Writes each row's key and value in place, draws and records by leaf. Returns
+    [n, C + 1] float64: each draw's EOS, the entropy."""
+    leaf, t, t0, plen = (x[:, None] for x in meta.unbind(1))  # [n, 1] each
     at = torch.arange(L, device=meta.device)
-    seen = at <= pos[:, None]  # [n, L] the positions each row attends to
+    r = at - plen  # [n, L] each position's response position (< 0: the prompt)
+    # the run a position is in (prompt, root's, own) and its first block: a run starts a page of its own
+    start = torch.where(r < 0, 0, torch.where(r < t0, plen, plen + t0))
+    first = torch.where(r < 0, 0, -(-plen // page) + torch.where(r < t0, 0, -(-t0 // page)))
+    seen = at < plen + t  # the positions a row attends to, its token t - 1's included
+    block = (first + (at - start) // page).clamp(max=table.shape[1] - 1)
     # each position's slot in a layer's pages seen as one axis [(N + 1) * page]; unseen ones read the scratch page
-    slot = torch.where(seen, table[leaf[:, None], at // page] * page, (pool.shape[2] - 1) * page) + at % page
+    slot = torch.where(seen, table[leaf[:, 0]].gather(1, block) * page, (pool.shape[2] - 1) * page) + (at - start) % page
     mask = torch.zeros(seen.shape, dtype=pool.dtype, device=meta.device).masked_fill(~seen, float("-inf"))
-    view = _View(pool, slot.gather(1, pos[:, None]), slot, mask[:, None, None])
-    logits = model(input_ids=out["tokens"][leaf, t - 1][:, None], position_ids=pos[:, None], use_cache=False,
+    pos = plen + t - 1  # [n, 1] the cache position of token t - 1
+    view = _View(pool, slot.gather(1, pos), slot, mask[:, None, None])
+    logits = model(input_ids=out["tokens"][leaf, t - 1], position_ids=pos, use_cache=False,
                    attention_mask={"full_attention": None}, page_kv=view).logits[:, -1]  # [n, V]
+    leaf, t = leaf[:, 0], t[:, 0]
     C = out["alt_tok"].shape[2] + 1
     lanes = (leaf % G)[:, None] + (torch.arange(C, device=meta.device) << 32)  # [n, C] lane 0: the row's own token
     tok, lp, H = _draw(cfg, seed_word, keys, logits, leaf // G, lanes, t)

@@ -1,4 +1,4 @@
-"""bench_rollout.py: the decode engine's speed, memory and copies; tree sampling against flat; flat against `generate`.
+"""bench_rollout.py: the decode engine's speed, memory and syncs; tree sampling against flat; flat against `generate`.
 
 Sections (--sections; engine, tree, paper, traffic, overhead and arithmetic by default). Token and byte counts are
 exact; wall times depend on the machine.
@@ -54,7 +54,7 @@ after an untimed run of itself (which compiles).
 traffic: Qwen3-1.7B's attention in 1 layer with a 1,024-token vocabulary and a narrow MLP (the counts
 do not depend on them, the run time does), a 1,024-token prompt x 8 rows, EOS impossible, flat and
 tree (default tau) at each --traffic-new-tokens: cache bytes written and copied per decoded position,
-by kind (prefill writes, decode writes, copies on write, swaps), from the engine's own counts.
+by kind (prefill writes, decode writes, swaps), from the engine's own counts.
 
 attention: one decode step's attention in one layer of Qwen3-1.7B at the paper's shape (--attention-prompts x G = 7
 rows of 1,024 + 2,048 positions, each prompt's pages shared by its rows): rollout._attend (the rows' positions gathered
@@ -299,7 +299,7 @@ def tree_vs_flat_at_equal_budgets(model, prompts, eos, pad, args: Args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# The engine at the paper's shapes: memory, copies, host overhead
+# The engine at the paper's shapes: memory, traffic, host overhead
 
 
 PAD, EOS = 0, 2  # token ids of the random Qwen3-1.7B-shaped models (random prompts avoid both)
@@ -454,14 +454,14 @@ def traffic(args: Args) -> None:
           f"  bytes per decoded position (Qwen3-1.7B bf16 bytes in brackets); decode = one position written per "
           f"computed slot and step")
     print(f"  {'sampler':<8} {'new tokens':>10} {'decoded':>8} {'steps':>6} {'prefill':>16} {'decode writes':>16} "
-          f"{'copies':>16} {'swaps':>16} {'peak MB':>8}")
+          f"{'swaps':>16} {'peak MB':>8}")
     for T in args.traffic_new_tokens:
         for sampler in ("flat", "tree"):
             cfg = rollout.SamplingConfig(max_new_tokens=T, sampler=sampler)
             r = rollout.sample(model, prompts, G, cfg, eos_token_ids=EOS, pad_token_id=PAD, seed=0)
             per = {k: v / r.decoded_tokens for k, v in r.kv_traffic.items()}
             cells = " ".join(f"{per[k] * bpp:7,.0f} [{per[k] * bpp_full / 1e3:5.0f}k]" for k in
-                             ("prefill", "decode", "copy", "swap"))
+                             ("prefill", "decode", "swap"))
             print(f"  {sampler:<8} {T:10d} {r.decoded_tokens:8d} {r.decode_steps:6d} {cells} "
                   f"{r.peak_kv_tokens * bpp / 2**20:8.1f}")
 
