@@ -314,12 +314,13 @@ def sample(model, prompts: list[list[int]], group_size: int, cfg: SamplingConfig
 
 # ---- infrastructure: the decode engine ---------------------------------------------------------------------------
 #
-# The cache is one pool [layers, K/V, pages, page_size, KV heads, head_dim] in the compute dtype, allocated per sample()
-# call. A row (a leaf being decoded) holds a page table in three runs, each starting on a page of its own: its prompt's
-# pages, shared by the group's rows; for a tree branch, its root's pages up to the fork, shared; its own pages, the only
-# ones it writes. So nothing is ever copied; `ref` counts the tables holding a page. The schedule lives on the host; a step sends
-# the device its rows and the tables' changes (pinned memory, non-blocking) and reads back one small tensor: which rows
-# drew EOS, and the entropies a tree's forks need. That read is the step's one wait for the device.
+# The cache is one pool [layers, K/V, page_size, pages, KV heads, head_dim] in the compute dtype, allocated per
+# sample() call (offset-major: the positions the rows write in one step lie together, not a page apart). A row (a leaf
+# being decoded) holds a page table in three runs, each from the start of a page: its prompt's pages, shared by the
+# group's rows; a tree branch's root's pages up to the fork, shared; its own pages, the only ones it writes. So nothing
+# is ever copied; `ref` counts the tables holding a page. The schedule lives on the host: a step sends the device its
+# rows and the tables' changes (pinned memory, non-blocking) and reads back one small tensor, which rows drew EOS and
+# what a tree's forks need. That read is the step's one wait for the device.
 
 PREFILL_TOKENS = 8192
 """most prompt positions (padding included) one prefill forward runs; bounds its activations"""
@@ -342,14 +343,15 @@ def _read(x: torch.Tensor) -> torch.Tensor:
 
 class _Engine:
     """One sample() call. Device: the pool, the outputs, `table` [B, J] every leaf's pages. Host: the rows in flight
-    `live` [n, 3] (leaf; t, the response position it samples next, from token t - 1 at cache position prompt length
-    + t - 1; t0, the response positions it reads from its root: its own start at t0), pages[leaf] a row's table, the
-    groups waiting or swapped out. A step's host work is a few tensor ops over `live` and a loop over the rows
-    something happens to."""
+    `live` [n, 4] (leaf; t, the response position it samples next, from token t - 1 at cache position prompt length
+    + t - 1; t0, the response positions it reads from its root, its own start there; prompt length), pages[leaf] its
+    table, the groups waiting or swapped out. A step's host work is a few tensor ops over `live` and a loop over the
+    rows something happens to."""
 
     def __init__(self, model, prompts, G, cfg, eos, pad, seed, keys):
         P, T, page, dev = len(prompts), cfg.max_new_tokens, cfg.page_size, next(model.parameters()).device
-        self.model, self.cfg, self.prompts, self.G, self.page, self.pad, self.dev = model, cfg, prompts, G, page, pad, dev
+        self.model, self.cfg, self.prompts, self.G, self.page, self.pad = model, cfg, prompts, G, page, pad
+        self.dev = dev
         self.tree = cfg.sampler == "tree" and not math.isinf(cfg.tau)  # tau = inf forks nothing: all G start at once
         self.M, self.C = (cfg.num_chains, cfg.max_children) if self.tree else (G, 1)
         # usable pages, N the scratch page. No budget: every group at its longest, its prompt's pages and per leaf the
@@ -357,20 +359,19 @@ class _Engine:
         N = cfg.kv_budget // page - 1 if cfg.kv_budget is not None else \
             sum(-(-len(q) // page) + G * -(-(T - 1) // page) for q in prompts)
         t, B, C = model.config.get_text_config(), P * G, self.C
-        self.pool = torch.empty(t.num_hidden_layers, 2, N + 1, page, t.num_key_value_heads, getattr(t, "head_dim", None)
+        self.pool = torch.empty(t.num_hidden_layers, 2, page, N + 1, t.num_key_value_heads, getattr(t, "head_dim", None)
                                 or t.hidden_size // t.num_attention_heads, dtype=_cache_dtype(model, dev), device=dev)
-        self.pool[:, :, N] = 0  # what masked positions read (weight 0, and 0 x NaN would be NaN)
+        self.pool[:, :, :, N] = 0  # what masked positions read (weight 0, and 0 x NaN would be NaN)
         self.out = {k: torch.zeros(B, T, *shape, dtype=dtype, device=dev) for k, shape, dtype in [  # C - 1 alternatives
-            ("tokens", (), torch.long), ("logprobs", (), None), ("entropy", (), None), ("alt_tok", (C - 1,), torch.long),
-            ("alt_lp", (C - 1,), None)]}
+            ("tokens", (), torch.long), ("logprobs", (), None), ("entropy", (), None),
+            ("alt_tok", (C - 1,), torch.long), ("alt_lp", (C - 1,), None)]}
         self.seed_word = _seed_word(seed, dev)
         # one entry more each (unused): compile would specialize a size of 1
         self.keys = _to_device(torch.tensor([*(keys if keys is not None else range(P)), 0]), dev)  # [P + 1]
         self.eos = _to_device(torch.tensor(eos + eos[:1]), dev)  # [E + 1]
         self.table = torch.full((B, 3 - (-max(map(len, prompts)) - T) // page), N, device=dev)  # [B, J + 3] N: none
         self.changes = {}  # (leaf, block) -> page not yet in `table` (a dict: one value an entry)
-        self.plen = torch.tensor([len(q) for q in prompts])  # [P]
-        self.live, self.joining = torch.zeros(0, 3, dtype=torch.long), []
+        self.live, self.joining = torch.zeros(0, 4, dtype=torch.long), []
         self.pages, self.ref, self.free = {}, [0] * N, list(range(N))  # free: a heap, the lowest first
         self.waiting, self.swapped = collections.deque(range(P)), {}
         self.length, self.finished, self.parent, self.branch_pos = [0] * B, [False] * B, [-1] * B, [0] * B
@@ -389,7 +390,7 @@ class _Engine:
         while self.swapped or self.waiting:
             if self.swapped:  # every swapped group is older than every waiting prompt: prompts start in order
                 g = min(self.swapped)
-                if not fits(self.swapped[g][0].shape[2], len(self.swapped[g][1]), True):
+                if not fits(self.swapped[g][0].shape[3], len(self.swapped[g][1]), True):
                     break
                 self._swap_in(g)
                 continue
@@ -429,13 +430,12 @@ class _Engine:
             ch = _to_device(torch.tensor([[c, j, p] for (c, j), p in self.changes.items()]), self.dev)  # [k, 3]
             self.table[ch[:, 0], ch[:, 1]] = ch[:, 2]
             self.changes.clear()
-        plen = self.plen[live[:, 0] // self.G]
-        meta = torch.cat([live, plen[:, None]], 1)  # [n, 4] leaf, t, t0, prompt length
+        meta = live  # [n, 4] leaf, t, t0, prompt length
         if self.cfg.compile and len(meta) == 1:
             meta = meta.repeat(2, 1)  # compile would specialize a size of 1: the lone row twice (the same writes)
-        flags = _read(self.step(self.model, self.pool, self.out, self.table, _to_device(meta, self.dev),
-                                int((plen + live[:, 1]).max()), self.page, self.cfg, self.G, self.seed_word, self.keys,
-                                self.eos))[: len(live)]  # [n, C + 1]: each draw's EOS, the entropy
+        L = int((live[:, 1] + live[:, 3]).max())  # the most positions a row reads
+        flags = _read(self.step(self.model, self.pool, self.out, self.table, _to_device(meta, self.dev), L, self.page,
+                                self.cfg, self.G, self.seed_word, self.keys, self.eos))[: len(live)]  # [n, C + 1]
         self.steps, self.decoded = self.steps + 1, self.decoded + len(live)
         self.traffic["decode"] += len(live)
         if self.tree:
@@ -443,7 +443,7 @@ class _Engine:
         ended = (flags[:, 0] > 0) | (live[:, 1] + 1 >= T)
         self.live = live[~ended]
         self.live[:, 1] += 1
-        for c, t, _, eos in torch.cat([live, flags[:, :1].long()], 1)[ended].tolist():
+        for c, t, _, _, eos in torch.cat([live, flags[:, :1].long()], 1)[ended].tolist():
             self._end(c, t + 1, eos > 0, self.pages[c])
             self._drop(self.pages.pop(c))
 
@@ -455,7 +455,8 @@ class _Engine:
         plen = [len(self.prompts[g]) for g in batch]
         Tq, tables = max(plen), [self._take(-(-n // page)) for n in plen]
         ids = [self.prompts[g] + [self.pad] * (Tq - n) for g, n in zip(batch, plen)]
-        slots = [[(tab[x // page] if x < n else N) * page + x % page for x in range(Tq)] for tab, n in zip(tables, plen)]
+        slots = [[(tab[x // page] if x < n else N) + x % page * (N + 1) for x in range(Tq)]
+                 for tab, n in zip(tables, plen)]
         x = _to_device(torch.tensor([ids, slots]), dev)  # [2, b, Tq] token ids, each position's slot
         g_t, last = _to_device(torch.tensor([batch, [n - 1 for n in plen]]), dev)  # [b] each
         logits = self.model(input_ids=x[0], position_ids=torch.arange(Tq, device=dev).expand(b, Tq), use_cache=False,
@@ -469,11 +470,11 @@ class _Engine:
         o["tokens"][leaves, 0], o["logprobs"][leaves, 0], o["entropy"][leaves, 0] = tok[..., 0], lp[..., 0], H[:, None]
         o["alt_tok"][leaves, 0], o["alt_lp"][leaves, 0] = tok[..., 1:], lp[..., 1:]
         flags = _read(torch.cat([torch.isin(tok, self.eos).flatten(1).double(), H[:, None].double()], 1))  # [b, G*C+1]
-        for g, tab, f in zip(batch, tables, flags):
-            first = f[:-1].view(G, C)  # each lane's C draws: EOS?
-            if self.tree:
-                self.hist[g * G: g * G + G, 0] = torch.cat([first, f[-1:].expand(G, 1)], 1)
-            for c, eos in zip(range(g * G, g * G + self.M), first[:, 0].tolist()):
+        if self.tree:  # each lane's C draws EOS?, the entropy
+            self.hist[torch.tensor(batch)[:, None] * G + torch.arange(G), 0] = torch.cat(
+                [flags[:, :-1].view(b, G, C), flags[:, None, -1:].expand(b, G, 1)], 2)
+        for g, tab, f in zip(batch, tables, flags.tolist()):
+            for c, eos in zip(range(g * G, g * G + self.M), f[: self.M * C: C]):
                 self._end(c, 1, eos > 0, tab) if eos or self.cfg.max_new_tokens == 1 else self._start(c, 0, tab, 0)
             self._drop(tab)  # the prompt's pages now belong to its rows (free if none continues)
 
@@ -513,10 +514,12 @@ class _Engine:
         src = torch.arange(B)[:, None].repeat(1, T)  # [B, T] the row each position is read from
         for b in (b for b, p in enumerate(self.parent) if p >= 0):
             src[b, : self.branch_pos[b]] = self.parent[b]
+        at = (_to_device(src, dev), torch.arange(T, device=dev)) if self.tree else (slice(None), slice(T))
         rows = _to_device(torch.tensor([self.length, self.finished, self.parent, self.branch_pos]), dev)  # [4, B]
         prompts = torch.tensor([[pad] * (Tp - len(q)) + q for q in self.prompts])  # [P, Tp] left-padded
-        prompts = _to_device(torch.stack([prompts, torch.arange(Tp) >= Tp - self.plen[:, None]]), dev)  # and the mask
-        mask, at = torch.arange(T, device=dev) < rows[0][:, None], (_to_device(src, dev), torch.arange(T, device=dev))
+        plen = torch.tensor([len(q) for q in self.prompts])
+        prompts = _to_device(torch.stack([prompts, torch.arange(Tp) >= Tp - plen[:, None]]), dev)  # and the mask
+        mask = torch.arange(T, device=dev) < rows[0][:, None]  # [B, T]
         return Rollout(
             prompt_ids=prompts[0].repeat_interleave(G, 0), prompt_mask=prompts[1].bool().repeat_interleave(G, 0),
             response_ids=o["tokens"][at].masked_fill(~mask, pad), response_mask=mask,
@@ -524,7 +527,7 @@ class _Engine:
             group_index=torch.arange(B, device=dev) // G, finished=rows[1].bool(),
             decoded_tokens=self.decoded, prefilled_tokens=sum(map(len, self.prompts)), decode_steps=self.steps,
             parent=rows[2], branch_pos=rows[3], forks_made=_to_device(torch.tensor(self.forks), dev),
-            peak_kv_tokens=self.peak * self.page, kv_capacity=self.pool.shape[2] * self.page,
+            peak_kv_tokens=self.peak * self.page, kv_capacity=self.pool.shape[3] * self.page,
             kv_traffic=dict(self.traffic))
 
     def _rows(self) -> torch.Tensor:  # the rows in flight, those that joined since the last call included
@@ -552,19 +555,20 @@ class _Engine:
                 heapq.heappush(self.free, p)
 
     def _start(self, c: int, t: int, pages: list[int], t0: int) -> None:
-        """Leaf c, its tokens up to response position t recorded, decodes from t + 1, reading its prompt and its first t0
-        response positions from `pages` (its prompt's, then its root's own): shared, not copied."""
-        self.joining.append([c, t + 1, t0])
-        self._hold(c, pages[: -(-len(self.prompts[c // self.G]) // self.page) - (-t0 // self.page)])
+        """Leaf c, its tokens up to response position t recorded, decodes from t + 1, reading its prompt and its
+        first t0 response positions from `pages` (its prompt's, then its root's own): shared, not copied."""
+        plen = len(self.prompts[c // self.G])
+        self.joining.append([c, t + 1, t0, plen])
+        self._hold(c, pages[: -(-plen // self.page) - (-t0 // self.page)])
 
     def _swap_out(self, g: int) -> None:
-        """Preempt group g (vLLM's swap, whole groups): its pages to pinned host memory without waiting (only a later copy
-        on the same stream reads them), its rows out of flight; `_swap_in` brings them back bit for bit."""
+        """Preempt group g (vLLM's swap, whole groups): its pages to pinned host memory without waiting (only a later
+        copy on the same stream reads them), its rows out of flight; `_swap_in` brings them back bit for bit."""
         live = self._rows()
         mine = live[:, 0] // self.G == g
         self.live, rows = live[~mine], [(row, self.pages.pop(row[0])) for row in live[mine].tolist()]
         pages = sorted({p for _, ps in rows for p in ps})
-        x = self.pool[:, :, _to_device(torch.tensor(pages), self.dev)]  # [layers, 2, pages, page, Hkv, D]
+        x = self.pool[:, :, :, _to_device(torch.tensor(pages), self.dev)]  # [layers, 2, page, pages, Hkv, D]
         self.swapped[g] = (torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda).copy_(x, non_blocking=True),
                            [(row, [pages.index(p) for p in ps]) for row, ps in rows])
         for _, ps in rows:
@@ -573,8 +577,8 @@ class _Engine:
 
     def _swap_in(self, g: int) -> None:
         saved, rows = self.swapped.pop(g)
-        pages = self._take(saved.shape[2])
-        self.pool[:, :, _to_device(torch.tensor(pages), self.dev)] = _to_device(saved, self.dev)
+        pages = self._take(saved.shape[3])
+        self.pool[:, :, :, _to_device(torch.tensor(pages), self.dev)] = _to_device(saved, self.dev)
         for row, idx in rows:
             self.joining.append(row)
             self._hold(row[0], [pages[i] for i in idx])
@@ -589,14 +593,13 @@ def _decode(model, pool, out, table, meta, L: int, page: int, cfg: SamplingConfi
     [n, C + 1] float64: each draw's EOS, the entropy."""
     leaf, t, t0, plen = (x[:, None] for x in meta.unbind(1))  # [n, 1] each
     at = torch.arange(L, device=meta.device)
-    r = at - plen  # [n, L] each position's response position (< 0: the prompt)
-    # the run a position is in (prompt, root's, own) and its first block: a run starts a page of its own
-    start = torch.where(r < 0, 0, torch.where(r < t0, plen, plen + t0))
-    first = torch.where(r < 0, 0, -(-plen // page) + torch.where(r < t0, 0, -(-t0 // page)))
+    gap = (-plen) % page  # the prompt's last page's unused part: the next run starts a page of its own
+    # each position as if each run (prompt, root's, own) started a page: v // page is its block in the table
+    v = at + torch.where(at < plen, 0, torch.where(at < plen + t0, gap, gap + (-t0) % page))  # [n, L]
     seen = at < plen + t  # the positions a row attends to, its token t - 1's included
-    block = (first + (at - start) // page).clamp(max=table.shape[1] - 1)
-    # each position's slot in a layer's pages seen as one axis [(N + 1) * page]; unseen ones read the scratch page
-    slot = torch.where(seen, table[leaf[:, 0]].gather(1, block) * page, (pool.shape[2] - 1) * page) + (at - start) % page
+    # each position's slot in a layer's pool seen as one axis [page * (N + 1)]; unseen ones read the scratch page
+    slot = torch.where(seen, table[leaf, (v // page).clamp(max=table.shape[1] - 1)], pool.shape[3] - 1) + \
+        v % page * pool.shape[3]
     mask = torch.zeros(seen.shape, dtype=pool.dtype, device=meta.device).masked_fill(~seen, float("-inf"))
     pos = plen + t - 1  # [n, 1] the cache position of token t - 1
     view = _View(pool, slot.gather(1, pos), slot, mask[:, None, None])
@@ -620,16 +623,17 @@ def _compiled_decode():
     duck sizing (else rows == B at the first step becomes a guard the next step breaks). Inductor's kernels only: CUDA
     graphs would need the pool at one address for the whole run."""
     if not _COMPILED:
-        _COMPILED.append(torch.fx.experimental._config.patch(use_duck_shape=False)(torch.compile(_decode, dynamic=True)))
+        no_duck = torch.fx.experimental._config.patch(use_duck_shape=False)
+        _COMPILED.append(no_duck(torch.compile(_decode, dynamic=True)))
     return _COMPILED[0]
 
 
 @dataclass
 class _View:
-    """What one forward writes and reads in the pool, a position named by its slot in a layer's pages seen as one axis
-    [(N + 1) * page]; reaches `_attend` as the model kwarg page_kv (transformers passes unknown kwargs through)."""
+    """What one forward writes and reads in the pool, a position named by its slot, offset x (N + 1) + page, in a
+    layer's pool seen as one axis; reaches `_attend` as the model kwarg page_kv (transformers passes kwargs through)."""
 
-    pool: torch.Tensor  # [layers, 2, N + 1, page, Hkv, D]
+    pool: torch.Tensor  # [layers, 2, page, N + 1, Hkv, D]
     write: torch.Tensor  # [n, Tq] the slot each new position's key and value go to
     read: torch.Tensor | None = None  # decode: [n, L] the slots of each row's positions 0 .. L - 1
     mask: torch.Tensor | None = None  # decode: [n, 1, 1, L] 0 where the row attends, -inf elsewhere
@@ -640,7 +644,7 @@ def _attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0
     -> ([n, Tq, H, D], None). Writes key/value into their slots (in the cache's dtype: under autocast Qwen3's k_norm
     returns fp32), then attends: prefill causally over the prompt's own keys; decode over each row's positions,
     gathered (K and V at once) into [n, Hkv, L, D] for one SDPA call, whose kernels accumulate the scores in fp32."""
-    kv = page_kv.pool[module.layer_idx].flatten(1, 2)  # [2, (N + 1) * page, Hkv, D]
+    kv = page_kv.pool[module.layer_idx].flatten(1, 2)  # [2, page * (N + 1), Hkv, D]
     kv[0][page_kv.write] = key.transpose(1, 2).to(kv.dtype)  # [n, Tq, Hkv, D]
     kv[1][page_kv.write] = value.transpose(1, 2).to(kv.dtype)
     if page_kv.read is None:
@@ -720,7 +724,8 @@ DECODE_BYTES_PER_LOGIT = 24  # the decode step's [rows, V] tensors: logits, fp32
 def kv_budget_for(free: int, rows: int, vocab: int, bytes_per_position: int, longest: int, layers: int,
                   fraction: float = 0.9) -> int:
     """default_kv_budget's arithmetic, given the bytes free (AdamW's pending states and autocast's copies taken off):
-        kv_budget = fraction x (free - 24 x rows x V - rows x longest x bytes per position / layers) / bytes per position
+        kv_budget = fraction x (free - 24 x rows x V - rows x longest x bytes per position / layers)
+                    / bytes per position
     (whole positions, at least 0). The third term is one layer's gathered pages in decode attention: every row at
     the longest, its pages in order, K and V."""
     gathered = rows * longest * bytes_per_position // layers
@@ -852,8 +857,8 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 
 def check_config(cfg: SamplingConfig, group_size: int, longest_prompt: int) -> None:
-    """A ValueError "cfg.FIELD=VALUE: why" for the first invalid setting; sample() calls it, and train.py calls it on its
-    flags before anything loads (a row reserves longest_prompt + max_new_tokens)."""
+    """A ValueError "cfg.FIELD=VALUE: why" for the first invalid setting; sample() calls it, and train.py calls it on
+    its flags before anything loads (a row reserves longest_prompt + max_new_tokens)."""
     def integer(lo, hi=math.inf):
         return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
 
