@@ -362,6 +362,7 @@ class _Engine:
         self.pool = torch.empty(t.num_hidden_layers, 2, page, N + 1, t.num_key_value_heads, getattr(t, "head_dim", None)
                                 or t.hidden_size // t.num_attention_heads, dtype=_cache_dtype(model, dev), device=dev)
         self.pool[:, :, :, N] = 0  # what masked positions read (weight 0, and 0 x NaN would be NaN)
+        self.slots = self.pool.flatten(0, 3)  # [layers * 2 * page * (N + 1), Hkv, D]: what the forward writes in place
         self.out = {k: torch.zeros(B, T, *shape, dtype=dtype, device=dev) for k, shape, dtype in [  # C - 1 alternatives
             ("tokens", (), torch.long), ("logprobs", (), None), ("entropy", (), None),
             ("alt_tok", (C - 1,), torch.long), ("alt_lp", (C - 1,), None)]}
@@ -434,7 +435,7 @@ class _Engine:
         if self.cfg.compile and len(meta) == 1:
             meta = meta.repeat(2, 1)  # compile would specialize a size of 1: the lone row twice (the same writes)
         L = int((live[:, 1] + live[:, 3]).max())  # the most positions a row reads
-        flags = _read(self.step(self.model, self.pool, self.out, self.table, _to_device(meta, self.dev), L, self.page,
+        flags = _read(self.step(self.model, self.slots, self.out, self.table, _to_device(meta, self.dev), L, self.page,
                                 self.cfg, self.G, self.seed_word, self.keys, self.eos))[: len(live)]  # [n, C + 1]
         self.steps, self.decoded = self.steps + 1, self.decoded + len(live)
         self.traffic["decode"] += len(live)
@@ -460,7 +461,8 @@ class _Engine:
         x = _to_device(torch.tensor([ids, slots]), dev)  # [2, b, Tq] token ids, each position's slot
         g_t, last = _to_device(torch.tensor([batch, [n - 1 for n in plen]]), dev)  # [b] each
         logits = self.model(input_ids=x[0], position_ids=torch.arange(Tq, device=dev).expand(b, Tq), use_cache=False,
-                            attention_mask={"full_attention": None}, page_kv=_View(self.pool, x[1]),
+                            attention_mask={"full_attention": None},
+                            page_kv=_View(self.slots, page * (N + 1), x[1]),
                             logits_to_keep=last[:, None]).logits[:, 0]  # [b, V] at each prompt's last position
         self.traffic["prefill"] += b * Tq
         lanes = (torch.arange(G, device=dev)[:, None] + (torch.arange(C, device=dev) << 32)).flatten()  # [G*C]
@@ -586,10 +588,11 @@ class _Engine:
         self.traffic["swap"] += len(pages) * self.page
 
 
-def _decode(model, pool, out, table, meta, L: int, page: int, cfg: SamplingConfig, G: int, seed_word, keys, eos):
+def _decode(model, slots, out, table, meta, L: int, page: int, cfg: SamplingConfig, G: int, seed_word, keys, eos):
     """The decode step on the device (compiled whole with cfg.compile). meta [n, 4]: per row its leaf, the response
     position t it samples, t0 (its own positions start there), its prompt length; L: the most positions a row reads;
-    table [B, J]: every leaf's pages. Writes each row's key and value in place, draws and records by leaf. Returns
+    table [B, J]: every leaf's pages; slots: the pool [layers * 2 * page * (N + 1), Hkv, D], passed whole so that the
+    compiled step writes it in place. Writes each row's key and value in place, draws and records by leaf. Returns
     [n, C + 1] float64: each draw's EOS, the entropy."""
     leaf, t, t0, plen = (x[:, None] for x in meta.unbind(1))  # [n, 1] each
     at = torch.arange(L, device=meta.device)
@@ -597,12 +600,12 @@ def _decode(model, pool, out, table, meta, L: int, page: int, cfg: SamplingConfi
     # each position as if each run (prompt, root's, own) started a page: v // page is its block in the table
     v = at + torch.where(at < plen, 0, torch.where(at < plen + t0, gap, gap + (-t0) % page))  # [n, L]
     seen = at < plen + t  # the positions a row attends to, its token t - 1's included
-    # each position's slot in a layer's pool seen as one axis [page * (N + 1)]; unseen ones read the scratch page
-    slot = torch.where(seen, table[leaf, (v // page).clamp(max=table.shape[1] - 1)], pool.shape[3] - 1) + \
-        v % page * pool.shape[3]
-    mask = torch.zeros(seen.shape, dtype=pool.dtype, device=meta.device).masked_fill(~seen, float("-inf"))
+    # each position's slot in a layer's K (or V), offset x (N + 1) + page; unseen ones read the scratch page N
+    width = slots.shape[0] // (2 * model.config.get_text_config().num_hidden_layers * page)  # N + 1
+    slot = torch.where(seen, table[leaf, (v // page).clamp(max=table.shape[1] - 1)], width - 1) + v % page * width
+    mask = torch.zeros(seen.shape, dtype=slots.dtype, device=meta.device).masked_fill(~seen, float("-inf"))
     pos = plen + t - 1  # [n, 1] the cache position of token t - 1
-    view = _View(pool, slot.gather(1, pos), slot, mask[:, None, None])
+    view = _View(slots, page * width, slot.gather(1, pos), slot, mask[:, None, None])
     logits = model(input_ids=out["tokens"][leaf, t - 1], position_ids=pos, use_cache=False,
                    attention_mask={"full_attention": None}, page_kv=view).logits[:, -1]  # [n, V]
     leaf, t = leaf[:, 0], t[:, 0]
@@ -633,7 +636,8 @@ class _View:
     """What one forward writes and reads in the pool, a position named by its slot, offset x (N + 1) + page, in a
     layer's pool seen as one axis; reaches `_attend` as the model kwarg page_kv (transformers passes kwargs through)."""
 
-    pool: torch.Tensor  # [layers, 2, page, N + 1, Hkv, D]
+    pool: torch.Tensor  # [layers * 2 * S, Hkv, D]: the pool as one axis of slots
+    slots: int  # S = page * (N + 1), the slots of one layer's K (or V)
     write: torch.Tensor  # [n, Tq] the slot each new position's key and value go to
     read: torch.Tensor | None = None  # decode: [n, L] the slots of each row's positions 0 .. L - 1
     mask: torch.Tensor | None = None  # decode: [n, 1, 1, L] 0 where the row attends, -inf elsewhere
@@ -644,15 +648,16 @@ def _attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0
     -> ([n, Tq, H, D], None). Writes key/value into their slots (in the cache's dtype: under autocast Qwen3's k_norm
     returns fp32), then attends: prefill causally over the prompt's own keys; decode over each row's positions,
     gathered (K and V at once) into [n, Hkv, L, D] for one SDPA call, whose kernels accumulate the scores in fp32."""
-    kv = page_kv.pool[module.layer_idx].flatten(1, 2)  # [2, page * (N + 1), Hkv, D]
-    kv[0][page_kv.write] = key.transpose(1, 2).to(kv.dtype)  # [n, Tq, Hkv, D]
-    kv[1][page_kv.write] = value.transpose(1, 2).to(kv.dtype)
+    pool, S = page_kv.pool, page_kv.slots  # [layers * 2 * S, Hkv, D]: layer l's K at slots 2lS + s, V at (2l + 1)S + s
+    at = (2 * module.layer_idx + torch.arange(2, device=pool.device)) * S  # [2] where its K and V start
+    kv = torch.stack((key, value)).transpose(2, 3).to(pool.dtype)  # [2, n, Tq, Hkv, D]
+    pool.index_put_((at[:, None, None] + page_kv.write,), kv)  # in place on the pool itself (compile reinplaces it)
     if page_kv.read is None:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
         return out.transpose(1, 2), None
     n, H, Tq, D = query.shape
-    k, v = kv.index_select(1, page_kv.read.flatten()).unflatten(1, page_kv.read.shape).transpose(2, 3)  # [n, Hkv, L, D]
-    q = query.reshape(n, k.shape[1], -1, D).to(kv.dtype)  # [n, Hkv, H / Hkv, D]: a KV head's query heads as its rows
+    k, v = pool[at[:, None, None] + page_kv.read].transpose(2, 3)  # [n, Hkv, L, D] each
+    q = query.reshape(n, k.shape[1], -1, D).to(pool.dtype)  # [n, Hkv, H / Hkv, D]: a KV head's query heads as its rows
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=page_kv.mask, scale=scaling)
     return out.reshape(n, H, Tq, D).transpose(1, 2), None
 

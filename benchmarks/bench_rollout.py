@@ -11,6 +11,9 @@ and beside them Qwen3-1.7B's memory-bound step on an H100 (arithmetic).
 library: transformers' continuous batching (generate_batch) against rollout.sample on the tiny model: whether a prompt
 draws the same tokens alone and in a batch of 32 with the same seed, and the wall time of the batch.
 
+recompiles: the compiled decode step (SamplingConfig(compile=True)) after one warm-up rollout per sampler, over rollouts
+of other batches, lengths and budgets: how many graphs torch.compile adds (run under TORCH_LOGS=recompiles for why).
+
 tree: for each model it samples P chain questions x G leaves with rollout.sample, flat and tree (at
 SamplingConfig's defaults, then at each further --taus value), and with `model.generate`
 (do_sample, top_k=0, top_p=1, temperature 1, the same max_new_tokens and EOS), then prints:
@@ -119,7 +122,7 @@ class Args:
     compile: bool = False
     """tree and paper sections: sample with SamplingConfig(compile=True) (torch.compile; CUDA graphs on CUDA)"""
     sections: list[str] = field(default_factory=lambda: ["engine", "tree", "paper", "traffic", "overhead", "arithmetic"])
-    """which sections to run: engine, library, tree, paper, traffic, attention, overhead, arithmetic"""
+    """which sections to run: engine, library, recompiles, tree, paper, traffic, attention, overhead, arithmetic"""
     paper_layers: int = 1
     """paper case: decoder layers of the Qwen3-1.7B-shaped random model"""
     paper_prompts: list[int] = field(default_factory=lambda: [1024, 640, 384, 128])
@@ -153,7 +156,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
         raise ValueError("--P, --G, --max-new-tokens and --repeats must be >= 1")
     if any(t < 0 for t in args.taus):
         raise ValueError(f"--taus {args.taus}: tau must be >= 0 nats")
-    names = ("engine", "library", "tree", "paper", "traffic", "attention", "overhead", "arithmetic")
+    names = ("engine", "library", "recompiles", "tree", "paper", "traffic", "attention", "overhead", "arithmetic")
     if set(args.sections) - set(names):
         raise ValueError(f"--sections {sorted(set(args.sections) - set(names))}: choose from {', '.join(names)}")
     if min(args.paper_layers, args.paper_G, args.paper_new_tokens, *args.paper_prompts, *args.traffic_new_tokens) < 1:
@@ -474,12 +477,13 @@ def attention(args: Args) -> None:
     J, Jp = L // page, 1024 // page  # pages per row; the prompt's, shared by the group's G rows
     u = P * Jp + n * (J - Jp)  # pages in use
     g = torch.Generator(device=dev).manual_seed(0)
-    pool = torch.randn(1, 2, u + 1, page, Hkv, D, generator=g, device=dev, dtype=dtype)  # + the scratch page
+    pool = torch.randn(1, 2, page, u + 1, Hkv, D, generator=g, device=dev, dtype=dtype)  # + the scratch page
     tables = torch.tensor([[p // G * Jp + i for i in range(Jp)] + [P * Jp + p * (J - Jp) + i for i in range(J - Jp)]
                            for p in range(n)], device=dev)  # [n, J] row p's pages, in order
     at = torch.arange(L, device=dev)
-    read = tables[:, at // page] * page + at % page  # [n, L] every position seen
-    view = rollout._View(pool, read[:, -1:], read, torch.zeros(n, 1, 1, L, device=dev, dtype=dtype))
+    read = tables[:, at // page] + at % page * (u + 1)  # [n, L] every position seen
+    view = rollout._View(pool.flatten(0, 3), page * (u + 1), read[:, -1:], read, torch.zeros(n, 1, 1, L, device=dev,
+                                                                                        dtype=dtype))
     q, k, v = (torch.randn(n, h, 1, D, generator=g, device=dev, dtype=dtype) for h in (H, Hkv, Hkv))
     layer = type("Layer", (), {"layer_idx": 0})()
     paged = lambda: rollout._attend(layer, q, k, v, None, scaling=D ** -0.5, page_kv=view)[0]  # noqa: E731
@@ -590,6 +594,30 @@ def engine_counts(args: Args) -> None:
               f"({ideal / 1e9:.1f} GB), {(W + gather) / 3.35e12 * 1e3:5.1f} ms with the gather ({gather / 1e9:.1f} GB)")
 
 
+def recompiles(args: Args) -> None:
+    """SamplingConfig(compile=True) on the tiny 64x2 model: one warm-up rollout per sampler, then rollouts of other
+    batches, lengths and budgets (groups swapped out and back in): the compiled step's graphs before and after. Run
+    under TORCH_LOGS=recompiles to see each recompile and its cause."""
+    tok = rollout.build_tiny_tokenizer()
+    model = rollout.build_tiny_model(tok).eval()
+    graphs = lambda: len(torch._dynamo.eval_frame._debug_get_cache_entry_list(rollout._decode.__code__))  # noqa: E731
+    prompts = [tok(f"{i}+{2 * i + 7}=").input_ids for i in range(32)]
+    print("\n== recompiles: the compiled decode step, tiny 64x2; graphs = torch.compile's entries for rollout._decode")
+    for sampler in ("flat", "tree"):
+        run = lambda P, G, T, budget=None: rollout.sample(  # noqa: E731
+            model, prompts[:P], G, rollout.SamplingConfig(max_new_tokens=T, sampler=sampler, kv_budget=budget,
+                                                          page_size=16, compile=True),
+            eos_token_ids=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        t0 = time.perf_counter()
+        run(2, 2, 8)
+        before, t1 = graphs(), time.perf_counter()
+        swaps = sum(run(P, G, T, b).kv_traffic["swap"] for P, G, T, b in ((32, 8, 8, None), (5, 7, 40, None),
+                                                                         (8, 4, 24, 16 * 40), (1, 2, 3, None)))
+        print(f"  {sampler}: warm-up {t1 - t0:.0f} s, {before} graph(s) after it; four more rollouts (1 to 32 prompts, "
+              f"G 2 to 8, 3 to 40 new tokens, a budget that swapped {swaps:,} positions) in {time.perf_counter() - t1:.1f} s:"
+              f" {graphs() - before} graph(s) more")
+
+
 def library(args: Args) -> None:
     """transformers' continuous batching (generate_batch: paged cache, block sharing, forks by num_return_sequences)
     against rollout.sample, tiny 64x2 model, 32 prompts x G = 8, 8 new tokens: does a prompt draw the same tokens alone
@@ -663,7 +691,7 @@ def full_model_arithmetic(args: Args) -> None:
 def main(args: Args) -> None:
     torch.set_num_threads(args.threads)
     sections = dict(tree=tree_vs_flat, paper=paper_case, traffic=traffic, attention=attention, overhead=host_overhead,
-                    arithmetic=full_model_arithmetic, engine=engine_counts, library=library)
+                    arithmetic=full_model_arithmetic, engine=engine_counts, library=library, recompiles=recompiles)
     for name in args.sections:
         t0 = time.perf_counter()
         sections[name](args)

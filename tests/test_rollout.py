@@ -543,20 +543,20 @@ def test_page_attention_equals_dense_attention():
     and value land at its position first (and nowhere else) and are attended to."""
     g = torch.Generator().manual_seed(0)
     N, page, Hkv, H, D = 9, 4, 2, 4, 8
-    pool = torch.randn(1, 2, N + 1, page, Hkv, D, generator=g)  # [layers, K/V, pages, page, Hkv, D]; page 9: scratch
+    pool = torch.randn(1, 2, page, N + 1, Hkv, D, generator=g)  # [layers, K/V, page, pages, Hkv, D]; page 9: scratch
     tables = [[5, 2, 7], [5, 2, 1], [3, 9, 9]]
     pos = torch.tensor([10, 9, 1])  # each row's new position, the last it attends to
     at = torch.arange(11)
     seen = at <= pos[:, None]  # [3, 11]
-    read = torch.where(seen, torch.tensor(tables)[:, at // page] * page + at % page, N * page)  # masked: the scratch page
+    read = torch.where(seen, torch.tensor(tables)[:, at // page], N) + at % page * (N + 1)  # masked: the scratch page
     mask = torch.zeros(seen.shape).masked_fill(~seen, float("-inf"))[:, None, None]
-    view = rollout._View(pool, read.gather(1, pos[:, None]), read, mask)
+    view = rollout._View(pool.flatten(0, 3), page * (N + 1), read.gather(1, pos[:, None]), read, mask)
     q, k, v = (torch.randn(3, h, 1, D, generator=g) for h in (H, Hkv, Hkv))
     before = pool.clone()
     out, _ = rollout._attend(type("Layer", (), {"layer_idx": 0})(), q, k, v, None, scaling=0.3, page_kv=view)
     assert int((pool != before).any(-1).sum()) == 3 * 2 * Hkv  # one position a row, K and V, every KV head
     for i, pages in enumerate(tables):
-        Kr, Vr = (before[0, x, pages].flatten(0, 1)[: pos[i] + 1] for x in (0, 1))  # [len, Hkv, D] in order
+        Kr, Vr = (before[0, x][:, pages].transpose(0, 1).flatten(0, 1)[: pos[i] + 1] for x in (0, 1))  # in order
         Kr[pos[i]], Vr[pos[i]] = k[i, :, 0], v[i, :, 0]
         for h in range(H):
             w = torch.softmax(Kr[:, h // 2] @ q[i, h, 0] * 0.3, 0)
