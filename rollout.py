@@ -149,7 +149,7 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float = 1
     z = logits.float()
     if temperature == 0:
         return torch.log_softmax(z, dim=-1)
-    z = z / temperature
+    z = z / temperature if temperature != 1 else z
     if 0 < top_k < z.shape[-1]:
         kth = z.topk(top_k, dim=-1).values[..., -1:]
         z = z.masked_fill(z < kth, float("-inf"))
@@ -315,7 +315,7 @@ def sample(model, prompts: list[list[int]], group_size: int, cfg: SamplingConfig
 # ---- infrastructure: the decode engine ---------------------------------------------------------------------------
 #
 # The cache is one pool [layers, K/V, page_size, pages, KV heads, head_dim] in the compute dtype, allocated per
-# sample() call (offset-major: the positions the rows write in one step lie together, not a page apart). A row (a leaf
+# sample() call, not zeroed (offset-major: the positions the rows write in one step lie together). A row (a leaf
 # being decoded) holds a page table in three runs, each from the start of a page: its prompt's pages, shared by the
 # group's rows; a tree branch's root's pages up to the fork, shared; its own pages, the only ones it writes. So nothing
 # is ever copied; `ref` counts the tables holding a page. The schedule lives on the host: a step sends the device its
@@ -361,7 +361,6 @@ class _Engine:
         t, B, C = model.config.get_text_config(), P * G, self.C
         self.pool = torch.empty(t.num_hidden_layers, 2, page, N + 1, t.num_key_value_heads, getattr(t, "head_dim", None)
                                 or t.hidden_size // t.num_attention_heads, dtype=_cache_dtype(model, dev), device=dev)
-        self.pool[:, :, :, N] = 0  # what masked positions read (weight 0, and 0 x NaN would be NaN)
         self.slots = self.pool.flatten(0, 3)  # [layers * 2 * page * (N + 1), Hkv, D]: what the forward writes in place
         self.out = {k: torch.zeros(B, T, *shape, dtype=dtype, device=dev) for k, shape, dtype in [  # C - 1 alternatives
             ("tokens", (), torch.long), ("logprobs", (), None), ("entropy", (), None),
@@ -600,12 +599,14 @@ def _decode(model, slots, out, table, meta, L: int, page: int, cfg: SamplingConf
     # each position as if each run (prompt, root's, own) started a page: v // page is its block in the table
     v = at + torch.where(at < plen, 0, torch.where(at < plen + t0, gap, gap + (-t0) % page))  # [n, L]
     seen = at < plen + t  # the positions a row attends to, its token t - 1's included
-    # each position's slot in a layer's K (or V), offset x (N + 1) + page; unseen ones read the scratch page N
+    # each position's slot in a layer's K (or V), offset x (N + 1) + page
     width = slots.shape[0] // (2 * model.config.get_text_config().num_hidden_layers * page)  # N + 1
-    slot = torch.where(seen, table[leaf, (v // page).clamp(max=table.shape[1] - 1)], width - 1) + v % page * width
-    mask = torch.zeros(seen.shape, dtype=slots.dtype, device=meta.device).masked_fill(~seen, float("-inf"))
+    slot = table[leaf, (v // page).clamp(max=table.shape[1] - 1)] + v % page * width
     pos = plen + t - 1  # [n, 1] the cache position of token t - 1
-    view = _View(slots, page * width, slot.gather(1, pos), slot, mask[:, None, None])
+    write = slot.gather(1, pos)  # [n, 1]
+    mask = torch.zeros(seen.shape, dtype=slots.dtype, device=meta.device).masked_fill(~seen, float("-inf"))
+    # an unseen position reads the row's newest, written first: weight 0, and never unwritten memory (0 x NaN = NaN)
+    view = _View(slots, page * width, write, torch.where(seen, slot, write), mask[:, None, None])
     logits = model(input_ids=out["tokens"][leaf, t - 1], position_ids=pos, use_cache=False,
                    attention_mask={"full_attention": None}, page_kv=view).logits[:, -1]  # [n, V]
     leaf, t = leaf[:, 0], t[:, 0]
@@ -648,15 +649,16 @@ def _attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0
     -> ([n, Tq, H, D], None). Writes key/value into their slots (in the cache's dtype: under autocast Qwen3's k_norm
     returns fp32), then attends: prefill causally over the prompt's own keys; decode over each row's positions,
     gathered (K and V at once) into [n, Hkv, L, D] for one SDPA call, whose kernels accumulate the scores in fp32."""
-    pool, S = page_kv.pool, page_kv.slots  # [layers * 2 * S, Hkv, D]: layer l's K at slots 2lS + s, V at (2l + 1)S + s
-    at = (2 * module.layer_idx + torch.arange(2, device=pool.device)) * S  # [2] where its K and V start
-    kv = torch.stack((key, value)).transpose(2, 3).to(pool.dtype)  # [2, n, Tq, Hkv, D]
-    pool.index_put_((at[:, None, None] + page_kv.write,), kv)  # in place on the pool itself (compile reinplaces it)
+    pool, K, V = page_kv.pool, 2 * module.layer_idx * page_kv.slots, (2 * module.layer_idx + 1) * page_kv.slots
+    # [layers * 2 * S, Hkv, D]: layer l's K at slots 2lS + s, its V at (2l + 1)S + s; written in place on the pool
+    pool.index_put_((K + page_kv.write,), key.transpose(1, 2).to(pool.dtype))  # [n, Tq, Hkv, D]
+    pool.index_put_((V + page_kv.write,), value.transpose(1, 2).to(pool.dtype))
     if page_kv.read is None:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
         return out.transpose(1, 2), None
     n, H, Tq, D = query.shape
-    k, v = pool[at[:, None, None] + page_kv.read].transpose(2, 3)  # [n, Hkv, L, D] each
+    read = page_kv.read.flatten()
+    k, v = pool.index_select(0, torch.cat((K + read, V + read))).unflatten(0, (2, n, -1)).transpose(2, 3)  # [n,Hkv,L,D]
     q = query.reshape(n, k.shape[1], -1, D).to(pool.dtype)  # [n, Hkv, H / Hkv, D]: a KV head's query heads as its rows
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=page_kv.mask, scale=scaling)
     return out.reshape(n, H, Tq, D).transpose(1, 2), None
