@@ -461,7 +461,7 @@ class _Engine:
         g_t, last = _to_device(torch.tensor([batch, [n - 1 for n in plen]]), dev)  # [b] each
         logits = self.model(input_ids=x[0], position_ids=torch.arange(Tq, device=dev).expand(b, Tq), use_cache=False,
                             attention_mask={"full_attention": None},
-                            page_kv=_View(self.slots, page * (N + 1), x[1]),
+                            page_kv=_View(self.slots, page * (N + 1), torch.stack((x[1], x[1] + page * (N + 1)))),
                             logits_to_keep=last[:, None]).logits[:, 0]  # [b, V] at each prompt's last position
         self.traffic["prefill"] += b * Tq
         lanes = (torch.arange(G, device=dev)[:, None] + (torch.arange(C, device=dev) << 32)).flatten()  # [G*C]
@@ -606,7 +606,8 @@ def _decode(model, slots, out, table, meta, L: int, page: int, cfg: SamplingConf
     write = slot.gather(1, pos)  # [n, 1]
     mask = torch.zeros(seen.shape, dtype=slots.dtype, device=meta.device).masked_fill(~seen, float("-inf"))
     # an unseen position reads the row's newest, written first: weight 0, and never unwritten memory (0 x NaN = NaN)
-    view = _View(slots, page * width, write, torch.where(seen, slot, write), mask[:, None, None])
+    read, S = torch.where(seen, slot, write).flatten(), page * width
+    view = _View(slots, S, torch.stack((write, write + S)), torch.cat((read, read + S)), mask[:, None, None])
     logits = model(input_ids=out["tokens"][leaf, t - 1], position_ids=pos, use_cache=False,
                    attention_mask={"full_attention": None}, page_kv=view).logits[:, -1]  # [n, V]
     leaf, t = leaf[:, 0], t[:, 0]
@@ -637,10 +638,10 @@ class _View:
     """What one forward writes and reads in the pool, a position named by its slot, offset x (N + 1) + page, in a
     layer's pool seen as one axis; reaches `_attend` as the model kwarg page_kv (transformers passes kwargs through)."""
 
-    pool: torch.Tensor  # [layers * 2 * S, Hkv, D]: the pool as one axis of slots
+    pool: torch.Tensor  # [layers * 2 * S, Hkv, D]: layer l's K at slots 2lS + s, its V at (2l + 1)S + s
     slots: int  # S = page * (N + 1), the slots of one layer's K (or V)
-    write: torch.Tensor  # [n, Tq] the slot each new position's key and value go to
-    read: torch.Tensor | None = None  # decode: [n, L] the slots of each row's positions 0 .. L - 1
+    write: torch.Tensor  # [2, n, Tq] the slots each new position's key and value go to (from the layer's start)
+    read: torch.Tensor | None = None  # decode: [2 * n * L] the slots of each row's keys 0 .. L - 1, then its values
     mask: torch.Tensor | None = None  # decode: [n, 1, 1, L] 0 where the row attends, -inf elsewhere
 
 
@@ -649,16 +650,13 @@ def _attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0
     -> ([n, Tq, H, D], None). Writes key/value into their slots (in the cache's dtype: under autocast Qwen3's k_norm
     returns fp32), then attends: prefill causally over the prompt's own keys; decode over each row's positions,
     gathered (K and V at once) into [n, Hkv, L, D] for one SDPA call, whose kernels accumulate the scores in fp32."""
-    pool, K, V = page_kv.pool, 2 * module.layer_idx * page_kv.slots, (2 * module.layer_idx + 1) * page_kv.slots
-    # [layers * 2 * S, Hkv, D]: layer l's K at slots 2lS + s, its V at (2l + 1)S + s; written in place on the pool
-    pool.index_put_((K + page_kv.write,), key.transpose(1, 2).to(pool.dtype))  # [n, Tq, Hkv, D]
-    pool.index_put_((V + page_kv.write,), value.transpose(1, 2).to(pool.dtype))
+    pool, at = page_kv.pool, 2 * module.layer_idx * page_kv.slots  # where this layer's K, then V, start
+    pool.index_put_((at + page_kv.write,), torch.stack((key, value)).transpose(2, 3).to(pool.dtype))  # in place
     if page_kv.read is None:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
         return out.transpose(1, 2), None
     n, H, Tq, D = query.shape
-    read = page_kv.read.flatten()
-    k, v = pool.index_select(0, torch.cat((K + read, V + read))).unflatten(0, (2, n, -1)).transpose(2, 3)  # [n,Hkv,L,D]
+    k, v = pool.index_select(0, at + page_kv.read).unflatten(0, (2, n, -1)).transpose(2, 3)  # [n, Hkv, L, D] each
     q = query.reshape(n, k.shape[1], -1, D).to(pool.dtype)  # [n, Hkv, H / Hkv, D]: a KV head's query heads as its rows
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=page_kv.mask, scale=scaling)
     return out.reshape(n, H, Tq, D).transpose(1, 2), None

@@ -482,8 +482,9 @@ def attention(args: Args) -> None:
                            for p in range(n)], device=dev)  # [n, J] row p's pages, in order
     at = torch.arange(L, device=dev)
     read = tables[:, at // page] + at % page * (u + 1)  # [n, L] every position seen
-    view = rollout._View(pool.flatten(0, 3), page * (u + 1), read[:, -1:], read, torch.zeros(n, 1, 1, L, device=dev,
-                                                                                        dtype=dtype))
+    S = page * (u + 1)  # K's slots, then V's
+    view = rollout._View(pool.flatten(0, 3), S, torch.stack((read[:, -1:], read[:, -1:] + S)),
+                         torch.cat((read.flatten(), read.flatten() + S)), torch.zeros(n, 1, 1, L, device=dev, dtype=dtype))
     q, k, v = (torch.randn(n, h, 1, D, generator=g, device=dev, dtype=dtype) for h in (H, Hkv, Hkv))
     layer = type("Layer", (), {"layer_idx": 0})()
     paged = lambda: rollout._attend(layer, q, k, v, None, scaling=D ** -0.5, page_kv=view)[0]  # noqa: E731
@@ -644,12 +645,13 @@ def library(args: Args) -> None:
                            pad_token_id=tok.pad_token_id, seed=0)
         return sorted(tuple(x[m].tolist()) for x, m in zip(r.response_ids[:G], r.response_mask[:G]))
 
-    print(f"\n== transformers' continuous batching vs rollout.sample: tiny 64x2, {len(prompts)} prompts x G={G}, {T} new "
-          f"tokens, CPU, median of {args.repeats}")
+    print(f"\n== transformers' continuous batching vs rollout.sample: tiny 64x2, {len(prompts)} prompts x G={G}, "
+          f"{T} new tokens, CPU, median of {args.repeats}")
     for name, fn in (("generate_batch", lib), ("rollout.sample", ours)):
         same = fn(prompts[:1]) == fn(prompts)
         t = statistics.median(wall(lambda: fn(prompts))[0] for _ in range(args.repeats))
-        print(f"  {name:<15} prompt 0's samples alone == in the batch of {len(prompts)}: {same}; {1e3 * t:7.1f} ms a batch")
+        print(f"  {name:<15} prompt 0's samples alone == in the batch of {len(prompts)}: {same}; "
+              f"{1e3 * t:7.1f} ms a batch")
 
 
 H100_GIB, ROWS = 79.19, 224  # what an 80 GB H100 reports to PyTorch; 256 prompts x G = 7 over 8 GPUs
@@ -665,8 +667,9 @@ def h100_budget() -> dict:
     state = 18 * params  # fp32 weights 4 + AdamW 8 + DDP gradient buckets 4 + bf16 autocast weight copies 2 bytes each
     step = rollout.DECODE_BYTES_PER_LOGIT * ROWS * V  # the decode step's [rows, V] logits and sampler tensors
     gathered = ROWS * (1024 + 2048) * bpp // n_layers  # one layer's gathered pages, every row at its longest
-    positions = rollout.kv_budget_for(int(H100_GIB * 2**30) - state - 2**30, ROWS, V, bpp, 1024 + 2048, n_layers)  # 1 GiB:
-    return dict(params=params, bpp=bpp, state=state, step=step, gathered=gathered, cache=positions * bpp,  # CUDA's own
+    free = int(H100_GIB * 2**30) - state - 2**30  # 1 GiB: CUDA's own context
+    positions = rollout.kv_budget_for(free, ROWS, V, bpp, 1024 + 2048, n_layers)
+    return dict(params=params, bpp=bpp, state=state, step=step, gathered=gathered, cache=positions * bpp,
                 positions=positions)
 
 

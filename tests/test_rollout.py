@@ -209,9 +209,9 @@ def test_fork_rule_by_hand():
 
 
 def test_default_kv_budget_arithmetic(tiny_model, monkeypatch):
-    """Free memory counts what the caching allocator holds unused; off come AdamW's first states, autocast's copies of
-    the weights (under autocast), the step's [rows, V] tensors and one layer's gathered pages (every row at the longest);
-    90% of the rest, in bytes per cached position."""
+    """Free memory counts what the caching allocator holds unused; off come AdamW's first states, autocast's copies
+    of the weights (under autocast), the step's [rows, V] tensors and one layer's gathered pages (every row at the
+    longest); 90% of the rest, in bytes per cached position."""
     from transformers import Qwen3Config
 
     qwen3_1_7b = Qwen3Config(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
@@ -550,7 +550,10 @@ def test_page_attention_equals_dense_attention():
     seen = at <= pos[:, None]  # [3, 11]
     read = torch.where(seen, torch.tensor(tables)[:, at // page], N) + at % page * (N + 1)  # masked: the scratch page
     mask = torch.zeros(seen.shape).masked_fill(~seen, float("-inf"))[:, None, None]
-    view = rollout._View(pool.flatten(0, 3), page * (N + 1), read.gather(1, pos[:, None]), read, mask)
+    S = page * (N + 1)  # K's slots, then V's
+    write = read.gather(1, pos[:, None])
+    view = rollout._View(pool.flatten(0, 3), S, torch.stack([write, write + S]), torch.cat([read.flatten(),
+                                                                                             read.flatten() + S]), mask)
     q, k, v = (torch.randn(3, h, 1, D, generator=g) for h in (H, Hkv, Hkv))
     before = pool.clone()
     out, _ = rollout._attend(type("Layer", (), {"layer_idx": 0})(), q, k, v, None, scaling=0.3, page_kv=view)
