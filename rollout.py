@@ -290,19 +290,15 @@ def sample(model, prompts: list[list[int]], group_size: int, cfg: SamplingConfig
     prompt_keys: the integer each prompt's randomness is keyed by (default 0..P-1). train.py passes a
     prompt's position in the whole step, so 1 or 8 ranks sample the same responses.
 
-    The loop: admit groups while the cache has pages for them (prefill waiting prompts together, or swap a preempted
-    group back in), give every row the page its next position needs, decode one token for every row in flight, then
-    read which rows ended (the step's one host read) and retire them: a tree root forks (`fork_rule`) and its branches
-    start at once on its pages.
+    The loop: admit groups while pages allow (prefill waiting prompts, or swap a group back in), give rows the pages
+    they open, decode a token for every row, read which rows ended (the step's one wait for the device) and retire
+    them: a tree root forks (`fork_rule`), its branches starting at once on its pages.
     """
     check_config(cfg, group_size, max(map(len, prompts), default=1))
-    eos = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
-    text = model.config.get_text_config()
-    assert prompts and all(prompts) and eos, "prompts: non-empty token-id lists; eos_token_ids: at least one id"
+    eos, text = [eos_token_ids] if isinstance(eos_token_ids, int) else [*eos_token_ids], model.config.get_text_config()
+    assert prompts and all(prompts) and eos and len(prompts if prompt_keys is None else prompt_keys) == len(prompts)
     assert all(0 <= i < text.vocab_size for q in [*prompts, eos, [pad_token_id]] for i in q), "an id outside the vocab"
-    assert prompt_keys is None or len(prompt_keys) == len(prompts), "prompt_keys: one per prompt"
-    assert max(map(len, prompts)) + cfg.max_new_tokens <= getattr(text, "max_position_embeddings", math.inf), \
-        "a prompt plus max_new_tokens exceeds the model's context"
+    assert max(map(len, prompts)) + cfg.max_new_tokens <= getattr(text, "max_position_embeddings", math.inf), "context"
     assert all(kind == "full_attention" for kind in getattr(text, "layer_types", None) or []), "full attention only"
     eng = _Engine(model, prompts, group_size, cfg, eos, pad_token_id, seed, prompt_keys)
     with _paged_attention(model):
