@@ -431,7 +431,7 @@ class _Engine:
             meta = meta.repeat(2, 1)  # compile would specialize a size of 1: the lone row twice (the same writes)
         L = int((live[:, 1] + live[:, 3]).max())  # the most positions a row reads
         flags = _read(self.step(self.model, self.slots, self.out, self.table, _to_device(meta, self.dev), L, self.page,
-                                self.cfg, self.G, self.seed_word, self.keys, self.eos))[: len(live)]  # [n, C + 1]
+                                len(self.ref) + 1, self.cfg, self.G, self.seed_word, self.keys, self.eos))[: len(live)]
         self.steps, self.decoded = self.steps + 1, self.decoded + len(live)
         self.traffic["decode"] += len(live)
         if self.tree:
@@ -583,11 +583,12 @@ class _Engine:
         self.traffic["swap"] += len(pages) * self.page
 
 
-def _decode(model, slots, out, table, meta, L: int, page: int, cfg: SamplingConfig, G: int, seed_word, keys, eos):
+def _decode(model, slots, out, table, meta, L: int, page: int, width: int, cfg: SamplingConfig, G: int, seed_word,
+            keys, eos):
     """The decode step on the device (compiled whole with cfg.compile). meta [n, 4]: per row its leaf, the response
     position t it samples, t0 (its own positions start there), its prompt length; L: the most positions a row reads;
-    table [B, J]: every leaf's pages; slots: the pool [layers * 2 * page * (N + 1), Hkv, D], passed whole so that the
-    compiled step writes it in place. Writes each row's key and value in place, draws and records by leaf. Returns
+    table [B, J]: every leaf's pages; slots: the pool [layers * 2 * page * width, Hkv, D] (width = N + 1 pages), passed
+    whole so that the compiled step writes it in place. Writes each row's key and value in place, draws and records by leaf. Returns
     [n, C + 1] float64: each draw's EOS, the entropy."""
     leaf, t, t0, plen = (x[:, None] for x in meta.unbind(1))  # [n, 1] each
     at = torch.arange(L, device=meta.device)
@@ -596,7 +597,6 @@ def _decode(model, slots, out, table, meta, L: int, page: int, cfg: SamplingConf
     v = at + torch.where(at < plen, 0, torch.where(at < plen + t0, gap, gap + (-t0) % page))  # [n, L]
     seen = at < plen + t  # the positions a row attends to, its token t - 1's included
     # each position's slot in a layer's K (or V), offset x (N + 1) + page
-    width = slots.shape[0] // (2 * model.config.get_text_config().num_hidden_layers * page)  # N + 1
     slot = table[leaf, (v // page).clamp(max=table.shape[1] - 1)] + v % page * width
     pos = plen + t - 1  # [n, 1] the cache position of token t - 1
     write = slot.gather(1, pos)  # [n, 1]
