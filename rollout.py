@@ -323,7 +323,8 @@ PREFILL_TOKENS = 8192
 
 
 def group_pages(prompt_len: int, G: int, max_new_tokens: int, page: int) -> int:
-    """The most pages a group can hold: its prompt's, and per row max_new_tokens starting part-way into a page."""
+    """A bound on the pages one group holds: its prompt's, and per row max_new_tokens and one page to spare (a row's own
+    pages hold its T - 1 written positions from the start of a page: at most ceil((T - 1) / page))."""
     return -(-prompt_len // page) + G * (-(-max_new_tokens // page) + 1)
 
 
@@ -350,8 +351,8 @@ class _Engine:
         self.dev = dev
         self.tree = cfg.sampler == "tree" and not math.isinf(cfg.tau)  # tau = inf forks nothing: all G start at once
         self.M, self.C = (cfg.num_chains, cfg.max_children) if self.tree else (G, 1)
-        # usable pages, N the scratch page. No budget: every group at its longest, its prompt's pages and per leaf the
-        # own pages of its T - 1 written positions at most
+        # usable pages; page N is where a prefill's padding writes. No budget: every group at its longest, its prompt's
+        # pages and per leaf the own pages of its T - 1 written positions at most
         N = cfg.kv_budget // page - 1 if cfg.kv_budget is not None else \
             sum(-(-len(q) // page) + G * -(-(T - 1) // page) for q in prompts)
         t, B, C = model.config.get_text_config(), P * G, self.C
