@@ -589,8 +589,8 @@ def _decode(model, slots, out, table, meta, L: int, page: int, width: int, cfg: 
     """The decode step on the device (compiled whole with cfg.compile). meta [n, 4]: per row its leaf, the response
     position t it samples, t0 (its own positions start there), its prompt length; L: the most positions a row reads;
     table [B, J]: every leaf's pages; slots: the pool [layers * 2 * page * width, Hkv, D] (width = N + 1 pages), passed
-    whole so that the compiled step writes it in place. Writes each row's key and value in place, draws and records by leaf. Returns
-    [n, C + 1] float64: each draw's EOS, the entropy."""
+    whole so that the compiled step writes it in place. Writes each row's key and value, draws and records by leaf.
+    Returns [n, C + 1] float64: each draw's EOS, the entropy."""
     leaf, t, t0, plen = (x[:, None] for x in meta.unbind(1))  # [n, 1] each
     at = torch.arange(L, device=meta.device)
     gap = (-plen) % page  # the prompt's last page's unused part: the next run starts a page of its own
