@@ -1,37 +1,25 @@
-"""rollout.py: load a causal LM and sample groups of responses from it (flat, or as an entropy-forked tree).
+"""rollout.py: sample groups of responses from a causal LM, flat or as an entropy-forked tree (README, SPEC 5).
 
-Part 1 samples: `sample(model, prompts, G, SamplingConfig(...))` returns a `Rollout` of P*G leaves.
-The sampling distribution is exactly log_softmax(logits / T) restricted to top-k, then top-p, and
-renormalised; nothing from `generate` or a shipped generation_config takes part. Randomness is
-counter-based (see `counter_uniform`): a token is a pure function of (seed, prompt key, leaf, position),
-so a prompt's tokens do not depend on what else is in the batch, on the memory budget or on the order
-rows are scheduled in.
-
+`sample(model, prompts, G, SamplingConfig(...))` returns a `Rollout` of P*G leaves, G per prompt:
 - sampler="flat": G independent responses per prompt (GRPO, TEMPO, HEPO).
-- sampler="tree": TreeAdv's entropy-driven forest (SPEC 5). Each prompt starts M = num_chains root
-  chains; when a root ends it forks at its highest-entropy positions above tau (`fork_rule`); a branch
-  continues from the root's cached prefix (never prefilled or decoded again) with its own token at the
-  fork. Exactly G leaves per prompt, each returned as its full token sequence (shared prefix repeated),
-  so trie.py/advantages.py see the shared prefixes as they are.
+- sampler="tree": TreeAdv's entropy-driven forest. Each prompt starts M = num_chains root chains; when a root ends it
+  forks at its highest-entropy positions above tau (`fork_rule`), and each branch continues from the root's cached
+  prefix (never prefilled or decoded again) with its own token at the fork. A leaf comes back as its full token
+  sequence (the shared prefix repeated), so trie.py and advantages.py see the sharing as it is.
+The distribution is exactly softmax(logits / T) restricted to top-k, then top-p (`sampling_logprobs`); nothing of
+`generate` or a shipped generation_config takes part. Randomness is counter-based (`counter_uniform`): a token is a
+pure function of (seed, prompt key, leaf, position), whatever else is in the batch, the KV budget or the ranks.
 
-Part 2 is the decode engine both samplers run on, built for the paper's scale (224 rows of up to
-1,024 + 2,048 tokens per GPU): a paged KV cache of [pages, KV heads, page_size, head_dim] per layer in the
-compute dtype, written in place by an attention function registered with transformers' AttentionInterface
-(the model's own code runs unchanged) and read in place (`page_attention`, flash-decoding over pages). A
-row holds a table of pages; a group's rows share its prompt's pages and a tree's branches share their
-root's, each copying at most the part of one page before its first own position (copy on write).
-Continuous batching: a waiting prompt is prefilled when the free pages hold it, rows leave as they end, and
-when a step finds no page free the newest group is swapped out to host memory and back in later, bit for
-bit (vLLM's preemption by swap). One small host read per decode step, and an optional torch.compile'd step
-over fixed slot counts (CUDA graphs on CUDA). README "The decode engine" has the design and the measurements.
+Where it departs from TreeAdv, which publishes neither its fork schedule nor its defaults: each root's forks are dealt
+before sampling and placed when it ends, at its highest-entropy positions (tau is a floor, not the selector), and
+branches never fork again, so a tree is two levels deep. SamplingConfig's docstring has the defaults and why.
 
-Part 3 places this process on its device (under torchrun, in its process group too) and loads models:
-a Hugging Face hub id, a local directory, a checkpoint that train.py wrote, or `tiny`, a random Qwen3 of a
-few hundred thousand parameters with a character tokenizer built offline with the `tokenizers` library.
-The tiny model is what the tests, the CPU demo and the study run on; nothing here touches the network
-unless a hub id is given. Input checks come last.
+Below the banner, the decode engine (nanochat's shape: prefill a prompt once, its rows share its cache): a paged KV
+cache written and read in place by an attention function registered with transformers (the model's code runs
+unchanged), continuous batching with swap preemption under a KV budget, one host read per decode step. Why not
+transformers' own continuous batching: README "The decode engine". Then model loading and the config check.
 
-Benchmarks (flat vs `generate`, tree vs flat, the paper-shaped case): `python benchmarks/bench_rollout.py`.
+Benchmarks (the engine's syncs and dispatched ops, tree vs flat, the paper-shaped case): benchmarks/bench_rollout.py.
 """
 from __future__ import annotations
 
@@ -65,7 +53,7 @@ class SamplingConfig:
     - max_children = 2: binary forks, so each fork adds one leaf and the leaves are spread over as many
       distinct uncertain positions as possible.
     - max_forks = 0 (no limit besides the leaf budget): with binary forks a prompt forks G - M times.
-    When and where forks happen: `fork_rule`. tau = inf forks nothing and is flat sampling, token for token.
+    tau = inf forks nothing and is flat sampling, token for token.
 
     What the leaves are: each token is drawn from pi given its prefix (log-probs exact), but the
     leaves are neither independent nor distributed as G flat samples. A branch at depth t exists only
@@ -101,7 +89,7 @@ class SamplingConfig:
     page_size: int = 128
     """cache positions per page: a row holds its positions in pages of this size (the last one partly filled)"""
     compile: bool = False
-    """run the decode step's forward under torch.compile (mode reduce-overhead, i.e. CUDA graphs, on CUDA)"""
+    """run the decode step (forward and draw) under torch.compile, dynamic shapes: compiled once per process"""
 
 
 @dataclass
@@ -142,10 +130,9 @@ class Rollout:
     kv_capacity: int = 0
     """cache positions allocated: pages x page_size, the scratch page included; <= cfg.kv_budget when one is set"""
     kv_traffic: dict = field(default_factory=dict)
-    """cache positions written or copied, by kind: prefill (written by prompt prefills, padding included), decode
-    (one per computed slot and step, idle slots included), copy (the shared part of a page a row copies before
-    writing into it), swap (positions of pages copied to the host and back by preemption, both ways).
-    x kv_bytes_per_position = bytes"""
+    """cache positions written or moved, by kind: prefill (written by prompt prefills, padding included), decode (one
+    per row and step), swap (positions of pages copied to the host and back by preemption, both ways); nothing is
+    copied besides. x kv_bytes_per_position = bytes"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,7 +149,7 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float = 1
     z = logits.float()
     if temperature == 0:
         return torch.log_softmax(z, dim=-1)
-    z = z / temperature
+    z = z / temperature if temperature != 1 else z
     if 0 < top_k < z.shape[-1]:
         kth = z.topk(top_k, dim=-1).values[..., -1:]
         z = z.masked_fill(z < kth, float("-inf"))
@@ -186,7 +173,7 @@ def _as_int64(x: int) -> int:
     return x - (1 << 64) if x >= 1 << 63 else x
 
 
-_GOLDEN, _MIX1, _MIX2 = (_as_int64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+_MIX1, _MIX2 = (_as_int64(c) for c in (0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
 
 
 def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
@@ -277,7 +264,21 @@ def fork_rule(entropy: list[float], root: int, G: int, M: int, C: int, max_forks
 
 
 # ----------------------------------------------------------------------------------------------
-# The sampler: prefill -> admit -> decode -> record -> fork -> assemble
+# The sampler: prefill a prompt once, decode its rows together, fork a tree's roots as they end
+
+
+def _draw(cfg: SamplingConfig, seed_word: torch.Tensor, keys: torch.Tensor, logits: torch.Tensor, prompt: torch.Tensor,
+         lanes: torch.Tensor, pos: torch.Tensor):
+    """Tokens [n, X] for lanes [n, X] of rows of prompts [n] (indices into keys) at response positions [n], from
+    logits [n, V]: (tokens, their log-probs [n, X], the distribution's entropy [n]). Lane 0 is a row's own token; a
+    tree draws the alternatives a fork would take at the same time, from the same distribution (lanes + c << 32)."""
+    logp = sampling_logprobs(logits, cfg.temperature, cfg.top_p, cfg.top_k)  # [n, V] float32
+    p = logp.exp()
+    if cfg.temperature == 0:
+        tok = logp.argmax(-1, keepdim=True).expand_as(lanes)  # greedy: every lane the argmax
+    else:
+        tok = inverse_cdf(p, _keyed_uniform(seed_word, keys[prompt][:, None], lanes, pos[:, None]))
+    return tok, logp.gather(1, tok), entropy_of(logp, p)
 
 
 @torch.no_grad()
@@ -289,623 +290,391 @@ def sample(model, prompts: list[list[int]], group_size: int, cfg: SamplingConfig
     prompt_keys: the integer each prompt's randomness is keyed by (default 0..P-1). train.py passes a
     prompt's position in the whole step, so 1 or 8 ranks sample the same responses.
 
-    The loop: admit groups while the cache has pages for them (prefill a waiting prompt, or swap a preempted
-    group back in), give every row the page its next position needs (a fresh one, or a private copy of a
-    page it shares), decode one token for every row in flight (recorded on the device), then retire the
-    rows that ended: a tree root forks (`fork_rule`), its branches start at once on the root's pages.
+    The loop: admit groups while pages allow (prefill waiting prompts, or swap a group back in), give rows the pages
+    they open, decode a token for every row, read which rows ended (the step's one wait for the device) and retire
+    them: a tree root forks (`fork_rule`), its branches starting at once on its pages.
     """
-    eos = _check_sample_args(model, prompts, group_size, cfg, eos_token_ids, pad_token_id, prompt_keys)
-    eng = _Engine.create(model, prompts, group_size, cfg, eos, pad_token_id, seed, prompt_keys)
+    check_config(cfg, group_size, max(map(len, prompts), default=1))
+    eos, text = [eos_token_ids] if isinstance(eos_token_ids, int) else [*eos_token_ids], model.config.get_text_config()
+    assert prompts and all(prompts) and eos and len(prompts if prompt_keys is None else prompt_keys) == len(prompts)
+    assert all(0 <= i < text.vocab_size for q in [*prompts, eos, [pad_token_id]] for i in q), "an id outside the vocab"
+    assert max(map(len, prompts)) + cfg.max_new_tokens <= getattr(text, "max_position_embeddings", math.inf), "context"
+    assert all(kind == "full_attention" for kind in getattr(text, "layer_types", None) or []), "full attention only"
+    eng = _Engine(model, prompts, group_size, cfg, eos, pad_token_id, seed, prompt_keys)
     with _paged_attention(model):
-        while True:
-            _admit(eng)
-            if not eng.rows:
-                break
-            _grow(eng)
-            for s in _decode_step(eng):
-                _retire(eng, s)
-    return _assemble(eng)
+        while eng.admit():
+            eng.grow()
+            eng.decode()
+    return eng.assemble()
 
 
-@dataclass
-class _Engine:
-    """One sample() call: the paged cache and per-slot tensors on the device, the schedule on the host.
-
-    A row (a leaf being decoded) sits in a slot (its row of the decode batch) and owns a page table: the
-    pages holding its positions 0, 1, ... in blocks of `page`. Rows share pages (a group's prompt, a root's
-    prefix under its branches); `ref` counts the tables holding each page, and a row copies a shared page
-    before it writes into it. A group (a prompt's rows) is in flight, waiting to be prefilled, or swapped
-    out to host memory.
-    """
-
-    model: torch.nn.Module
-    cfg: SamplingConfig
-    prompts: list[list[int]]
-    G: int
-    M: int  # rows a prompt starts with: G (flat), num_chains (tree)
-    C: int  # draws per row and step: its own token + C - 1 fork alternatives
-    page: int  # positions per page
-    pad: int
-    seed_word: torch.Tensor  # 0-d int64
-    keys: torch.Tensor  # [P + 1] long: prompt keys (the last for idle slots)
-    eos: torch.Tensor  # [E] long
-    K: list[torch.Tensor]  # per layer [N + 1, Hkv, page, D], compute dtype; page N: scratch for idle slots, never read
-    V: list[torch.Tensor]
-    # outputs by leaf, row B the scratch row of idle slots: tokens, logprobs, entropy [B+1, Tmax];
-    # alt_tok, alt_lp [B+1, Tmax, C-1] (fork alternatives); finished [B+1]
-    out: dict[str, torch.Tensor]
-    # the device's copy of the schedule. Per slot, slot S meaning "no row": leaf, t, tp [S+1] long, live [S+1] bool,
-    # pages [S+1, J] (the slot's page table). Per page: j [N+1] (its block of positions), reader [N+1, G] (the slot
-    # of the row in each lane of its group that reads it, S if none)
-    dev: dict[str, torch.Tensor]
-    forward: object  # _forward, or its torch.compile'd twin
-    live: list[int] = field(default_factory=list)  # the slots the last step computed
-    idx: torch.Tensor | None = None  # and their indices on the device
-    rows: dict[int, list[int]] = field(default_factory=dict)  # slot -> [leaf, response position it samples next]
-    table: dict[int, list[int]] = field(default_factory=dict)  # leaf in flight -> its pages
-    ref: list[int] = field(default_factory=list)  # per page: tables holding it (0 = free)
-    free_pages: list[int] = field(default_factory=list)  # heaps: the lowest first
-    free_slots: list[int] = field(default_factory=list)
-    top: int = 0  # pages [0, top) hold every page in use: the range an eager step reads
-    shared: set = field(default_factory=set)  # pages held by more than one table
-    shared_at: tuple = (None, None)  # the shared set the last eager step used, and its indices on the device
-    waiting: collections.deque = field(default_factory=collections.deque)  # prompts not yet prefilled
-    swapped: dict = field(default_factory=dict)  # group -> (its pages on the host, [(leaf, t, table as page indices)])
-    updates: dict[str, dict] = field(default_factory=dict)  # device tensor -> {index: value} not yet on the device
-    length: list[int] = field(default_factory=list)  # per leaf: tokens sampled
-    parent: list[int] = field(default_factory=list)
-    branch_pos: list[int] = field(default_factory=list)
-    forks: list[int] = field(default_factory=list)  # per prompt
-    first_eos: list[list[bool]] = field(default_factory=list)  # per prompt and lane: the prefill's token is EOS
-    steps: int = 0
-    decoded: int = 0
-    peak: int = 0  # pages in use
-    traffic: dict = field(default_factory=lambda: dict(prefill=0, decode=0, copy=0, swap=0))
-
-    @property
-    def tree(self) -> bool:
-        return self.C > 1
-
-    @property
-    def S(self) -> int:
-        """Slots (rows of the decode batch); index S in the device's tensors means no row."""
-        return len(self.dev["live"]) - 1
-
-    @classmethod
-    def create(cls, model, prompts, G, cfg, eos, pad, seed, prompt_keys) -> "_Engine":
-        P, Tmax, B, page = len(prompts), cfg.max_new_tokens, len(prompts) * G, cfg.page_size
-        device = next(model.parameters()).device
-        tree = cfg.sampler == "tree" and not math.isinf(cfg.tau)  # tau = inf never forks: all G start at once
-        L = max(map(len, prompts)) + Tmax
-        N = sum(group_pages(len(q), G, Tmax, page) for q in prompts) if cfg.kv_budget is None else \
-            cfg.kv_budget // page - 1  # usable pages; one more is the scratch page
-        C = cfg.max_children if tree else 1
-        keys = list(prompt_keys) if prompt_keys is not None else list(range(P))
-        t = model.config.get_text_config()
-        Hkv, D = t.num_key_value_heads, getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
-        dtype = _cache_dtype(model, device)
-        # zeros, not empty: attention multiplies masked positions by 0, and 0 * NaN garbage would be NaN
-        K = [torch.zeros(N + 1, Hkv, page, D, dtype=dtype, device=device) for _ in range(t.num_hidden_layers)]
-        V = [torch.zeros(N + 1, Hkv, page, D, dtype=dtype, device=device) for _ in range(t.num_hidden_layers)]
-        if cfg.compile:  # the same tensors every step: CUDA graphs write them in place instead of copying them in
-            for x in K + V:
-                torch._dynamo.mark_static_address(x)
-        zeros = lambda *shape, dtype=torch.float32: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
-        out = dict(tokens=torch.full((B + 1, Tmax), pad, dtype=torch.long, device=device),  # row B: idle slots
-                   logprobs=zeros(B + 1, Tmax), entropy=zeros(B + 1, Tmax), finished=zeros(B + 1, dtype=torch.bool),
-                   alt_tok=zeros(B + 1, Tmax, C - 1, dtype=torch.long), alt_lp=zeros(B + 1, Tmax, C - 1))
-        S = B  # every row could be in flight: a slot costs no cache, only a row of the decode batch
-        dev = dict(leaf=torch.full((S + 1,), B, dtype=torch.long, device=device), t=zeros(S + 1, dtype=torch.long),
-                   tp=zeros(S + 1, dtype=torch.long), live=zeros(S + 1, dtype=torch.bool),
-                   pages=torch.full((S + 1, -(-L // page)), N, dtype=torch.long, device=device),
-                   j=zeros(N + 1, dtype=torch.long), reader=torch.full((N + 1, G), S, dtype=torch.long, device=device))
-        eng = cls(model=model, cfg=cfg, prompts=prompts, G=G, M=cfg.num_chains if tree else G, C=C, page=page,
-                  pad=pad, seed_word=_seed_word(seed, device), keys=torch.tensor(keys + [0], device=device),
-                  eos=torch.tensor(eos, device=device), K=K, V=V, out=out, dev=dev,
-                  forward=_compiled_forward(device) if cfg.compile else _forward)
-        eng.free_pages, eng.free_slots, eng.ref = list(range(N)), list(range(S)), [0] * N
-        eng.waiting, eng.updates = collections.deque(range(P)), {k: {} for k in dev}
-        eng.length, eng.parent, eng.branch_pos, eng.forks, eng.first_eos = [0] * B, [-1] * B, [0] * B, [0] * P, [[]] * P
-        return eng
-
-
-def group_pages(prompt_len: int, G: int, max_new_tokens: int, page: int) -> int:
-    """The most pages one group can hold: its prompt, and for each of its G rows the positions only it
-    holds (at most max_new_tokens, starting part-way into a page: one page more)."""
-    return -(-prompt_len // page) + G * (-(-max_new_tokens // page) + 1)
-
-
-# ----------------------------------------------------------------------------------------------
-# The engine's steps
-
+# ---- infrastructure: the decode engine ---------------------------------------------------------------------------
+#
+# The cache is one pool [layers, K/V, page_size, pages, KV heads, head_dim] in the compute dtype, allocated per
+# sample() call, not zeroed (offset-major: the positions the rows write in one step lie together). A row (a leaf
+# being decoded) holds a page table in three runs, each from the start of a page: its prompt's pages, shared by the
+# group's rows; a tree branch's root's pages up to the fork, shared; its own pages, the only ones it writes. So nothing
+# is ever copied; `ref` counts the tables holding a page. The schedule lives on the host: a step sends the device its
+# rows and the tables' changes (pinned memory, non-blocking) and reads back one small tensor, which rows drew EOS and
+# what a tree's forks need. That read is the step's one wait for the device.
 
 PREFILL_TOKENS = 8192
 """most prompt positions (padding included) one prefill forward runs; bounds its activations"""
 
 
-def _admit(eng: _Engine) -> None:
-    """Bring groups in, oldest first, while the free pages hold them and still leave a page for every row in
-    flight (each may open one next step): a swapped-out group back, else waiting prompts, prefilled together.
-    With no row in flight the oldest group comes in if it fits at all, which the budget check guarantees."""
-    P = lambda g: _prompt_pages(eng, g)  # noqa: E731
-    fits = lambda pages, rows: pages + len(eng.rows) + rows <= len(eng.free_pages)  # noqa: E731
-    alone = lambda pages: not eng.rows and pages <= len(eng.free_pages)  # noqa: E731
-    while eng.swapped or eng.waiting:
-        if eng.swapped:  # every swapped group is older than every waiting prompt: prompts start in order
-            g = min(eng.swapped)
-            pages, rows = len(eng.swapped[g][0][0]), len(eng.swapped[g][1])
-            if not (fits(pages, rows) or alone(pages)):
+def group_pages(prompt_len: int, G: int, max_new_tokens: int, page: int) -> int:
+    """A bound on the pages one group holds: its prompt's, and per row max_new_tokens and one page to spare (a row's own
+    pages hold its T - 1 written positions from the start of a page: at most ceil((T - 1) / page))."""
+    return -(-prompt_len // page) + G * (-(-max_new_tokens // page) + 1)
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host to device without waiting: pinned, non-blocking (the host allocator keeps the block until it is copied)."""
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
+
+
+def _read(x: torch.Tensor) -> torch.Tensor:
+    """The read that waits for the device: once a decode step and once a prefill."""
+    return x.cpu()
+
+
+class _Engine:
+    """One sample() call. Device: the pool, the outputs, `table` [B, J] every leaf's pages. Host: the rows in flight
+    `live` [n, 4] (leaf; t, the response position it samples next, from token t - 1 at cache position prompt length
+    + t - 1; t0, the response positions it reads from its root, its own start there; prompt length), pages[leaf] its
+    table, the groups waiting or swapped out. A step's host work is a few tensor ops over `live` and a loop over the
+    rows something happens to."""
+
+    def __init__(self, model, prompts, G, cfg, eos, pad, seed, keys):
+        P, T, page, dev = len(prompts), cfg.max_new_tokens, cfg.page_size, next(model.parameters()).device
+        self.model, self.cfg, self.prompts, self.G, self.page, self.pad = model, cfg, prompts, G, page, pad
+        self.dev = dev
+        self.tree = cfg.sampler == "tree" and not math.isinf(cfg.tau)  # tau = inf forks nothing: all G start at once
+        self.M, self.C = (cfg.num_chains, cfg.max_children) if self.tree else (G, 1)
+        # usable pages; page N is where a prefill's padding writes. No budget: every group at its longest, its prompt's
+        # pages and per leaf the own pages of its T - 1 written positions at most
+        N = cfg.kv_budget // page - 1 if cfg.kv_budget is not None else \
+            sum(-(-len(q) // page) + G * -(-(T - 1) // page) for q in prompts)
+        t, B, C = model.config.get_text_config(), P * G, self.C
+        self.pool = torch.empty(t.num_hidden_layers, 2, page, N + 1, t.num_key_value_heads, getattr(t, "head_dim", None)
+                                or t.hidden_size // t.num_attention_heads, dtype=_cache_dtype(model, dev), device=dev)
+        self.slots = self.pool.flatten(0, 3)  # [layers * 2 * page * (N + 1), Hkv, D]: what the forward writes in place
+        self.out = {k: torch.zeros(B, T, *shape, dtype=dtype, device=dev) for k, shape, dtype in [  # C - 1 alternatives
+            ("tokens", (), torch.long), ("logprobs", (), None), ("entropy", (), None),
+            ("alt_tok", (C - 1,), torch.long), ("alt_lp", (C - 1,), None)]}
+        self.seed_word = _seed_word(seed, dev)
+        # one entry more each (unused): compile would specialize a size of 1
+        self.keys = _to_device(torch.tensor([*(keys if keys is not None else range(P)), 0]), dev)  # [P + 1]
+        self.eos = _to_device(torch.tensor(eos + eos[:1]), dev)  # [E + 1]
+        self.table = torch.full((B, 3 - (-max(map(len, prompts)) - T) // page), N, device=dev)  # [B, J + 3] N: none
+        self.changes = {}  # (leaf, block) -> page not yet in `table` (a dict: one value an entry)
+        self.live, self.joining = torch.zeros(0, 4, dtype=torch.long), []
+        self.pages, self.ref, self.free = {}, [0] * N, list(range(N))  # free: a heap, the lowest first
+        self.waiting, self.swapped = collections.deque(range(P)), {}
+        self.length, self.finished, self.parent, self.branch_pos = [0] * B, [False] * B, [-1] * B, [0] * B
+        self.forks, self.steps, self.decoded, self.peak = [0] * P, 0, 0, 0
+        self.hist = torch.zeros(B, T, C + 1, dtype=torch.float64) if self.tree else None  # what each step read back
+        self.traffic = dict(prefill=0, decode=0, swap=0)
+        self.step = _compiled_decode() if cfg.compile else _decode
+
+    def admit(self) -> bool:
+        """Bring groups in, oldest first, while the free pages hold them and a page for every row in flight: a swapped
+        group back, else waiting prompts, prefilled together. With no row in flight the oldest comes in if it fits."""
+        def fits(pages, rows, first):
+            n = len(self._rows())
+            return pages + n + rows <= len(self.free) or first and not n and pages <= len(self.free)
+
+        while self.swapped or self.waiting:
+            if self.swapped:  # every swapped group is older than every waiting prompt: prompts start in order
+                g = min(self.swapped)
+                if not fits(self.swapped[g][0].shape[3], len(self.swapped[g][1]), True):
+                    break
+                self._swap_in(g)
+                continue
+            batch, pages = [], 0
+            while self.waiting:
+                g, longest = self.waiting[0], max(len(self.prompts[h]) for h in batch + [self.waiting[0]])
+                more = -(-len(self.prompts[g]) // self.page)
+                if not fits(pages + more, self.M * (len(batch) + 1), not batch) or \
+                        batch and (len(batch) + 1) * longest > PREFILL_TOKENS:
+                    break
+                batch, pages = batch + [self.waiting.popleft()], pages + more
+            if not batch:
                 break
-            _swap_in(eng, g)
-            continue
-        batch = [eng.waiting[0]]
-        if not (fits(P(batch[0]), eng.M) or alone(P(batch[0]))):
-            break
-        eng.waiting.popleft()
-        while (eng.waiting and fits(sum(map(P, batch + [eng.waiting[0]])), eng.M * (len(batch) + 1))
-               and (len(batch) + 1) * max(len(eng.prompts[g]) for g in [*batch, eng.waiting[0]]) <= PREFILL_TOKENS):
-            batch.append(eng.waiting.popleft())
-        _prefill(eng, batch)
-    if not eng.rows and (eng.swapped or eng.waiting):
-        raise RuntimeError(f"rollout: no group fits the {len(eng.free_pages)} free pages ({eng.cfg.kv_budget=})")
+            self._prefill(batch)
+        assert len(self._rows()) or not (self.swapped or self.waiting), "no group fits: check_config's floor is wrong"
+        return len(self.live) > 0
 
+    def grow(self) -> None:
+        """Give each row whose next position opens one of its own pages a fresh page. With none free, the newest group
+        is swapped out until one is: the oldest groups are served first, so they always progress."""
+        live, G = self._rows(), self.G
+        for c in sorted(live[(live[:, 1] - 1 - live[:, 2]) % self.page == 0, 0].tolist()):  # leaf order: oldest first
+            while not self.free:
+                newest = int(self.live[:, 0].max()) // G
+                assert newest > c // G or int(self.live[:, 0].min()) // G < newest, "a group outgrew group_pages()"
+                self._swap_out(newest)
+            if c in self.pages:  # not swapped out in this loop
+                new = self._take(1)[0]  # the row's: _take's hold is its
+                self.changes[c, len(self.pages[c])] = new
+                self.pages[c].append(new)
 
-def _prefill(eng: _Engine, batch: list[int]) -> None:
-    """Run prompts `batch` (right-padded, so causal attention never sees the padding) into fresh pages, draw the
-    first token of all G lanes of each (C draws a lane; later fresh chains use theirs), start the first rows."""
-    G, C, dev, page = eng.G, eng.C, eng.keys.device, eng.page
-    plen = torch.tensor([len(eng.prompts[g]) for g in batch], device=dev)  # [b]
-    Tq = int(plen.max())
-    ids = torch.full((len(batch), Tq), eng.pad, dtype=torch.long, device=dev)  # [b, Tq]
-    where = torch.full((len(batch), -(-Tq // page)), len(eng.ref), dtype=torch.long)  # [b, Tq/page] padding: scratch
-    tables = []
-    for i, g in enumerate(batch):
-        ids[i, : len(eng.prompts[g])] = torch.tensor(eng.prompts[g], device=dev)
-        tables.append(_alloc(eng, _prompt_pages(eng, g)))
-        where[i, : len(tables[-1])] = torch.tensor(tables[-1])
-    pos = torch.arange(Tq, device=dev)
-    view = _PageView(eng.K, eng.V, where.to(dev).repeat_interleave(page, 1)[:, :Tq], (pos % page).expand(len(batch), Tq))
-    logits = eng.model(input_ids=ids, position_ids=pos.expand(len(batch), Tq), attention_mask={"full_attention": None},
-                       use_cache=False, page_kv=view, logits_to_keep=(plen - 1)[:, None]).logits[:, 0]  # [b, V]
-    eng.traffic["prefill"] += len(batch) * Tq
-    g_t = torch.tensor(batch, device=dev)
-    lanes = (torch.arange(G, device=dev)[:, None] + (torch.arange(C, device=dev) << 32)).flatten()  # [G*C]
-    tok, lp, H = _draw(eng, logits, g_t, lanes.expand(len(batch), -1), torch.zeros_like(g_t))  # [b, G*C]
-    leaves = g_t[:, None] * G + torch.arange(G, device=dev)  # [b, G]
-    tok, lp = tok.reshape(len(batch), G, C), lp.reshape(len(batch), G, C)
-    o = eng.out
-    o["tokens"][leaves, 0], o["logprobs"][leaves, 0], o["entropy"][leaves, 0] = tok[..., 0], lp[..., 0], H[:, None]
-    o["alt_tok"][leaves, 0], o["alt_lp"][leaves, 0] = tok[..., 1:], lp[..., 1:]
-    is_eos = torch.isin(tok[..., 0], eng.eos)  # [b, G]
-    o["finished"][leaves] = is_eos
-    for g, table, first_eos in zip(batch, tables, is_eos.tolist()):
-        eng.first_eos[g] = first_eos
-        for c in range(g * G, g * G + eng.M):
-            eng.length[c] = 1
-            ends = first_eos[c - g * G] or eng.cfg.max_new_tokens == 1
-            for t, b in _end_leaf(eng, c) if ends else [(0, c)]:
-                _start(eng, b, t, table)
-        _release(eng, table)  # the prompt's pages now belong to its rows (freed if none continues)
+    def decode(self) -> None:
+        """One token for every row in flight (`_decode`), then the step's read: which rows drew EOS (and for a tree
+        what a root's forks need: the entropies, the alternatives' EOS). Ended rows retire (`_end`)."""
+        live, T = self._rows(), self.cfg.max_new_tokens
+        if self.changes:  # one copy; a dict, as index_put with a repeated index has no defined winner on CUDA
+            ch = _to_device(torch.tensor([[c, j, p] for (c, j), p in self.changes.items()]), self.dev)  # [k, 3]
+            self.table[ch[:, 0], ch[:, 1]] = ch[:, 2]
+            self.changes.clear()
+        meta = live  # [n, 4] leaf, t, t0, prompt length
+        if self.cfg.compile and len(meta) == 1:
+            meta = meta.repeat(2, 1)  # compile would specialize a size of 1: the lone row twice (the same writes)
+        L = int((live[:, 1] + live[:, 3]).max())  # the most positions a row reads
+        flags = _read(self.step(self.model, self.slots, self.out, self.table, _to_device(meta, self.dev), L, self.page,
+                                len(self.ref) + 1, self.cfg, self.G, self.seed_word, self.keys, self.eos))[: len(live)]
+        self.steps, self.decoded = self.steps + 1, self.decoded + len(live)
+        self.traffic["decode"] += len(live)
+        if self.tree:
+            self.hist[live[:, 0], live[:, 1]] = flags
+        ended = (flags[:, 0] > 0) | (live[:, 1] + 1 >= T)
+        self.live = live[~ended]
+        self.live[:, 1] += 1
+        for c, t, _, _, eos in torch.cat([live, flags[:, :1].long()], 1)[ended].tolist():
+            self._end(c, t + 1, eos > 0, self.pages[c])
+            self._drop(self.pages.pop(c))
 
+    def _prefill(self, batch: list[int]) -> None:
+        """Prompts `batch` into fresh pages (right-padded: causal attention never sees the padding, which writes the
+        scratch page); the first token of all G lanes of each (a fresh chain started later uses its lane's); the
+        first M rows start. One read: the draws' EOS flags."""
+        G, C, page, N, b, dev = self.G, self.C, self.page, len(self.ref), len(batch), self.dev
+        plen = [len(self.prompts[g]) for g in batch]
+        Tq, tables = max(plen), [self._take(-(-n // page)) for n in plen]
+        ids = [self.prompts[g] + [self.pad] * (Tq - n) for g, n in zip(batch, plen)]
+        slots = [[(tab[x // page] if x < n else N) + x % page * (N + 1) for x in range(Tq)]
+                 for tab, n in zip(tables, plen)]
+        x = _to_device(torch.tensor([ids, slots]), dev)  # [2, b, Tq] token ids, each position's slot
+        g_t, last = _to_device(torch.tensor([batch, [n - 1 for n in plen]]), dev)  # [b] each
+        logits = self.model(input_ids=x[0], position_ids=torch.arange(Tq, device=dev).expand(b, Tq), use_cache=False,
+                            attention_mask={"full_attention": None},
+                            page_kv=_View(self.slots, page * (N + 1), torch.stack((x[1], x[1] + page * (N + 1)))),
+                            logits_to_keep=last[:, None]).logits[:, 0]  # [b, V] at each prompt's last position
+        self.traffic["prefill"] += b * Tq
+        lanes = (torch.arange(G, device=dev)[:, None] + (torch.arange(C, device=dev) << 32)).flatten()  # [G*C]
+        tok, lp, H = _draw(self.cfg, self.seed_word, self.keys, logits, g_t, lanes.expand(b, -1), torch.zeros_like(g_t))
+        leaves, o = g_t[:, None] * G + torch.arange(G, device=dev), self.out  # [b, G]
+        tok, lp = tok.view(b, G, C), lp.view(b, G, C)
+        o["tokens"][leaves, 0], o["logprobs"][leaves, 0], o["entropy"][leaves, 0] = tok[..., 0], lp[..., 0], H[:, None]
+        o["alt_tok"][leaves, 0], o["alt_lp"][leaves, 0] = tok[..., 1:], lp[..., 1:]
+        flags = _read(torch.cat([torch.isin(tok, self.eos).flatten(1).double(), H[:, None].double()], 1))  # [b, G*C+1]
+        if self.tree:  # each lane's C draws EOS?, the entropy
+            self.hist[torch.tensor(batch)[:, None] * G + torch.arange(G), 0] = torch.cat(
+                [flags[:, :-1].view(b, G, C), flags[:, None, -1:].expand(b, G, 1)], 2)
+        for g, tab, f in zip(batch, tables, flags.tolist()):
+            for c, eos in zip(range(g * G, g * G + self.M), f[: self.M * C: C]):
+                self._end(c, 1, eos > 0, tab) if eos or self.cfg.max_new_tokens == 1 else self._start(c, 0, tab, 0)
+            self._drop(tab)  # the prompt's pages now belong to its rows (free if none continues)
 
-def _grow(eng: _Engine) -> None:
-    """Give every row the page its next position goes to: a fresh page when the position opens one, a private
-    copy of the positions before it when the page is shared (copy on write: a branch's or a prompt's last,
-    partly filled page). With no page free, the newest group in flight is swapped out (`_swap_out`) until
-    one is; the oldest groups are served first, so they always progress."""
-    for s in sorted(eng.rows, key=lambda s: eng.rows[s][0]):  # leaf order: the oldest group first
-        if s not in eng.rows:
-            continue  # its group was swapped out in this loop
-        c, t = eng.rows[s]
-        j, off = divmod(len(eng.prompts[c // eng.G]) + t - 1, eng.page)  # the page and offset it writes
-        table = eng.table[c]
-        if j < len(table) and eng.ref[table[j]] == 1:
-            continue
-        while not eng.free_pages:
-            newest = max(b // eng.G for b, _ in eng.rows.values())
-            if newest == c // eng.G and len({b // eng.G for b, _ in eng.rows.values()}) == 1:
-                raise RuntimeError("rollout: one group outgrew the cache; group_pages() is wrong")
-            _swap_out(eng, newest)
-        if s not in eng.rows:
-            continue
-        new = _alloc(eng, 1)[0]
-        if j < len(table):  # copy on write: the positions before `off` are the shared prefix
-            for x in eng.K + eng.V:
-                x[new, :, :off] = x[table[j], :, :off]
-            eng.traffic["copy"] += off
-            _release(eng, table[j: j + 1], c % eng.G)
-            table[j] = new
-        else:
-            table.append(new)
-        _hold(eng, s, c, [new], j)
-        _release(eng, [new])  # _alloc's temporary hold: the table holds it now
-    eng.peak = max(eng.peak, len(eng.ref) - len(eng.free_pages))
-
-
-def _decode_step(eng: _Engine) -> list[int]:
-    """One token for every row in flight: feed its last token at its own position, write that position's
-    keys and values in place, draw on the device, record by index. Returns the slots whose row ended."""
-    _flush(eng)
-    live, dev, N = sorted(eng.rows), eng.keys.device, len(eng.ref)
-    if eng.cfg.compile:  # a few fixed slot counts (S, S/2, S/4, S/8) and every page: a handful of graphs
-        S = eng.S
-        live = list(range(min(b for b in (S, -(-S // 2), -(-S // 4), -(-S // 8)) if b > live[-1])))
-    if live != eng.live:  # the computed slots changed (a row ended or started): their indices, made on the device
-        eng.live, eng.idx = live, torch.tensor(live, device=dev)
-    # eager: each page scored against one reader, and only the shared pages against their other readers; compiled
-    # (fixed shapes): every page against all G lanes of its group
-    if not eng.cfg.compile and eng.shared != eng.shared_at[0]:
-        eng.shared_at = (set(eng.shared), torch.tensor(sorted(eng.shared), dtype=torch.long, device=dev))
-    while eng.top and not eng.ref[eng.top - 1]:
-        eng.top -= 1
-    u = N + 1 if eng.cfg.compile else eng.top
-    idx, d = eng.idx, eng.dev  # [n] the slots computed
-    leaf, t, live_n = d["leaf"][idx], d["t"][idx], d["live"][idx]  # [n]
-    kv_len = torch.where(d["live"], d["tp"] + d["t"], 0)  # [S+1] positions each slot's row attends to, this step's too
-    pos = (kv_len[idx] - 1).clamp(min=0)  # [n] where its keys go
-    page = torch.where(live_n, d["pages"][idx, pos // eng.page], N)  # [n] idle slots write the scratch page
-    view = _decode_view(eng.K, eng.V, page, pos % eng.page, idx, kv_len, d["j"][:u], d["reader"][:u],
-                        d["pages"].shape[1], None if eng.cfg.compile else eng.shared_at[1])
-    logits = eng.forward(eng.model, eng.out["tokens"][leaf, t - 1][:, None], pos[:, None], view)  # [n, V]
-    G, C = eng.G, eng.C
-    lanes = (leaf % G)[:, None] + (torch.arange(C, device=dev) << 32)  # [n, C]: lane 0 = the row's own token
-    tok, lp, H = _draw(eng, logits, leaf // G, lanes, t)
-    _record(eng, leaf, t, tok, lp, H)
-    ended = live_n & (torch.isin(tok[:, 0], eng.eos) | (t + 1 >= eng.cfg.max_new_tokens))  # [n]
-    d["t"][idx] = t + live_n
-    eng.steps += 1
-    eng.decoded += len(eng.rows)
-    eng.traffic["decode"] += len(idx)
-    for row in eng.rows.values():
-        row[1] += 1
-    return [s for s in torch.where(ended, idx, -1).tolist() if s >= 0]  # the step's one device-to-host transfer
-
-
-def _draw(eng: _Engine, logits: torch.Tensor, prompt: torch.Tensor, lanes: torch.Tensor, pos: torch.Tensor):
-    """Tokens [n, X] for lanes [n, X] of rows of prompts [n] at response positions [n], from logits [n, V]:
-    (tokens, their log-probs [n, X], the distribution's entropy [n])."""
-    cfg = eng.cfg
-    logp = sampling_logprobs(logits, cfg.temperature, cfg.top_p, cfg.top_k)  # [n, V] float32
-    p = logp.exp()
-    if cfg.temperature == 0:
-        tok = logp.argmax(-1, keepdim=True).expand_as(lanes)  # greedy: every lane the argmax
-    else:
-        tok = inverse_cdf(p, _keyed_uniform(eng.seed_word, eng.keys[prompt][:, None], lanes, pos[:, None]))
-    return tok, logp.gather(1, tok), entropy_of(logp, p)
-
-
-def _record(eng: _Engine, leaf, t, tok, lp, H) -> None:
-    """Store each row's token (and fork alternatives) at its position; idle slots write the scratch row B."""
-    o = eng.out
-    o["tokens"][leaf, t], o["logprobs"][leaf, t], o["entropy"][leaf, t] = tok[:, 0], lp[:, 0], H
-    if eng.C > 1:
-        o["alt_tok"][leaf, t], o["alt_lp"][leaf, t] = tok[:, 1:], lp[:, 1:]
-    o["finished"][leaf] = torch.isin(tok[:, 0], eng.eos)
-
-
-def _retire(eng: _Engine, s: int) -> None:
-    """Slot s's row has ended: record its length, start its branches (tree root) on its pages, release them."""
-    c, n = eng.rows.pop(s)
-    eng.length[c] = n
-    for t, b in _end_leaf(eng, c):
-        _start(eng, b, t, eng.table[c])
-    _release(eng, eng.table.pop(c), c % eng.G)
-    _free_slot(eng, s)
-
-
-def _end_leaf(eng: _Engine, c: int) -> list[tuple[int, int]]:
-    """Leaf c has ended. A tree root forks (`fork_rule`): each branch gets the root's tokens before its fork
-    point t and the alternative drawn at t; a branch or fresh chain that ends at once (EOS, or at
-    max_new_tokens) is done, the others are returned as (t, leaf) to continue from the root's pages."""
-    G, Tmax = eng.G, eng.cfg.max_new_tokens
-    g, k = divmod(c, G)
-    if not eng.tree or k >= eng.M:
-        return []
-    n, o = eng.length[c], eng.out
-    # one transfer: the root's entropies and whether each fork alternative is EOS, [n, C]
-    rows = torch.cat([o["entropy"][c, :n, None].double(), torch.isin(o["alt_tok"][c, :n], eng.eos).double()], 1)
-    rows = rows.tolist()
-    plan, fresh, nxt = fork_rule([r[0] for r in rows], k, G, eng.M, eng.C, eng.cfg.max_forks, eng.cfg.tau)
-    items = []
-    for t, branches in plan:
-        eng.forks[g] += 1
-        for j in range(branches):
-            b, nxt = g * G + nxt, nxt + 1
-            o["tokens"][b, :t], o["logprobs"][b, :t] = o["tokens"][c, :t], o["logprobs"][c, :t]
-            o["entropy"][b, : t + 1] = o["entropy"][c, : t + 1]
+    def _end(self, c: int, n: int, eos: bool, pages: list[int]) -> None:
+        """Leaf c ended with n tokens. A tree root forks (`fork_rule`): a branch forked at t takes the alternative drawn
+        at t (its tokens before t are the root's, `assemble`); those that go on start on the root's `pages`."""
+        G, T, o = self.G, self.cfg.max_new_tokens, self.out
+        self.length[c], self.finished[c] = n, eos
+        g, k = divmod(c, G)
+        if not self.tree or k >= self.M:
+            return
+        plan, fresh, nxt = fork_rule(self.hist[c, :n, -1].tolist(), k, G, self.M, self.C, self.cfg.max_forks,
+                                     self.cfg.tau)
+        at = []  # (branch, t, alternative)
+        for t, branches in plan:
+            self.forks[g] += 1
+            for j in range(branches):
+                b, nxt = g * G + nxt, nxt + 1
+                self.parent[b], self.branch_pos[b], self.length[b] = c, t, t + 1
+                self.finished[b] = bool(self.hist[c, t, 1 + j])
+                at.append((b, t, j))
+                if not (self.finished[b] or t + 1 >= T):
+                    self._start(b, t, pages, t)
+        if at:
+            b, t, j = _to_device(torch.tensor(at).T, self.dev)
             o["tokens"][b, t], o["logprobs"][b, t] = o["alt_tok"][c, t, j], o["alt_lp"][c, t, j]
-            o["finished"][b] = is_eos = bool(rows[t][1 + j])
-            eng.parent[b], eng.branch_pos[b], eng.length[b] = c, t, t + 1
-            if not (is_eos or t + 1 >= Tmax):
-                items.append((t, b))
-    for b in range(g * G + nxt, g * G + nxt + fresh):  # fresh chains: their first token was drawn at prefill
-        eng.length[b] = 1
-        if not (eng.first_eos[g][b - g * G] or Tmax == 1):
-            items.append((0, b))
-    return items
+            o["entropy"][b, t] = o["entropy"][c, t]
+        for b in range(g * G + nxt, g * G + nxt + fresh):  # fresh chains: their first token was drawn at prefill
+            self.length[b], self.finished[b] = 1, bool(self.hist[b, 0, 0])
+            if not (self.finished[b] or T == 1):
+                self._start(b, 0, pages, 0)
+
+    def assemble(self) -> Rollout:
+        """Leaves in id order, a branch's positions before its fork read from its root's row; padding past each end."""
+        P, G, o, dev, pad = len(self.prompts), self.G, self.out, self.dev, self.pad
+        B, T, Tp = P * G, max(self.length), max(map(len, self.prompts))
+        src = torch.arange(B)[:, None].repeat(1, T)  # [B, T] the row each position is read from
+        for b in (b for b, p in enumerate(self.parent) if p >= 0):
+            src[b, : self.branch_pos[b]] = self.parent[b]
+        at = (_to_device(src, dev), torch.arange(T, device=dev)) if self.tree else (slice(None), slice(T))
+        rows = _to_device(torch.tensor([self.length, self.finished, self.parent, self.branch_pos]), dev)  # [4, B]
+        prompts = torch.tensor([[pad] * (Tp - len(q)) + q for q in self.prompts])  # [P, Tp] left-padded
+        plen = torch.tensor([len(q) for q in self.prompts])
+        prompts = _to_device(torch.stack([prompts, torch.arange(Tp) >= Tp - plen[:, None]]), dev)  # and the mask
+        mask = torch.arange(T, device=dev) < rows[0][:, None]  # [B, T]
+        return Rollout(
+            prompt_ids=prompts[0].repeat_interleave(G, 0), prompt_mask=prompts[1].bool().repeat_interleave(G, 0),
+            response_ids=o["tokens"][at].masked_fill(~mask, pad), response_mask=mask,
+            logprobs=o["logprobs"][at] * mask, entropy=o["entropy"][at] * mask,
+            group_index=torch.arange(B, device=dev) // G, finished=rows[1].bool(),
+            decoded_tokens=self.decoded, prefilled_tokens=sum(map(len, self.prompts)), decode_steps=self.steps,
+            parent=rows[2], branch_pos=rows[3], forks_made=_to_device(torch.tensor(self.forks), dev),
+            peak_kv_tokens=self.peak * self.page, kv_capacity=self.pool.shape[3] * self.page,
+            kv_traffic=dict(self.traffic))
+
+    def _rows(self) -> torch.Tensor:  # the rows in flight, those that joined since the last call included
+        if self.joining:
+            self.live, self.joining = torch.cat([self.live, torch.tensor(self.joining)]), []
+        return self.live
+
+    def _take(self, n: int) -> list[int]:  # n free pages, the lowest first, held by the caller until it drops them
+        pages = [heapq.heappop(self.free) for _ in range(n)]
+        for p in pages:
+            self.ref[p] = 1
+        self.peak = max(self.peak, len(self.ref) - len(self.free))
+        return pages
+
+    def _hold(self, c: int, pages: list[int]) -> None:  # leaf c's row holds `pages` as its page table
+        self.pages[c] = list(pages)
+        for i, p in enumerate(pages):
+            self.ref[p] += 1
+            self.changes[c, i] = p
+
+    def _drop(self, pages: list[int]) -> None:  # a table or a caller lets go of `pages`; one no one holds is free
+        for p in pages:
+            self.ref[p] -= 1
+            if not self.ref[p]:
+                heapq.heappush(self.free, p)
+
+    def _start(self, c: int, t: int, pages: list[int], t0: int) -> None:
+        """Leaf c, its tokens up to response position t recorded, decodes from t + 1, reading its prompt and its
+        first t0 response positions from `pages` (its prompt's, then its root's own): shared, not copied."""
+        plen = len(self.prompts[c // self.G])
+        self.joining.append([c, t + 1, t0, plen])
+        self._hold(c, pages[: -(-plen // self.page) - (-t0 // self.page)])
+
+    def _swap_out(self, g: int) -> None:
+        """Preempt group g (vLLM's swap, whole groups): its pages to pinned host memory without waiting (only a later
+        copy on the same stream reads them), its rows out of flight; `_swap_in` brings them back bit for bit."""
+        live = self._rows()
+        mine = live[:, 0] // self.G == g
+        self.live, rows = live[~mine], [(row, self.pages.pop(row[0])) for row in live[mine].tolist()]
+        pages = sorted({p for _, ps in rows for p in ps})
+        x = self.pool[:, :, :, _to_device(torch.tensor(pages), self.dev)]  # [layers, 2, page, pages, Hkv, D]
+        self.swapped[g] = (torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda).copy_(x, non_blocking=True),
+                           [(row, [pages.index(p) for p in ps]) for row, ps in rows])
+        for _, ps in rows:
+            self._drop(ps)
+        self.traffic["swap"] += len(pages) * self.page
+
+    def _swap_in(self, g: int) -> None:
+        saved, rows = self.swapped.pop(g)
+        pages = self._take(saved.shape[3])
+        self.pool[:, :, :, _to_device(torch.tensor(pages), self.dev)] = _to_device(saved, self.dev)
+        for row, idx in rows:
+            self.joining.append(row)
+            self._hold(row[0], [pages[i] for i in idx])
+        self._drop(pages)
+        self.traffic["swap"] += len(pages) * self.page
 
 
-# ----------------------------------------------------------------------------------------------
-# Pages and slots: who holds what (host), and the device's copy of it
+def _decode(model, slots, out, table, meta, L: int, page: int, width: int, cfg: SamplingConfig, G: int, seed_word,
+            keys, eos):
+    """The decode step on the device (compiled whole with cfg.compile). meta [n, 4]: per row its leaf, the response
+    position t it samples, t0 (its own positions start there), its prompt length; L: the most positions a row reads;
+    table [B, J]: every leaf's pages; slots: the pool [layers * 2 * page * width, Hkv, D] (width = N + 1 pages), passed
+    whole so that the compiled step writes it in place. Writes each row's key and value, draws and records by leaf.
+    Returns [n, C + 1] float64: each draw's EOS, the entropy."""
+    leaf, t, t0, plen = (x[:, None] for x in meta.unbind(1))  # [n, 1] each
+    at = torch.arange(L, device=meta.device)
+    gap = (-plen) % page  # the prompt's last page's unused part: the next run starts a page of its own
+    # each position as if each run (prompt, root's, own) started a page: v // page is its block in the table
+    v = at + torch.where(at < plen, 0, torch.where(at < plen + t0, gap, gap + (-t0) % page))  # [n, L]
+    seen = at < plen + t  # the positions a row attends to, its token t - 1's included
+    # each position's slot in a layer's K (or V), offset x (N + 1) + page
+    slot = table[leaf, (v // page).clamp(max=table.shape[1] - 1)] + v % page * width
+    pos = plen + t - 1  # [n, 1] the cache position of token t - 1
+    write = slot.gather(1, pos)  # [n, 1]
+    mask = torch.zeros(seen.shape, dtype=slots.dtype, device=meta.device).masked_fill(~seen, float("-inf"))
+    # an unseen position reads the row's newest, written first: weight 0, and never unwritten memory (0 x NaN = NaN)
+    read, S = torch.where(seen, slot, write).flatten(), page * width
+    view = _View(slots, S, torch.stack((write, write + S)), torch.cat((read, read + S)), mask[:, None, None])
+    logits = model(input_ids=out["tokens"][leaf, t - 1], position_ids=pos, use_cache=False,
+                   attention_mask={"full_attention": None}, page_kv=view).logits[:, -1]  # [n, V]
+    leaf, t = leaf[:, 0], t[:, 0]
+    C = out["alt_tok"].shape[2] + 1
+    lanes = (leaf % G)[:, None] + (torch.arange(C, device=meta.device) << 32)  # [n, C] lane 0: the row's own token
+    tok, lp, H = _draw(cfg, seed_word, keys, logits, leaf // G, lanes, t)
+    out["tokens"][leaf, t], out["logprobs"][leaf, t], out["entropy"][leaf, t] = tok[:, 0], lp[:, 0], H
+    if C > 1:
+        out["alt_tok"][leaf, t], out["alt_lp"][leaf, t] = tok[:, 1:], lp[:, 1:]
+    return torch.cat([torch.isin(tok, eos).double(), H[:, None].double()], 1)
 
 
-def _start(eng: _Engine, c: int, t: int, source: list[int]) -> None:
-    """Leaf c decodes from response position t + 1 (its tokens up to t are recorded) on the pages of `source`
-    that hold the prompt and its tokens before t: shared, not copied."""
-    _run_row(eng, c, t + 1, source[: -(-(len(eng.prompts[c // eng.G]) + t) // eng.page)])
+_COMPILED = []
 
 
-def _run_row(eng: _Engine, c: int, t: int, table: list[int]) -> None:
-    """Leaf c takes the lowest free slot and holds `table`; it samples response position t next."""
-    s = heapq.heappop(eng.free_slots)
-    eng.rows[s], eng.table[c] = [c, t], list(table)
-    eng.updates["leaf"][s], eng.updates["t"][s], eng.updates["live"][s] = c, t, True
-    eng.updates["tp"][s] = len(eng.prompts[c // eng.G])
-    _hold(eng, s, c, table, 0)
-
-
-def _hold(eng: _Engine, s: int, c: int, pages: list[int], j: int) -> None:
-    """The row of leaf c in slot s holds `pages` as its blocks j, j + 1, ...: counted, and read by its slot."""
-    for i, p in enumerate(pages, j):
-        eng.ref[p] += 1
-        if eng.ref[p] == 2:
-            eng.shared.add(p)
-        eng.updates["pages"][s, i], eng.updates["j"][p], eng.updates["reader"][p, c % eng.G] = p, i, s
-
-
-def _release(eng: _Engine, pages: list[int], lane: int | None = None) -> None:
-    """A table lets go of `pages` (lane: the row's lane in its group, no longer reading them); a page no table
-    holds is free."""
-    for p in pages:
-        eng.ref[p] -= 1
-        if eng.ref[p] == 1:
-            eng.shared.discard(p)
-        if lane is not None:
-            eng.updates["reader"][p, lane] = eng.S  # no slot
-        if not eng.ref[p]:
-            heapq.heappush(eng.free_pages, p)
-
-
-def _prompt_pages(eng: _Engine, g: int) -> int:
-    """Pages prompt g fills, the last one partly."""
-    return -(-len(eng.prompts[g]) // eng.page)
-
-
-def _alloc(eng: _Engine, n: int) -> list[int]:
-    """n free pages, the lowest first (pages in use stay low: an eager step reads pages [0, top)). Held by no one
-    yet: the caller holds them."""
-    pages = [heapq.heappop(eng.free_pages) for _ in range(n)]
-    for p in pages:
-        eng.ref[p] += 1  # a temporary hold, dropped by the caller's _release (prefill) or taken over (_grow)
-        eng.top = max(eng.top, p + 1)
-    return pages
-
-
-def _free_slot(eng: _Engine, s: int) -> None:
-    heapq.heappush(eng.free_slots, s)
-    eng.updates["leaf"][s], eng.updates["t"][s], eng.updates["live"][s] = len(eng.length), 0, False  # scratch row B
-
-
-def _swap_out(eng: _Engine, g: int) -> None:
-    """Preempt group g (vLLM's swap preemption, whole groups as vLLM does for parallel samples): copy every page
-    its rows hold to host memory and free them and their slots. Nothing is recomputed when it returns
-    (`_swap_in`), so its rows continue bit for bit where they stopped, and the tokens cannot change."""
-    slots = [s for s, (c, _) in eng.rows.items() if c // eng.G == g]
-    pages = sorted({p for s in slots for p in eng.table[eng.rows[s][0]]})
-    index = {p: i for i, p in enumerate(pages)}
-    ids = torch.tensor(pages, device=eng.keys.device)
-    saved = [x[ids].to("cpu") for x in eng.K + eng.V]  # [pages, Hkv, page, D] each
-    rows = []
-    for s in slots:
-        c, t = eng.rows.pop(s)
-        rows.append((c, t, [index[p] for p in eng.table[c]]))
-        _release(eng, eng.table.pop(c), c % eng.G)
-        _free_slot(eng, s)
-    eng.swapped[g] = (saved, rows)
-    eng.traffic["swap"] += len(pages) * eng.page
-
-
-def _swap_in(eng: _Engine, g: int) -> None:
-    """Group g's pages back from the host into free pages (anywhere), its rows back in flight."""
-    saved, rows = eng.swapped.pop(g)
-    pages = _alloc(eng, len(saved[0]))
-    ids = torch.tensor(pages, device=eng.keys.device)
-    for x, h in zip(eng.K + eng.V, saved):
-        x[ids] = h.to(x.device)
-    for c, t, table in rows:
-        _run_row(eng, c, t, [pages[i] for i in table])
-    _release(eng, pages)
-    eng.traffic["swap"] += len(pages) * eng.page
-
-
-def _flush(eng: _Engine) -> None:
-    """Copy the host's schedule changes to the device, one transfer per tensor that changed. Kept as dicts: an
-    entry changed twice in one round is written once (index_put with repeated indices: undefined winner on CUDA)."""
-    for name, changes in eng.updates.items():
-        if changes:
-            x, dev = eng.dev[name], eng.keys.device
-            where = torch.tensor(list(changes), device=dev)
-            x[where.T.unbind() if where.dim() == 2 else where] = torch.tensor(list(changes.values()), device=dev,
-                                                                               dtype=x.dtype)
-            changes.clear()
-
-
-def _assemble(eng: _Engine) -> Rollout:
-    """Rows grouped per prompt, leaves in id order; padding beyond each length."""
-    dev, P, G, o = eng.keys.device, len(eng.prompts), eng.G, eng.out
-    B = P * G
-    plen = torch.tensor([len(q) for q in eng.prompts], device=dev)  # [P]
-    Tp = int(plen.max())
-    prompt_ids = torch.full((P, Tp), eng.pad, dtype=torch.long, device=dev)  # [P, Tp] left-padded
-    for g, q in enumerate(eng.prompts):
-        prompt_ids[g, Tp - len(q):] = torch.tensor(q, device=dev)
-    prompt_mask = torch.arange(Tp, device=dev) >= (Tp - plen)[:, None]  # [P, Tp] bool
-    length = torch.tensor(eng.length, device=dev)  # [B]
-    T = int(length.max())
-    response_mask = torch.arange(T, device=dev) < length[:, None]  # [B, T]
-    return Rollout(
-        prompt_ids=prompt_ids.repeat_interleave(G, 0), prompt_mask=prompt_mask.repeat_interleave(G, 0),
-        response_ids=o["tokens"][:B, :T].masked_fill(~response_mask, eng.pad), response_mask=response_mask,
-        logprobs=o["logprobs"][:B, :T] * response_mask, entropy=o["entropy"][:B, :T] * response_mask,
-        group_index=torch.arange(B, device=dev) // G, finished=o["finished"][:B].clone(),
-        decoded_tokens=eng.decoded, prefilled_tokens=int(plen.sum()), decode_steps=eng.steps,
-        parent=torch.tensor(eng.parent, device=dev), branch_pos=torch.tensor(eng.branch_pos, device=dev),
-        forks_made=torch.tensor(eng.forks, device=dev), peak_kv_tokens=eng.peak * eng.page,
-        kv_capacity=eng.K[0].shape[0] * eng.page, kv_traffic=dict(eng.traffic),
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# The paged KV cache: an attention function that writes and reads pages in place
-
-
-ATTENTION_NAME = "rollout_pages"
-"""the attention implementation sample() switches the model to, registered with transformers' AttentionInterface"""
+def _compiled_decode():
+    """`_decode` under torch.compile, built once per process, dynamic shapes (rows and length vary every step) and no
+    duck sizing (else rows == B at the first step becomes a guard the next step breaks). Inductor's kernels only: CUDA
+    graphs would need the pool at one address for the whole run."""
+    if not _COMPILED:
+        no_duck = torch.fx.experimental._config.patch(use_duck_shape=False)
+        _COMPILED.append(no_duck(torch.compile(_decode, dynamic=True)))
+    return _COMPILED[0]
 
 
 @dataclass
-class _PageView:
-    """What one forward pass writes and reads in the cache; reaches the attention function as the model kwarg
-    `page_kv` (transformers passes unknown kwargs through to it). Decode's fields come from `_decode_view`."""
+class _View:
+    """What one forward writes and reads in the pool, a position named by its slot, offset x (N + 1) + page, in a
+    layer's pool seen as one axis; reaches `_attend` as the model kwarg page_kv (transformers passes kwargs through)."""
 
-    K: list[torch.Tensor]  # per layer [N + 1, Hkv, page, D]
-    V: list[torch.Tensor]
-    page: torch.Tensor  # [n] (decode) or [b, Tq] (prefill): the page each new position's keys go to
-    offset: torch.Tensor  # the same shape: their offset in it
-    # decode: the pages scored, in one or two passes: (which pages: None = the first u, or [us] indices; [u, R] the
-    # batch row of each reader; [u, R, page] 0 at the positions the reader sees, -inf at the others)
-    passes: list | None = None
-    at: tuple | None = None  # decode: ([pairs], [pairs]) each (page, reader) pair's batch row and block, where it goes
-    blocks: int = 0  # decode: J, the most pages a row holds
+    pool: torch.Tensor  # [layers * 2 * S, Hkv, D]: layer l's K at slots 2lS + s, its V at (2l + 1)S + s
+    slots: int  # S = page * (N + 1), the slots of one layer's K (or V)
+    write: torch.Tensor  # [2, n, Tq] the slots each new position's key and value go to (from the layer's start)
+    read: torch.Tensor | None = None  # decode: [2 * n * L] the slots of each row's keys 0 .. L - 1, then its values
+    mask: torch.Tensor | None = None  # decode: [n, 1, 1, L] 0 where the row attends, -inf elsewhere
 
 
-def _decode_view(K, V, page, offset, slots, kv_len, j, reader, blocks, shared=None) -> _PageView:
-    """A decode step's view, its indices made once for all layers. slots [n]: the slot of each batch row;
-    kv_len [S+1]: positions each slot's row attends to; j [u]: the block each page read holds; reader [u, G]: the slot
-    reading each page by lane (S: none). shared [us]: the pages several rows read; then every page is scored against
-    one reader, and the shared ones again against their other readers. shared None: every page against all G lanes.
-    Batch row n stands for "no row": it reads zeros and its results are dropped."""
-    n, S1, size = len(slots), len(kv_len), K[0].shape[2]
-    row_of = torch.full((S1,), n, dtype=torch.long, device=slots.device)  # [S+1]
-    row_of[slots] = torch.arange(n, device=slots.device)
-
-    def scored(pages, readers, blocks_of):  # readers [p, R] slots -> a pass, and where its pairs combine
-        seen = kv_len[readers] - blocks_of[:, None] * size  # [p, R] positions of the page each reader sees
-        bias = torch.zeros(*seen.shape, size, device=slots.device).masked_fill(
-            torch.arange(size, device=slots.device) >= seen[..., None], float("-inf"))  # [p, R, page]
-        rows = row_of[readers]
-        return (pages, rows, bias), (rows.flatten(), blocks_of.repeat_interleave(rows.shape[1]))
-
-    if shared is None:
-        passes = [scored(None, reader, j)]
-    else:
-        first, again = reader.amin(1, keepdim=True), reader[shared]  # [u, 1] one reader of each page; [us, G]
-        others = torch.where(again == first[shared], S1 - 1, again)  # [us, G] the shared pages' other readers
-        passes = [scored(None, first, j)] + ([scored(shared, others, j[shared])] if len(shared) else [])
-    at = tuple(torch.cat(x) for x in zip(*(a for _, a in passes)))
-    return _PageView(K, V, page, offset, [p for p, _ in passes], at, blocks)
-
-
-def page_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, view: _PageView, scale: float) -> torch.Tensor:
-    """Decode attention over pages read in place, for the n batch rows: q [n, Hkv, r, D] -> [n, Hkv, r, D].
-
-    Flash-decoding with a page as the split: page p (block j of its rows) is scored once against the queries
-    of every row that reads it, s = q k^T * scale over its valid positions, giving per (row, page) a max m_j,
-    a sum l_j = sum exp(s - m_j) and an output o_j = sum exp(s - m_j) v. A row's pages combine as
-        out = sum_j exp(m_j - M) o_j / sum_j exp(m_j - M) l_j,   M = max_j m_j,
-    summed over j in order, so the result does not depend on where in the pool a row's pages are."""
-    n, Hkv, r, D = q.shape
-    qz = F.pad(q, (0, 0, 0, 0, 0, 0, 0, 1))  # [n+1, Hkv, r, D]; row n: zeros
-    parts = [_page_partials(qz, *((K[: len(row)], V[: len(row)]) if pages is None else (K[pages], V[pages])), row, bias,
-                            scale) for pages, row, bias in view.passes]  # a shared page's copy: its other readers' pass
-    # each (page, reader) pair's o, m, l to its batch row, column j: [n+1, J, Hkv, r, D+2]; unread pairs to row n
-    x = q.new_zeros(n + 1, view.blocks, Hkv, r, D + 2, dtype=torch.float32)
-    x[..., D] = float("-inf")  # a block the row does not hold: m = -inf, weight 0
-    x = x.index_put_(view.at, torch.cat(parts))[:n]
-    oj, mj, lj = x[..., :D], x[..., D], x[..., D + 1]  # [n, J, Hkv, r(, D)]
-    M = mj.amax(1, keepdim=True)
-    w = torch.exp(mj - torch.where(M.isinf(), 0, M))  # [n, J, Hkv, r]; an idle slot reads nothing: all 0
-    return ((oj * w[..., None]).sum(1) / (lj * w).sum(1).clamp(min=1e-30)[..., None]).to(q.dtype)
-
-
-def _page_partials(qz, K, V, row, bias, scale) -> torch.Tensor:
-    """Pages K, V [u, Hkv, page, D] against the queries qz[row] of their readers row [u, R]: per (page, reader) the
-    output, max and sum of flash-decoding, [u*R, Hkv, r, D+2] fp32."""
-    u, R = row.shape
-    Hkv, r, D = qz.shape[1:]
-    qp = qz[row].transpose(1, 2).reshape(u, Hkv, R * r, D)  # [u, Hkv, R*r, D] each page's readers
-    s = (qp @ K.transpose(-1, -2)).float() * scale  # [u, Hkv, R*r, page]
-    s = (s.unflatten(2, (R, r)) + bias[:, None, :, None]).flatten(2, 3)
-    m = s.amax(-1, keepdim=True)  # [u, Hkv, R*r, 1]
-    e = torch.exp(s - torch.where(m.isinf(), 0, m))  # a page a reader cannot see: all 0
-    o = (e.to(V.dtype) @ V).float()  # [u, Hkv, R*r, D]
-    return torch.cat([o, m, e.sum(-1, keepdim=True)], -1).unflatten(2, (R, r)).transpose(1, 2).flatten(0, 1)
-
-
-def _page_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, page_kv=None,
-                            **kwargs):
-    """transformers' attention-function interface over our pages: query [n, H, Tq, D], key/value [n, Hkv, Tq, D]
-    (rotary applied) -> ([n, Tq, H, D], None). Writes key/value into their pages (cast to the cache's dtype: under
-    autocast Qwen3's k_norm returns fp32), then attends: prefill causally over the prompt, decode over the pages."""
-    K, V = page_kv.K[module.layer_idx], page_kv.V[module.layer_idx]
-    n, H, Tq, D = query.shape
-    Hkv = key.shape[1]
-    if page_kv.passes is None:  # prefill from position 0, right-padded; attention over the prompt's own keys
-        K[page_kv.page, :, page_kv.offset] = key.transpose(1, 2).to(K.dtype)  # [b, Tq, Hkv, D]
-        V[page_kv.page, :, page_kv.offset] = value.transpose(1, 2).to(V.dtype)
-        rep = H // Hkv
-        out = F.scaled_dot_product_attention(query, key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1),
-                                             is_causal=True, scale=scaling)
+def _attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, page_kv=None, **kwargs):
+    """transformers' attention interface over the pool: query [n, H, Tq, D], key/value [n, Hkv, Tq, D] (rotary applied)
+    -> ([n, Tq, H, D], None). Writes key/value into their slots (in the cache's dtype: under autocast Qwen3's k_norm
+    returns fp32), then attends: prefill causally over the prompt's own keys; decode over each row's positions,
+    gathered (K and V at once) into [n, Hkv, L, D] for one SDPA call, whose kernels accumulate the scores in fp32."""
+    pool, at = page_kv.pool, 2 * module.layer_idx * page_kv.slots  # where this layer's K, then V, start
+    pool.index_put_((at + page_kv.write,), torch.stack((key, value)).transpose(2, 3).to(pool.dtype))  # in place
+    if page_kv.read is None:
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
         return out.transpose(1, 2), None
-    K[page_kv.page, :, page_kv.offset] = key[:, :, 0].to(K.dtype)  # [n, Hkv, D] at each row's own position
-    V[page_kv.page, :, page_kv.offset] = value[:, :, 0].to(V.dtype)
-    # GQA without repeating the cache: the H / Hkv query heads that share a KV head become its query rows
-    q = query.reshape(n, Hkv, H // Hkv, D).to(K.dtype)
-    scale = scaling if scaling is not None else D ** -0.5
-    return page_attention(q, K, V, page_kv, scale).reshape(n, 1, H, D), None
+    n, H, Tq, D = query.shape
+    k, v = pool.index_select(0, at + page_kv.read).unflatten(0, (2, n, -1)).transpose(2, 3)  # [n, Hkv, L, D] each
+    q = query.reshape(n, k.shape[1], -1, D).to(pool.dtype)  # [n, Hkv, H / Hkv, D]: a KV head's query heads as its rows
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=page_kv.mask, scale=scaling)
+    return out.reshape(n, H, Tq, D).transpose(1, 2), None
 
 
 @contextlib.contextmanager
 def _paged_attention(model):
-    """The model attends through `_page_attention_forward` inside the block; its attention implementation is
-    restored after, so training and evaluation see the model unchanged."""
+    """The model attends through `_attend` inside the block (registered under the name rollout_pages with transformers'
+    AttentionInterface); its attention implementation is restored after, so training sees the model unchanged."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(ATTENTION_NAME, _page_attention_forward)
-    # Never called (sample() passes attention_mask as a prepared dict, so no [n, L] mask is built); registered
-    # so that set_attn_implementation accepts the name.
-    AttentionMaskInterface.register(ATTENTION_NAME, lambda *args, **kwargs: None)
+    AttentionInterface.register("rollout_pages", _attend)
+    # never called (sample() passes attention_mask as a prepared dict); set_attn_implementation wants the name known
+    AttentionMaskInterface.register("rollout_pages", lambda *args, **kwargs: None)
     previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION_NAME)
+    model.set_attn_implementation("rollout_pages")
     try:
         yield
     finally:
         model.set_attn_implementation(previous)
-
-
-def _forward(model, ids: torch.Tensor, pos: torch.Tensor, view: _PageView) -> torch.Tensor:
-    """The decode step's forward: ids, pos [n, 1] -> last-position logits [n, V]."""
-    return model(input_ids=ids, position_ids=pos, attention_mask={"full_attention": None}, use_cache=False,
-                 page_kv=view).logits[:, -1]
-
-
-_COMPILED: dict = {}
-
-
-def _compiled_forward(device: torch.device):
-    """_forward under torch.compile, built once per process: CUDA graphs (mode reduce-overhead) on CUDA, where
-    the cache's fixed address (mark_static_address) lets each replay write it in place; inductor on CPU."""
-    mode = "reduce-overhead" if device.type == "cuda" else None
-    if mode not in _COMPILED:
-        compiled = torch.compile(_forward, mode=mode)
-
-        def step(*args):
-            torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed: its buffers may be reused
-            return compiled(*args)
-
-        _COMPILED[mode] = step
-    return _COMPILED[mode]
 
 
 def _cache_dtype(model, device: torch.device) -> torch.dtype:
@@ -923,36 +692,46 @@ def kv_bytes_per_position(model, dtype: torch.dtype | None = None) -> int:
     return t.num_hidden_layers * 2 * t.num_key_value_heads * D * dtype.itemsize
 
 
-def default_kv_budget(model, rows: int, optimizer=None, fraction: float = 0.9) -> int:
-    """A kv_budget (token positions) from the CUDA memory free now; call it inside the sampling context
-    (autocast on, parameters gathered), where the cache dtype and the weights are what sample() will see.
+def default_kv_budget(model, rows: int, optimizer=None, fraction: float = 0.9, *, longest: int) -> int:
+    """A kv_budget (token positions) from the CUDA memory free now; call it inside the sampling context (autocast on,
+    parameters gathered), where the cache dtype and the weights are what sample() will see. longest: the longest row,
+    prompt + max_new_tokens.
 
-    Free = what the driver has free + what PyTorch's caching allocator holds but does not use (freed
-    tensors of the last update, which it hands out again). From it come off: the AdamW states still to
-    come (exp_avg and exp_avg_sq, fp32, 8 bytes a parameter, allocated at the first update: counted
-    while `optimizer` has no state) and the decode step's [rows, V] tensors (logits and the sampler's
-    fp32 log-probs and probs, its fp64 CDF: 24 bytes an entry). `fraction` of the rest goes to the
-    cache; the other 10% covers a prefill's activations (PREFILL_TOKENS positions), the allocator's
-    fragmentation and, with compile, the CUDA graphs' memory pool.
+    Free = what the driver has free + what PyTorch's caching allocator holds but does not use. From it come off what
+    sampling allocates besides the cache: the AdamW states still to come (fp32 exp_avg and exp_avg_sq, 8 bytes a
+    trainable parameter, while `optimizer` has no state) and autocast's copies of the weights in its dtype (made at the
+    first prefill, kept until the sampling context ends: every nn.Linear weight that is wider than the compute dtype);
+    then `kv_budget_for`. The rest of 1 - fraction covers a prefill's activations (PREFILL_TOKENS positions) and the
+    allocator's fragmentation. No CUDA-graph pool: the compiled step records none.
     """
     device = next(model.parameters()).device
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    local = lambda p: getattr(p, "to_local", lambda: p)()  # noqa: E731  FSDP2's DTensor: this rank's shard
     pending_adamw = 0
     if optimizer is not None and not optimizer.state:
-        pending_adamw = 8 * sum(getattr(p, "to_local", lambda p=p: p)().numel()
-                                for group in optimizer.param_groups for p in group["params"] if p.requires_grad)
-    vocab = model.config.get_text_config().vocab_size
-    return kv_budget_for(free - pending_adamw, rows, vocab, kv_bytes_per_position(model), fraction)
+        pending_adamw = 8 * sum(local(p).numel() for group in optimizer.param_groups for p in group["params"]
+                                if p.requires_grad)
+    dtype = _cache_dtype(model, device)
+    weights = {id(m.weight): local(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    copies = sum(w.numel() * dtype.itemsize for w in weights.values() if w.dtype.itemsize > dtype.itemsize)
+    t = model.config.get_text_config()
+    return kv_budget_for(free - pending_adamw - copies, rows, t.vocab_size, kv_bytes_per_position(model), longest,
+                         t.num_hidden_layers, fraction)
 
 
 DECODE_BYTES_PER_LOGIT = 24  # the decode step's [rows, V] tensors: logits, fp32 log-probs and probs, fp64 CDF
 
 
-def kv_budget_for(free: int, rows: int, vocab: int, bytes_per_position: int, fraction: float = 0.9) -> int:
-    """default_kv_budget's arithmetic, given the bytes free (AdamW's pending states already taken off):
-        kv_budget = fraction x (free - 24 x rows x V) / bytes per position   (whole positions, at least 0)."""
-    return max(0, int(fraction * (free - DECODE_BYTES_PER_LOGIT * rows * vocab)) // bytes_per_position)
+def kv_budget_for(free: int, rows: int, vocab: int, bytes_per_position: int, longest: int, layers: int,
+                  fraction: float = 0.9) -> int:
+    """default_kv_budget's arithmetic, given the bytes free (AdamW's pending states and autocast's copies taken off):
+        kv_budget = fraction x (free - 24 x rows x V - rows x longest x bytes per position / layers)
+                    / bytes per position
+    (whole positions, at least 0). The third term is one layer's gathered pages in decode attention: every row at
+    the longest, its pages in order, K and V."""
+    gathered = rows * longest * bytes_per_position // layers
+    return max(0, int(fraction * (free - DECODE_BYTES_PER_LOGIT * rows * vocab - gathered)) // bytes_per_position)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1076,81 +855,40 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Input checks: a ValueError naming the argument, before any model work
+# The config check: a ValueError naming the field, before any model work
 
 
 def check_config(cfg: SamplingConfig, group_size: int, longest_prompt: int) -> None:
-    """A ValueError "cfg.FIELD=VALUE: why" for every invalid setting; sample() calls it, and
-    train.py calls it on its flags before anything loads (a row reserves longest_prompt + max_new_tokens)."""
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+    """A ValueError "cfg.FIELD=VALUE: why" for the first invalid setting; sample() calls it, and train.py calls it on
+    its flags before anything loads (a row reserves longest_prompt + max_new_tokens)."""
+    def integer(lo, hi=math.inf):
+        return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+    def number(lo, hi=math.inf):  # NaN compares false: refused
+        return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi
+
+    if not integer(1)(group_size):
         raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
-    if not isinstance(cfg.max_new_tokens, int) or not 1 <= cfg.max_new_tokens < 2**24:
-        raise ValueError(f"cfg.max_new_tokens={cfg.max_new_tokens!r}: must be an int in [1, 2^24)")
-    if not (isinstance(cfg.temperature, (int, float)) and math.isfinite(cfg.temperature) and cfg.temperature >= 0):
-        raise ValueError(f"cfg.temperature={cfg.temperature!r}: must be a finite number >= 0 (0 = greedy)")
-    if not (isinstance(cfg.top_p, (int, float)) and 0 < cfg.top_p <= 1):
-        raise ValueError(f"cfg.top_p={cfg.top_p!r}: must be in (0, 1]")
-    if isinstance(cfg.top_k, bool) or not isinstance(cfg.top_k, int) or cfg.top_k < 0:
-        raise ValueError(f"cfg.top_k={cfg.top_k!r}: must be an int >= 0 (0 = off)")
-    if cfg.sampler not in ("flat", "tree"):
-        raise ValueError(f"cfg.sampler={cfg.sampler!r}: must be 'flat' or 'tree'")
-    if not isinstance(cfg.tau, (int, float)) or math.isnan(cfg.tau) or cfg.tau < 0:
-        raise ValueError(f"cfg.tau={cfg.tau!r}: must be >= 0 nats (inf = never fork)")
-    if cfg.sampler == "tree":
-        if cfg.temperature == 0:
-            raise ValueError("cfg.temperature=0: greedy with cfg.sampler = 'tree' would repeat the argmax in every "
-                             "branch; use temperature > 0 or sampler = 'flat'")
-        if not isinstance(cfg.num_chains, int) or not 1 <= cfg.num_chains <= group_size:
-            raise ValueError(f"cfg.num_chains={cfg.num_chains!r}: must be an int in [1, group_size={group_size}]")
-        if not isinstance(cfg.max_children, int) or not 2 <= cfg.max_children <= 256:
-            raise ValueError(f"cfg.max_children={cfg.max_children!r}: must be an int in [2, 256]")
-        if not isinstance(cfg.max_forks, int) or cfg.max_forks < 0:
-            raise ValueError(f"cfg.max_forks={cfg.max_forks!r}: must be an int >= 0 (0 = no limit)")
-    if isinstance(cfg.page_size, bool) or not isinstance(cfg.page_size, int) or not 1 <= cfg.page_size <= 2**16:
-        raise ValueError(f"cfg.page_size={cfg.page_size!r}: must be an int in [1, 65536]")
+    tree = cfg.sampler == "tree"
+    for name, ok, why in [
+        ("max_new_tokens", integer(1, 2**24 - 1), "an int in [1, 2^24)"),
+        ("temperature", lambda v: number(0)(v) and math.isfinite(v) and (v > 0 or not tree),
+         "a finite number >= 0 (0 = greedy), > 0 for sampler 'tree' (greedy branches would all repeat the argmax)"),
+        ("top_p", lambda v: number(0, 1)(v) and v > 0, "in (0, 1]"),
+        ("top_k", integer(0), "an int >= 0 (0 = off)"),
+        ("sampler", lambda v: v in ("flat", "tree"), "'flat' or 'tree'"),
+        ("tau", number(0), ">= 0 nats (inf = never fork)"),
+        ("num_chains", lambda v: not tree or integer(1, group_size)(v), f"an int in [1, group_size={group_size}]"),
+        ("max_children", lambda v: not tree or integer(2, 256)(v), "an int in [2, 256]"),
+        ("max_forks", lambda v: not tree or integer(0)(v), "an int >= 0 (0 = no limit)"),
+        ("page_size", integer(1, 2**16), "an int in [1, 65536]"),
+        ("compile", lambda v: isinstance(v, bool), "a bool"),
+    ]:
+        if not ok(getattr(cfg, name)):
+            raise ValueError(f"cfg.{name}={getattr(cfg, name)!r}: must be {why}")
     need = (group_pages(longest_prompt, group_size, cfg.max_new_tokens, cfg.page_size) + 1) * cfg.page_size
-    if cfg.kv_budget is not None and (isinstance(cfg.kv_budget, bool) or not isinstance(cfg.kv_budget, int)
-                                      or cfg.kv_budget < need):
+    if cfg.kv_budget is not None and not integer(need)(cfg.kv_budget):
         raise ValueError(f"cfg.kv_budget={cfg.kv_budget!r}: cannot hold one group at its longest: the longest "
                          f"prompt ({longest_prompt}) + {group_size} rows x max_new_tokens ({cfg.max_new_tokens}), in "
                          f"pages of {cfg.page_size} (one more per row, as a row starts part-way into a page, and a "
                          f"scratch page) = {need} positions; give at least that (or None: every group at once)")
-    if not isinstance(cfg.compile, bool):
-        raise ValueError(f"cfg.compile={cfg.compile!r}: must be a bool")
-
-
-def _check_sample_args(model, prompts, group_size, cfg: SamplingConfig, eos_token_ids, pad_token_id,
-                       prompt_keys) -> list[int]:
-    if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
-        raise ValueError("prompts must be a non-empty list of token-id lists")
-    for i, q in enumerate(prompts):
-        if not isinstance(q, (list, tuple)) or len(q) == 0:
-            raise ValueError(f"prompts[{i}] must be a non-empty list of token ids")
-    check_config(cfg, group_size, max(map(len, prompts)))
-    eos = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids or [])
-    V = model.config.get_text_config().vocab_size
-    if not eos or not all(isinstance(e, int) and 0 <= e < V for e in eos):
-        raise ValueError(f"eos_token_ids must be a token id or a non-empty list of ids in [0, {V}), "
-                         f"got {eos_token_ids!r}")
-    if not isinstance(pad_token_id, int) or not 0 <= pad_token_id < V:
-        raise ValueError(f"pad_token_id must be a token id in [0, {V}), got {pad_token_id!r}")
-    n_ctx = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    for i, q in enumerate(prompts):
-        if not all(isinstance(t, int) and 0 <= t < V for t in q):
-            raise ValueError(f"prompts[{i}] holds an id outside [0, {V}) or a non-int")
-        if n_ctx is not None and len(q) + cfg.max_new_tokens > n_ctx:
-            raise ValueError(f"prompts[{i}] has {len(q)} tokens: with cfg.max_new_tokens={cfg.max_new_tokens} it "
-                             f"exceeds the model's context of {n_ctx} (config.max_position_embeddings)")
-    P = len(prompts)
-    if prompt_keys is not None and (len(prompt_keys) != P
-                                    or not all(isinstance(k, int) and k >= 0 for k in prompt_keys)):
-        raise ValueError(f"prompt_keys must hold one int >= 0 per prompt ({P}), got {prompt_keys!r}")
-    text = model.config.get_text_config()
-    if any(kind != "full_attention" for kind in getattr(text, "layer_types", None) or []):
-        raise ValueError("sample() needs full attention in every layer; sliding-window or linear-attention layers are "
-                         f"not supported: config.layer_types = {text.layer_types}")
-    if not getattr(model, "_supports_attention_backend", False):
-        raise ValueError(f"sample() needs a model whose attention goes through transformers' AttentionInterface; "
-                         f"{type(model).__name__} does not")
-    return eos
-

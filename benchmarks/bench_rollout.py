@@ -1,12 +1,24 @@
-"""bench_rollout.py: the decode engine's speed, memory and copies; tree sampling against flat; flat against `generate`.
+"""bench_rollout.py: the decode engine's speed, memory and syncs; tree sampling against flat; flat against `generate`.
 
-Sections (--sections; all by default). Token and byte counts are exact; wall times depend on the machine.
+Sections (--sections; engine, tree, paper, traffic, overhead and arithmetic by default). Token and byte counts are
+exact; wall times depend on the machine.
+
+engine: what a decode step costs the host and the GPU, counted on CPU at the paper's 224 rows (tiny Qwen3s of 1 and 2
+layers: the counts do not depend on widths): waits for the device per decode step (rollout._read, the only device read;
+TorchDispatchMode catches any other inside the step), dispatched ops per layer and outside the layers (views excluded),
+and beside them Qwen3-1.7B's memory-bound step on an H100 (arithmetic).
+
+library: transformers' continuous batching (generate_batch) against rollout.sample on the tiny model: whether a prompt
+draws the same tokens alone and in a batch of 32 with the same seed, and the wall time of the batch.
+
+recompiles: the compiled decode step (SamplingConfig(compile=True)) after one warm-up rollout per sampler, over rollouts
+of other batches, lengths and budgets: how many graphs torch.compile adds (run under TORCH_LOGS=recompiles for why).
 
 tree: for each model it samples P chain questions x G leaves with rollout.sample, flat and tree (at
 SamplingConfig's defaults, then at each further --taus value), and with `model.generate`
 (do_sample, top_k=0, top_p=1, temperature 1, the same max_new_tokens and EOS), then prints:
 - decoded token positions per leaf (rows fed to the model, summed over steps) and wall time per leaf,
-  tree / flat as ratios (issue 10's target: tree at most 1.0x flat wall time per leaf with >= 40% fewer
+  tree / flat as ratios (the target: tree at most 1.0x flat wall time per leaf with >= 40% fewer
   decoded positions); forks and fresh chains per prompt; fork depth; response tokens per leaf (tree
   leaves run longer than flat samples); decode steps (model calls one after another);
 - prefilled tokens: rollout prefills each prompt once, so re-prefilled prefix tokens = prefilled -
@@ -45,13 +57,12 @@ after an untimed run of itself (which compiles).
 traffic: Qwen3-1.7B's attention in 1 layer with a 1,024-token vocabulary and a narrow MLP (the counts
 do not depend on them, the run time does), a 1,024-token prompt x 8 rows, EOS impossible, flat and
 tree (default tau) at each --traffic-new-tokens: cache bytes written and copied per decoded position,
-by kind (prefill writes, decode writes, copies on write, swaps), from the engine's own counts.
+by kind (prefill writes, decode writes, swaps), from the engine's own counts.
 
 attention: one decode step's attention in one layer of Qwen3-1.7B at the paper's shape (--attention-prompts x G = 7
-rows of 1,024 + 2,048 positions, each prompt's pages shared by its rows): rollout.page_attention as the eager step
-runs it (each page against one reader, the shared pages again against their other readers) and as the compiled step
-runs it (every page against all G lanes), against SDPA over the same rows laid out contiguously; times, the largest
-difference, and the bytes each reads, scores and copies.
+rows of 1,024 + 2,048 positions, each prompt's pages shared by its rows): rollout._attend (the rows' positions gathered
+from the pool, one SDPA call) against SDPA over the same rows laid out contiguously; times, the largest difference,
+and the bytes each reads.
 
 overhead: ms per decode step at batch 1 on the tiny 64x2 model (eager, compiled, `generate`).
 
@@ -59,10 +70,11 @@ arithmetic: Qwen3-1.7B's bytes per cached position x rows x length, and how much
 holds after the training state, at 2,048 and 8,192 new tokens (printed, not measured).
 
 Run from the repository root:
-    python benchmarks/bench_rollout.py                        # all; tree: 64x2, 128x4, warm; tau 0.5 (default), 1.0, 0.3, 0.1
+    python benchmarks/bench_rollout.py                        # tree: 64x2, 128x4, warm; tau 0.5 (default), 1.0, 0.3, 0.1
+    python benchmarks/bench_rollout.py --sections engine library
     python benchmarks/bench_rollout.py --sections tree --models warm --compile
     python benchmarks/bench_rollout.py --sections tree paper --device cuda --dtype bf16
-    # issue 10's GPU check: Qwen3-1.7B-shaped (28 layers), 224 rows, 1,024 + 2,048 tokens, EOS impossible; then --compile
+    # the GPU check: Qwen3-1.7B-shaped (28 layers), 224 rows, 1,024 + 2,048 tokens, EOS impossible; then --compile
     python benchmarks/bench_rollout.py --sections paper --device cuda --dtype bf16 --paper-layers 28 \
         --paper-prompts $(printf '1024 %.0s' $(seq 32)) --paper-G 7 --paper-new-tokens 2048 --paper-eos-rate 0 \
         --paper-runs h100 none
@@ -109,8 +121,8 @@ class Args:
     """where the `warm` model is cached, as WARM_DIR/warm-s0 (train.warm_start reuses it when the recipe matches)"""
     compile: bool = False
     """tree and paper sections: sample with SamplingConfig(compile=True) (torch.compile; CUDA graphs on CUDA)"""
-    sections: list[str] = field(default_factory=lambda: ["tree", "paper", "traffic", "overhead", "arithmetic"])
-    """which sections to run: tree, paper, traffic, overhead, arithmetic"""
+    sections: list[str] = field(default_factory=lambda: ["engine", "tree", "paper", "traffic", "overhead", "arithmetic"])
+    """which sections to run: engine, library, recompiles, tree, paper, traffic, attention, overhead, arithmetic"""
     paper_layers: int = 1
     """paper case: decoder layers of the Qwen3-1.7B-shaped random model"""
     paper_prompts: list[int] = field(default_factory=lambda: [1024, 640, 384, 128])
@@ -144,9 +156,9 @@ def parse_args(argv: list[str] | None = None) -> Args:
         raise ValueError("--P, --G, --max-new-tokens and --repeats must be >= 1")
     if any(t < 0 for t in args.taus):
         raise ValueError(f"--taus {args.taus}: tau must be >= 0 nats")
-    unknown = set(args.sections) - {"tree", "paper", "traffic", "attention", "overhead", "arithmetic"}
-    if unknown:
-        raise ValueError(f"--sections {sorted(unknown)}: choose from tree, paper, traffic, attention, overhead, arithmetic")
+    names = ("engine", "library", "recompiles", "tree", "paper", "traffic", "attention", "overhead", "arithmetic")
+    if set(args.sections) - set(names):
+        raise ValueError(f"--sections {sorted(set(args.sections) - set(names))}: choose from {', '.join(names)}")
     if min(args.paper_layers, args.paper_G, args.paper_new_tokens, *args.paper_prompts, *args.traffic_new_tokens) < 1:
         raise ValueError("--paper-layers, --paper-G, --paper-new-tokens, --paper-prompts and --traffic-new-tokens must be >= 1")
     runs = {"none", "quarter", "h100", "default", "generate"}
@@ -290,7 +302,7 @@ def tree_vs_flat_at_equal_budgets(model, prompts, eos, pad, args: Args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# The engine at the paper's shapes: memory, copies, host overhead
+# The engine at the paper's shapes: memory, traffic, host overhead
 
 
 PAD, EOS = 0, 2  # token ids of the random Qwen3-1.7B-shaped models (random prompts avoid both)
@@ -381,7 +393,7 @@ def paper_case(args: Args) -> None:
     quarter = rows * L // 4  # a quarter of every row at its longest (what a cache of one slot per row allocates)
     budgets = {"none": ("no budget", None), "quarter": ("1/4 budget", quarter), "h100": ("H100 budget", h100_budget()["positions"])}
     if "default" in args.paper_runs:
-        budgets["default"] = ("default budget", rollout.default_kv_budget(model, rows))
+        budgets["default"] = ("default budget", rollout.default_kv_budget(model, rows, longest=L))
     res, gpu = {}, {}
     for name in args.paper_runs:
         if name == "generate":
@@ -445,62 +457,52 @@ def traffic(args: Args) -> None:
           f"  bytes per decoded position (Qwen3-1.7B bf16 bytes in brackets); decode = one position written per "
           f"computed slot and step")
     print(f"  {'sampler':<8} {'new tokens':>10} {'decoded':>8} {'steps':>6} {'prefill':>16} {'decode writes':>16} "
-          f"{'copies':>16} {'swaps':>16} {'peak MB':>8}")
+          f"{'swaps':>16} {'peak MB':>8}")
     for T in args.traffic_new_tokens:
         for sampler in ("flat", "tree"):
             cfg = rollout.SamplingConfig(max_new_tokens=T, sampler=sampler)
             r = rollout.sample(model, prompts, G, cfg, eos_token_ids=EOS, pad_token_id=PAD, seed=0)
             per = {k: v / r.decoded_tokens for k, v in r.kv_traffic.items()}
             cells = " ".join(f"{per[k] * bpp:7,.0f} [{per[k] * bpp_full / 1e3:5.0f}k]" for k in
-                             ("prefill", "decode", "copy", "swap"))
+                             ("prefill", "decode", "swap"))
             print(f"  {sampler:<8} {T:10d} {r.decoded_tokens:8d} {r.decode_steps:6d} {cells} "
                   f"{r.peak_kv_tokens * bpp / 2**20:8.1f}")
 
 
 def attention(args: Args) -> None:
-    """One decode step's attention in one layer at the paper's shape: page_attention over pages read in place against
-    SDPA over the same rows laid out contiguously (the slot engine's layout), every row at its longest."""
-    P, G, L, page, (Hkv, r, D) = args.attention_prompts, 7, 1024 + 2048, rollout.SamplingConfig.page_size, (8, 2, 128)
+    """One decode step's attention in one layer at the paper's shape: rollout._attend (the rows' positions gathered from
+    the pool, one SDPA call) against SDPA over the same rows laid out contiguously, every row at its longest."""
+    P, G, L, page, (Hkv, H, D) = args.attention_prompts, 7, 1024 + 2048, rollout.SamplingConfig.page_size, (8, 16, 128)
     dev, dtype, n = args.device, rollout.DTYPES[args.dtype], args.attention_prompts * 7
     J, Jp = L // page, 1024 // page  # pages per row; the prompt's, shared by the group's G rows
     u = P * Jp + n * (J - Jp)  # pages in use
     g = torch.Generator(device=dev).manual_seed(0)
-    K, V = (torch.randn(u + 1, Hkv, page, D, generator=g, device=dev, dtype=dtype) for _ in range(2))  # + scratch
+    pool = torch.randn(1, 2, page, u + 1, Hkv, D, generator=g, device=dev, dtype=dtype)  # + the scratch page
     tables = torch.tensor([[p // G * Jp + i for i in range(Jp)] + [P * Jp + p * (J - Jp) + i for i in range(J - Jp)]
                            for p in range(n)], device=dev)  # [n, J] row p's pages, in order
-    j = torch.zeros(u + 1, dtype=torch.long, device=dev)
-    reader = torch.full((u + 1, G), n, dtype=torch.long, device=dev)  # slot n: none
-    j[tables.flatten()] = torch.arange(J, device=dev).repeat(n)
-    reader[tables.flatten(), torch.arange(n, device=dev).repeat_interleave(J) % G] = torch.arange(n, device=dev).repeat_interleave(J)
-    kv_len = torch.tensor([L] * n + [0], device=dev)  # [S+1]
-    q = torch.randn(n, Hkv, r, D, generator=g, device=dev, dtype=dtype)
-    shared = tables[::G, :Jp].flatten()  # the prompts' pages
-    make_view = lambda shared: rollout._decode_view([K], [V], None, None, torch.arange(n, device=dev), kv_len,  # noqa: E731
-                                                    j[:u], reader[:u], J, shared)
-    view, lanes, scale = make_view(shared), make_view(None), D ** -0.5
-    Kc, Vc = (x[tables].transpose(1, 2).reshape(n, Hkv, L, D) for x in (K, V))  # [n, Hkv, L, D] contiguous rows
-    dense = lambda: F.scaled_dot_product_attention(q.reshape(n, 1, Hkv * r, D).transpose(1, 2), Kc, Vc,  # noqa: E731
-                                                   scale=scale, enable_gqa=True)
-    want = dense()[:, :, 0]  # [n, H, D]
-    diff = max((rollout.page_attention(q, K, V, v, scale).reshape(n, Hkv * r, D) - want).abs().max() for v in (view, lanes))
-    res = {name: statistics.median(wall(fn)[0] for _ in range(args.repeats)) for name, fn in
-           [("view", lambda: make_view(shared)), ("paged", lambda: rollout.page_attention(q, K, V, view, scale)),
-            ("lanes", lambda: rollout.page_attention(q, K, V, lanes, scale)), ("dense", dense)]}
+    at = torch.arange(L, device=dev)
+    read = tables[:, at // page] + at % page * (u + 1)  # [n, L] every position seen
+    S = page * (u + 1)  # K's slots, then V's
+    view = rollout._View(pool.flatten(0, 3), S, torch.stack((read[:, -1:], read[:, -1:] + S)),
+                         torch.cat((read.flatten(), read.flatten() + S)), torch.zeros(n, 1, 1, L, device=dev, dtype=dtype))
+    q, k, v = (torch.randn(n, h, 1, D, generator=g, device=dev, dtype=dtype) for h in (H, Hkv, Hkv))
+    layer = type("Layer", (), {"layer_idx": 0})()
+    paged = lambda: rollout._attend(layer, q, k, v, None, scaling=D ** -0.5, page_kv=view)[0]  # noqa: E731
+    paged()  # writes k, v at the last position, which the contiguous copy below then holds too
+    Kc, Vc = (pool[0, x].flatten(0, 1)[read].transpose(1, 2) for x in (0, 1))  # [n, Hkv, L, D] contiguous rows
+    dense = lambda: F.scaled_dot_product_attention(q, Kc, Vc, scale=D ** -0.5, enable_gqa=True)  # noqa: E731
+    diff = float((paged().transpose(1, 2) - dense()).abs().max())
+    res = {name: statistics.median(wall(fn)[0] for _ in range(args.repeats)) for name, fn in (("paged", paged),
+                                                                                             ("dense", dense))}
     item = torch.finfo(dtype).bits // 8
-    cache, contiguous = 2 * u * page * Hkv * D * item, 2 * n * L * Hkv * D * item
-    scores = (u + (G - 1) * len(shared)) * Hkv * r * page * 4  # fp32 scores: every page once, shared ones G - 1 more
-    lane_scores = u * Hkv * G * r * page * 4  # every page against all G lanes of its group (the compiled step)
-    print(f"\n== attention, 1 layer of Qwen3-1.7B ({Hkv} KV heads x {r} queries, head_dim {D}), {args.dtype}, {P} prompts x "
+    cache, rows = 2 * u * page * Hkv * D * item, 2 * n * L * Hkv * D * item
+    print(f"\n== attention, 1 layer of Qwen3-1.7B ({H} heads on {Hkv} KV heads, head_dim {D}), {args.dtype}, {P} prompts x "
           f"G={G} = {n} rows of {L:,} positions (prompt 1,024 shared), pages of {page}; median of {args.repeats}\n"
-          f"  page_attention {1e3 * res['paged']:.1f} ms (eager: each page against one reader, the {len(shared)} shared "
-          f"ones again against the others; + {1e3 * res['view']:.1f} ms for the step's indices, once for all layers), "
-          f"{1e3 * res['lanes']:.1f} ms with every page against all G lanes (the compiled step); SDPA over contiguous rows "
-          f"{1e3 * res['dense']:.1f} ms; paged / SDPA {res['paged'] / res['dense']:.2f} and {res['lanes'] / res['dense']:.2f}; "
-          f"largest difference {float(diff):.1e}\n"
-          f"  bytes: pages read {cache / 2**20:,.0f} MiB (each prompt once) vs {contiguous / 2**20:,.0f} MiB contiguous "
-          f"(each prompt G times); fp32 scores written and read {scores / 2**20:,.0f} MiB ({scores / cache:.0%} of the pages), "
-          f"{lane_scores / 2**20:,.0f} MiB ({lane_scores / cache:.0%}) against all lanes; the shared pages copied for their "
-          f"second pass {len(shared) / u * cache / 2**20:,.0f} MiB ({len(shared) / u:.0%})")
+          f"  rollout._attend {1e3 * res['paged']:.1f} ms (gather + SDPA), SDPA over contiguous rows "
+          f"{1e3 * res['dense']:.1f} ms, ratio {res['paged'] / res['dense']:.2f}; largest difference {diff:.1e}\n"
+          f"  bytes: the pages hold {cache / 2**20:,.0f} MiB (each prompt once); the gather reads each row's positions "
+          f"({rows / 2**20:,.0f} MiB, each prompt G times), writes them and SDPA reads them again: "
+          f"{3 * rows / 2**20:,.0f} MiB, {3 * rows / cache:.1f}x the pages")
 
 
 def host_overhead(args: Args) -> None:
@@ -525,6 +527,133 @@ def host_overhead(args: Args) -> None:
     print(f"  generate (dynamic cache) {1e3 * t / T:6.3f} ms/step")
 
 
+def engine_counts(args: Args) -> None:
+    """Waits for the device per decode step and dispatched ops per layer per step, counted on CPU, beside Qwen3-1.7B's
+    memory-bound step on an H100 (arithmetic). The paper's 224 rows (32 prompts x G = 7) on tiny Qwen3s of 1 and 2
+    layers (the counts do not depend on widths), pages of 16 (a 40-token row crosses pages as a 3,072-position row
+    crosses pages of 128), EOS about 1 in 16 a token (rows end along the way), flat and tree."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):  # ops the decode step dispatches (views excluded: they launch nothing)
+        def __init__(self):
+            super().__init__()
+            self.n, self.attention, self.inside, self.scalar = 0, 0, False, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                self.n, self.attention = self.n + 1, self.attention + self.inside
+            self.scalar += func is torch.ops.aten._local_scalar_dense.default  # a read that waits, inside the step
+            return func(*args, **(kwargs or {}))
+
+    tok, counts = rollout.build_tiny_tokenizer(), {}
+    step, attend, read = rollout._decode, rollout._attend, rollout._read
+    for sampler in ("flat", "tree"):
+        for layers in (1, 2):
+            model = rollout.build_tiny_model(tok, layers=layers).eval()
+            bias = torch.zeros(model.config.vocab_size)
+            bias[tok.eos_token_id] = 2.5  # about 1 in 16
+            model.lm_head.register_forward_hook(lambda mod, inp, out: out + bias)
+            mode, reads = Ops(), []
+
+            def counted_attend(*a, **k):
+                mode.inside = True
+                try:
+                    return attend(*a, **k)
+                finally:
+                    mode.inside = False
+
+            def counted_step(*a, **k):
+                with mode:
+                    return step(*a, **k)
+
+            rollout._decode, rollout._attend, rollout._read = counted_step, counted_attend, lambda x: reads.append(1) or read(x)
+            try:
+                r = rollout.sample(model, [tok(f"{i}+{2 * i + 7}=").input_ids for i in range(32)], 7,
+                                   rollout.SamplingConfig(max_new_tokens=40, sampler=sampler, page_size=16),
+                                   eos_token_ids=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            finally:
+                rollout._decode, rollout._attend, rollout._read = step, attend, read
+            counts[sampler, layers] = (mode.n / r.decode_steps, mode.attention / r.decode_steps, len(reads), r, mode.scalar)
+    print("\n== the decode engine, counted on CPU: 224 rows (32 prompts x G = 7), tiny Qwen3s of 1 and 2 layers, "
+          "pages of 16, up to 40 new tokens, EOS about 1 in 16")
+    h = h100_budget()
+    for sampler in ("flat", "tree"):
+        (one, _, _, _, _), (two, att, reads, r, scalar) = counts[sampler, 1], counts[sampler, 2]
+        layer, outside = two - one, 2 * one - two
+        steps, prefills = r.decode_steps, reads - r.decode_steps
+        print(f"  {sampler}: {steps} decode steps, {reads} waits for the device ({prefills} at prefills): "
+              f"{(reads - prefills) / steps:.2f} a decode step, {scalar} inside the step; dispatched ops a step "
+              f"(views excluded): {layer:.0f} a layer ({att / 2:.0f} in attention), {outside:.0f} outside the layers; "
+              f"Qwen3-1.7B's 28 layers: {28 * layer + outside:,.0f} launches a step")
+    bpp, W = h["bpp"], 2 * h["params"]  # bf16 weights, read once a step
+    print(f"  Qwen3-1.7B on an H100 (3.35 TB/s), 224 rows, memory-bound step = bytes / bandwidth: weights {W / 1e9:.1f} GB, "
+          f"the cache {bpp:,} bytes a position")
+    for L in (1024, 1024 + 2048):
+        ideal = (32 * 1024 + ROWS * (L - 1024)) * bpp  # each prompt once, each row's own positions once
+        gather = 3 * ROWS * L * bpp  # this engine: each row's positions gathered (read, written) and read by SDPA
+        print(f"    rows at {L:,} positions: {(W + ideal) / 3.35e12 * 1e3:5.1f} ms reading the cache once "
+              f"({ideal / 1e9:.1f} GB), {(W + gather) / 3.35e12 * 1e3:5.1f} ms with the gather ({gather / 1e9:.1f} GB)")
+
+
+def recompiles(args: Args) -> None:
+    """SamplingConfig(compile=True) on the tiny 64x2 model: one warm-up rollout per sampler, then rollouts of other
+    batches, lengths and budgets (groups swapped out and back in): the compiled step's graphs before and after. Run
+    under TORCH_LOGS=recompiles to see each recompile and its cause."""
+    tok = rollout.build_tiny_tokenizer()
+    model = rollout.build_tiny_model(tok).eval()
+    graphs = lambda: len(torch._dynamo.eval_frame._debug_get_cache_entry_list(rollout._decode.__code__))  # noqa: E731
+    prompts = [tok(f"{i}+{2 * i + 7}=").input_ids for i in range(32)]
+    print("\n== recompiles: the compiled decode step, tiny 64x2; graphs = torch.compile's entries for rollout._decode")
+    for sampler in ("flat", "tree"):
+        run = lambda P, G, T, budget=None: rollout.sample(  # noqa: E731
+            model, prompts[:P], G, rollout.SamplingConfig(max_new_tokens=T, sampler=sampler, kv_budget=budget,
+                                                          page_size=16, compile=True),
+            eos_token_ids=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        t0 = time.perf_counter()
+        run(2, 2, 8)
+        before, t1 = graphs(), time.perf_counter()
+        swaps = sum(run(P, G, T, b).kv_traffic["swap"] for P, G, T, b in ((32, 8, 8, None), (5, 7, 40, None),
+                                                                         (8, 4, 24, 16 * 40), (1, 2, 3, None)))
+        print(f"  {sampler}: warm-up {t1 - t0:.0f} s, {before} graph(s) after it; four more rollouts (1 to 32 prompts, "
+              f"G 2 to 8, 3 to 40 new tokens, a budget that swapped {swaps:,} positions) in {time.perf_counter() - t1:.1f} s:"
+              f" {graphs() - before} graph(s) more")
+
+
+def library(args: Args) -> None:
+    """transformers' continuous batching (generate_batch: paged cache, block sharing, forks by num_return_sequences)
+    against rollout.sample, tiny 64x2 model, 32 prompts x G = 8, 8 new tokens: does a prompt draw the same tokens alone
+    and in a batch with the same seed (the guarantee rollout keeps), and the wall time of the batch."""
+    import logging
+
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)
+    tok = rollout.build_tiny_tokenizer()
+    model = rollout.build_tiny_model(tok).eval()
+    prompts, G, T = [tok(f"{i}+{2 * i + 7}=").input_ids for i in range(32)], 8, 8
+    gen = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=T, num_return_sequences=G,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+    def lib(ps):  # prompt 0's G samples (its request and its forks), as a set: the order of forks is the library's
+        cb = ContinuousBatchingConfig(num_blocks=512, page_size=16, max_batch_tokens=4096, return_logprobs=True, seed=0)
+        out = model.generate_batch(ps, generation_config=gen, continuous_batching_config=cb, warmup=False)
+        return sorted(tuple(o.generated_tokens) for k, o in out.items() if k.split("__")[0] == "req_0")
+
+    def ours(ps):
+        r = rollout.sample(model, ps, G, rollout.SamplingConfig(max_new_tokens=T), eos_token_ids=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id, seed=0)
+        return sorted(tuple(x[m].tolist()) for x, m in zip(r.response_ids[:G], r.response_mask[:G]))
+
+    print(f"\n== transformers' continuous batching vs rollout.sample: tiny 64x2, {len(prompts)} prompts x G={G}, "
+          f"{T} new tokens, CPU, median of {args.repeats}")
+    for name, fn in (("generate_batch", lib), ("rollout.sample", ours)):
+        same = fn(prompts[:1]) == fn(prompts)
+        t = statistics.median(wall(lambda: fn(prompts))[0] for _ in range(args.repeats))
+        print(f"  {name:<15} prompt 0's samples alone == in the batch of {len(prompts)}: {same}; "
+              f"{1e3 * t:7.1f} ms a batch")
+
+
 H100_GIB, ROWS = 79.19, 224  # what an 80 GB H100 reports to PyTorch; 256 prompts x G = 7 over 8 GPUs
 
 
@@ -537,8 +666,11 @@ def h100_budget() -> dict:
     bpp = n_layers * 2 * kv * D * 2
     state = 18 * params  # fp32 weights 4 + AdamW 8 + DDP gradient buckets 4 + bf16 autocast weight copies 2 bytes each
     step = rollout.DECODE_BYTES_PER_LOGIT * ROWS * V  # the decode step's [rows, V] logits and sampler tensors
-    positions = rollout.kv_budget_for(int(H100_GIB * 2**30) - state - 2**30, ROWS, V, bpp)  # 1 GiB: the CUDA context
-    return dict(params=params, bpp=bpp, state=state, step=step, cache=positions * bpp, positions=positions)
+    gathered = ROWS * (1024 + 2048) * bpp // n_layers  # one layer's gathered pages, every row at its longest
+    free = int(H100_GIB * 2**30) - state - 2**30  # 1 GiB: CUDA's own context
+    positions = rollout.kv_budget_for(free, ROWS, V, bpp, 1024 + 2048, n_layers)
+    return dict(params=params, bpp=bpp, state=state, step=step, gathered=gathered, cache=positions * bpp,
+                positions=positions)
 
 
 def full_model_arithmetic(args: Args) -> None:
@@ -550,7 +682,8 @@ def full_model_arithmetic(args: Args) -> None:
           f"(112 KiB) per cached position in bf16 (28 layers x K,V x 8 KV heads x 128 x 2 bytes)")
     print(f"  H100 80 GB: {H100_GIB:.1f} GiB; training state while sampling {state / 2**30:.1f} GiB (fp32 weights, "
           f"AdamW states, DDP gradient buckets, bf16 autocast weight copies), step tensors {step / 2**30:.1f} GiB, "
-          f"1 GiB context -> 90% of the rest = {cache / 2**30:.1f} GiB of cache = {positions:,} positions")
+          f"one layer's gathered pages {h['gathered'] / 2**30:.1f} GiB, 1 GiB context -> 90% of the rest = "
+          f"{cache / 2**30:.1f} GiB of cache = {positions:,} positions")
     for new in (2048, 8192):
         L, shared = 1024 + new, rows // 7 * 1024 + rows * new  # a group's prompt held once for its 7 rows
         print(f"  {new:,} new tokens: L = {L:,}; {rows} rows at their longest need {rows * L * bpp / 2**30:.1f} GiB, "
@@ -561,7 +694,7 @@ def full_model_arithmetic(args: Args) -> None:
 def main(args: Args) -> None:
     torch.set_num_threads(args.threads)
     sections = dict(tree=tree_vs_flat, paper=paper_case, traffic=traffic, attention=attention, overhead=host_overhead,
-                    arithmetic=full_model_arithmetic)
+                    arithmetic=full_model_arithmetic, engine=engine_counts, library=library, recompiles=recompiles)
     for name in args.sections:
         t0 = time.perf_counter()
         sections[name](args)

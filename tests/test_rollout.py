@@ -209,8 +209,9 @@ def test_fork_rule_by_hand():
 
 
 def test_default_kv_budget_arithmetic(tiny_model, monkeypatch):
-    """Free memory counts what the caching allocator holds unused; AdamW's first states and the step's [rows, V]
-    tensors come off; 90% of the rest, in bytes per cached position."""
+    """Free memory counts what the caching allocator holds unused; off come AdamW's first states, autocast's copies
+    of the weights (under autocast), the step's [rows, V] tensors and one layer's gathered pages (every row at the
+    longest); 90% of the rest, in bytes per cached position."""
     from transformers import Qwen3Config
 
     qwen3_1_7b = Qwen3Config(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
@@ -222,13 +223,18 @@ def test_default_kv_budget_arithmetic(tiny_model, monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3_000_000)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2_000_000)
     opt = torch.optim.AdamW(tiny_model.parameters())
-    n_params = sum(p.numel() for p in tiny_model.parameters())
-    V = tiny_model.config.vocab_size
-    want = int(0.9 * (10_000_000 + 1_000_000 - 8 * n_params - 24 * 16 * V)) // bpp
-    assert rollout.default_kv_budget(tiny_model, rows=16, optimizer=opt) == want
+    n_params, V, rows, longest = sum(p.numel() for p in tiny_model.parameters()), tiny_model.config.vocab_size, 16, 40
+    budget = lambda: rollout.default_kv_budget(tiny_model, rows=rows, optimizer=opt, longest=longest)  # noqa: E731
+    want = int(0.9 * (11_000_000 - 8 * n_params - 24 * rows * V - rows * longest * bpp // 2)) // bpp
+    assert budget() == want
+    # bf16 autocast: half the bytes a position, and bf16 copies of every nn.Linear weight (lm_head's is the embedding)
+    linear = 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128) + 100 * 64  # layers x (q, k, v, o, MLP); lm_head
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert budget() == int(0.9 * (11_000_000 - 8 * n_params - 2 * linear - 24 * rows * V
+                                      - rows * longest * bpp // 4)) // (bpp // 2)
     # once AdamW holds its states (after the first update), they are in the allocated memory already
     opt.state[next(tiny_model.parameters())] = {"step": 1}
-    assert rollout.default_kv_budget(tiny_model, rows=16, optimizer=opt) == int(0.9 * (11_000_000 - 24 * 16 * V)) // bpp
+    assert budget() == int(0.9 * (11_000_000 - 24 * rows * V - rows * longest * bpp // 2)) // bpp
 
 
 # ----------------------------------------------------------------------------------------------
@@ -448,14 +454,14 @@ _MODELS = {}  # hooked model copies reused across hypothesis examples
 
 
 def _engines(monkeypatch):
-    """Record every _Engine sample() creates (to read its cache tensors)."""
-    made, create = [], rollout._Engine.create.__func__
+    """Record every _Engine sample() creates (to read its pool and page counts)."""
+    made, init = [], rollout._Engine.__init__
 
-    def spy(cls, *args, **kwargs):
-        made.append(create(cls, *args, **kwargs))
-        return made[-1]
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
 
-    monkeypatch.setattr(rollout._Engine, "create", classmethod(spy))
+    monkeypatch.setattr(rollout._Engine, "__init__", spy)
     return made
 
 
@@ -480,10 +486,10 @@ def test_same_tokens_whatever_the_kv_budget(tiny_model, tiny_tokenizer, monkeypa
         assert r.decoded_tokens == base.decoded_tokens and r.decode_steps >= base.decode_steps
         # the budget in real bytes: what was allocated is the capacity reported, within the budget
         eng = made[-1]
-        cache_bytes = sum(x.numel() * x.element_size() for x in eng.K + eng.V)
+        cache_bytes = eng.pool.numel() * eng.pool.element_size()
         assert cache_bytes == r.kv_capacity * rollout.kv_bytes_per_position(m) <= budget * rollout.kv_bytes_per_position(m)
         assert r.kv_capacity == budget // page * page and r.peak_kv_tokens < r.kv_capacity
-        assert sorted(eng.free_pages) == list(range(len(eng.ref))) and not any(eng.ref) and not eng.swapped
+        assert sorted(eng.free) == list(range(len(eng.ref))) and not any(eng.ref) and not eng.swapped
         swaps.append(r.kv_traffic["swap"])
     # rows that never end make the smallest budget preempt (the path under test); short rows rarely need to
     assert swaps[0] > 0 or eos_bias == 2.0
@@ -491,10 +497,9 @@ def test_same_tokens_whatever_the_kv_budget(tiny_model, tiny_tokenizer, monkeypa
 
 def test_cache_traffic_and_peak_by_hand(tiny_model, tiny_tokenizer):
     """Flat, one prompt of p tokens, G = 3, EOS impossible, T new tokens, pages of 4: one prefill of p positions; the
-    three rows share the prompt's pages, and the first two to write into its partly filled last page copy its
-    p % 4 positions (the third writes in place); then 3 positions written a step for T - 1 steps. Held at the
-    end: the prompt's p // 4 full pages + per row the pages of positions 4 (p // 4) .. p + T - 2. Per decoded
-    token the writes and copies do not grow with T; one page per position never copies."""
+    three rows read the prompt's pages (its partly filled last one too) and write their own T - 1 positions on pages of
+    their own, 3 positions a step for T - 1 steps; nothing copied. Held at the end: the prompt's ceil(p / 4) pages and
+    per row ceil((T - 1) / 4). Per decoded token the writes do not grow with T."""
     V = tiny_model.config.vocab_size
     bias = torch.zeros(V); bias[EOS_ID] = float("-inf")
     m = _MODELS.setdefault((1.0, "no-eos"), _logits_hook(tiny_model, bias=bias))
@@ -503,65 +508,62 @@ def test_cache_traffic_and_peak_by_hand(tiny_model, tiny_tokenizer):
     assert p % 4 == 2
     for T in (8, 40):
         r = _run(m, tiny_tokenizer, q, 3, max_new_tokens=T, page_size=4)
-        assert r.kv_traffic == dict(prefill=p, decode=3 * (T - 1), copy=2 * (p % 4), swap=0)
+        assert r.kv_traffic == dict(prefill=p, decode=3 * (T - 1), swap=0)
         assert r.decode_steps == T - 1 and r.decoded_tokens == 3 * (T - 1)
-        full = p // 4
-        assert r.peak_kv_tokens == 4 * (full + 3 * -(-(p + T - 1 - 4 * full) // 4))
-        assert r.kv_capacity == 4 * (rollout.group_pages(p, 3, T, 4) + 1)
+        assert r.peak_kv_tokens == 4 * (-(-p // 4) + 3 * -(-(T - 1) // 4))
+        assert r.kv_capacity == r.peak_kv_tokens + 4  # no budget: what every group at its longest holds, + scratch
         one = _run(m, tiny_tokenizer, q, 3, max_new_tokens=T, page_size=1)
-        assert one.kv_traffic == dict(prefill=p, decode=3 * (T - 1), copy=0, swap=0)
+        assert one.kv_traffic == r.kv_traffic
         assert one.peak_kv_tokens == p + 3 * (T - 1)  # the prompt held once
         assert torch.equal(one.response_ids, r.response_ids)
 
 
 def test_forks_share_the_roots_pages(tiny_model, tiny_tokenizer):
-    """A tree: branches read their root's pages in place; a branch copies at most the part of one page before its
-    fork point (none at all with one position a page), and the cache held is less than G separate rows'."""
+    """A tree: branches read their root's pages in place. With one position a page, every page held was written once,
+    by the prefill or by one decode step, so the cache held is at most p + decoded positions (a copied prefix would
+    exceed it), and less than G separate rows'."""
     V = tiny_model.config.vocab_size
     bias = torch.zeros(V); bias[EOS_ID] = float("-inf")
     m = _MODELS.setdefault((1.0, "no-eos"), _logits_hook(tiny_model, bias=bias))
     q, G, T = _ids(tiny_tokenizer, "12+34="), 8, 16
     p = len(q[0])
-    cfg = SamplingConfig(max_new_tokens=T, sampler="tree", tau=0.0, page_size=4)
+    cfg = SamplingConfig(max_new_tokens=T, sampler="tree", tau=0.0, page_size=1)
     r = _run(m, tiny_tokenizer, q, G, seed=5, **vars(cfg))
     _check_leaf_invariants(r, q, G, cfg)
-    assert r.forks_made.tolist() == [G - cfg.num_chains]
-    rows = G  # every leaf starts a row once (a root, or a branch whose first own token is not the last)
-    assert r.kv_traffic["prefill"] == p and 0 < r.kv_traffic["copy"] <= rows * 3
-    assert r.peak_kv_tokens < G * (p + T)
-    cfg.page_size = 1
-    one = _run(m, tiny_tokenizer, q, G, seed=5, **vars(cfg))
-    assert torch.equal(one.response_ids, r.response_ids) and one.kv_traffic["copy"] == 0
-    # eager steps compute the rows in flight only: no idle slot
-    assert r.kv_traffic["decode"] == r.decoded_tokens
+    assert r.forks_made.tolist() == [G - cfg.num_chains] and int(r.branch_pos.sum()) > 0
+    assert r.kv_traffic == dict(prefill=p, decode=r.decoded_tokens, swap=0)  # every row in flight computed, no idle one
+    assert r.peak_kv_tokens <= p + r.decoded_tokens < p + sum(int(x) - 1 for x in r.response_mask.sum(1))
+    cfg.page_size = 4
+    assert torch.equal(_run(m, tiny_tokenizer, q, G, seed=5, **vars(cfg)).response_ids, r.response_ids)
 
 
 def test_page_attention_equals_dense_attention():
-    """page_attention against softmax(q k^T) v over each row's positions gathered in order: random pages shared by
-    several readers, rows of different lengths, an idle slot (reads nothing: 0)."""
+    """_attend's decode path against softmax(q k^T) v over each row's positions in order: random pages, two rows sharing
+    their first two pages, a short row padded with the scratch page, 4 query heads on 2 KV heads. Each row's new key
+    and value land at its position first (and nowhere else) and are attended to."""
     g = torch.Generator().manual_seed(0)
-    N, Hkv, page, D, r, G, S = 9, 2, 4, 8, 3, 2, 4
-    K, V = torch.randn(N + 1, Hkv, page, D, generator=g), torch.randn(N + 1, Hkv, page, D, generator=g)
-    tables = {0: [5, 2, 7], 1: [5, 2, 1], 2: [3]}  # slots 0 and 1 share their first two pages (lanes 0 and 1)
-    kv_len = torch.tensor([11, 10, 2, 0, 0])  # slot 3 idle, slot S = 4 no row
-    lane = {0: 0, 1: 1, 2: 0}
-    j, reader = torch.zeros(N + 1, dtype=torch.long), torch.full((N + 1, G), S)
-    for s, pages in tables.items():
-        for i, pg in enumerate(pages):
-            j[pg], reader[pg, lane[s]] = i, s
-    slots = torch.tensor([0, 1, 2, 3])
-    q = torch.randn(4, Hkv, r, D, generator=g)
-    # every page against all G lanes (compiled); one reader each plus the shared pages' others (eager), the shared
-    # set exact or a superset (a page one row reads, 7, scored again against no one)
-    for shared in (None, torch.tensor([2, 5]), torch.tensor([2, 5, 7])):
-        view = rollout._decode_view([K], [V], None, None, slots, kv_len, j, reader, 3, shared)
-        out = rollout.page_attention(q, K, V, view, 0.3)
-        for s, pages in tables.items():
-            k = torch.cat([K[pg] for pg in pages], 1)[:, : kv_len[s]]  # [Hkv, len, D]
-            v = torch.cat([V[pg] for pg in pages], 1)[:, : kv_len[s]]
-            want = torch.softmax(q[s] @ k.transpose(-1, -2) * 0.3, -1) @ v
-            torch.testing.assert_close(out[s], want, atol=1e-5, rtol=1e-5)
-        assert torch.equal(out[3], torch.zeros_like(out[3]))
+    N, page, Hkv, H, D = 9, 4, 2, 4, 8
+    pool = torch.randn(1, 2, page, N + 1, Hkv, D, generator=g)  # [layers, K/V, page, pages, Hkv, D]; page 9: scratch
+    tables = [[5, 2, 7], [5, 2, 1], [3, 9, 9]]
+    pos = torch.tensor([10, 9, 1])  # each row's new position, the last it attends to
+    at = torch.arange(11)
+    seen = at <= pos[:, None]  # [3, 11]
+    read = torch.where(seen, torch.tensor(tables)[:, at // page], N) + at % page * (N + 1)  # masked: the scratch page
+    mask = torch.zeros(seen.shape).masked_fill(~seen, float("-inf"))[:, None, None]
+    S = page * (N + 1)  # K's slots, then V's
+    write = read.gather(1, pos[:, None])
+    view = rollout._View(pool.flatten(0, 3), S, torch.stack([write, write + S]), torch.cat([read.flatten(),
+                                                                                             read.flatten() + S]), mask)
+    q, k, v = (torch.randn(3, h, 1, D, generator=g) for h in (H, Hkv, Hkv))
+    before = pool.clone()
+    out, _ = rollout._attend(type("Layer", (), {"layer_idx": 0})(), q, k, v, None, scaling=0.3, page_kv=view)
+    assert int((pool != before).any(-1).sum()) == 3 * 2 * Hkv  # one position a row, K and V, every KV head
+    for i, pages in enumerate(tables):
+        Kr, Vr = (before[0, x][:, pages].transpose(0, 1).flatten(0, 1)[: pos[i] + 1] for x in (0, 1))  # in order
+        Kr[pos[i]], Vr[pos[i]] = k[i, :, 0], v[i, :, 0]
+        for h in range(H):
+            w = torch.softmax(Kr[:, h // 2] @ q[i, h, 0] * 0.3, 0)
+            torch.testing.assert_close(out[i, 0, h], w @ Vr[:, h // 2])
 
 
 def test_cache_is_stored_in_the_compute_dtype(tiny_model, tiny_tokenizer, monkeypatch):
@@ -572,9 +574,8 @@ def test_cache_is_stored_in_the_compute_dtype(tiny_model, tiny_tokenizer, monkey
     with torch.autocast("cpu", dtype=torch.bfloat16):
         r = _run(tiny_model, tiny_tokenizer, prompts, 2, seed=1, max_new_tokens=12)
         fresh = [_fresh_logits(tiny_model, q, resp) for q, resp in _rows(r, prompts, 2)]
-    assert all(x.dtype == torch.bfloat16 for x in made[-1].K + made[-1].V)
-    assert r.kv_capacity * rollout.kv_bytes_per_position(tiny_model, torch.bfloat16) == \
-        sum(x.numel() * 2 for x in made[-1].K + made[-1].V)
+    assert made[-1].pool.dtype == torch.bfloat16
+    assert r.kv_capacity * rollout.kv_bytes_per_position(tiny_model, torch.bfloat16) == made[-1].pool.numel() * 2
     for b, (logits, (q, resp)) in enumerate(zip(fresh, _rows(r, prompts, 2))):
         want = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(resp)[:, None])[:, 0]
         torch.testing.assert_close(r.logprobs[b, : len(resp)], want, atol=0.1, rtol=0)  # bf16 rounding only
@@ -602,16 +603,21 @@ def test_model_attention_restored_after_sampling(tiny_model, tiny_tokenizer):
 
 
 @pytest.mark.slow
-def test_compiled_decode_gives_the_same_tokens(tiny_model, tiny_tokenizer):
-    """torch.compile (inductor on CPU) over the decode step: the same tokens, flat and tree, with a budget that
-    makes the step's slot count change (several compiled shapes)."""
+def test_compiled_decode_gives_the_same_tokens_and_compiles_once(tiny_model, tiny_tokenizer):
+    """torch.compile (inductor on CPU) over the decode step: the same tokens, flat and tree. After one rollout of a
+    sampler, a rollout with other prompts and a budget that swaps groups out and back in (other row and page counts,
+    another pool size) compiles nothing more: what TORCH_LOGS=recompiles would show."""
     prompts = _ids(tiny_tokenizer, *PROMPTS)
-    budget = (rollout.group_pages(max(map(len, prompts)), 3, 16, 4) + 3) * 4  # groups swapped out and back in
+    budget = (rollout.group_pages(max(map(len, prompts)), 3, 16, 4) + 3) * 4
+    graphs = lambda: len(torch._dynamo.eval_frame._debug_get_cache_entry_list(rollout._decode.__code__))  # noqa: E731
     for cfg in (dict(), dict(sampler="tree", tau=0.0)):
-        eager = _run(tiny_model, tiny_tokenizer, prompts, 3, seed=2, max_new_tokens=16, kv_budget=budget,
-                     page_size=4, **cfg)
+        _run(tiny_model, tiny_tokenizer, prompts[:1], 2, seed=1, max_new_tokens=8, compile=True, **cfg)  # warm-up
+        before = graphs()
         comp = _run(tiny_model, tiny_tokenizer, prompts, 3, seed=2, max_new_tokens=16, kv_budget=budget,
                     page_size=4, compile=True, **cfg)
+        assert graphs() == before and comp.kv_traffic["swap"] > 0
+        eager = _run(tiny_model, tiny_tokenizer, prompts, 3, seed=2, max_new_tokens=16, kv_budget=budget,
+                     page_size=4, **cfg)
         assert torch.equal(eager.response_ids, comp.response_ids) and torch.equal(eager.parent, comp.parent)
         torch.testing.assert_close(eager.logprobs, comp.logprobs, atol=1e-5, rtol=0)
         assert comp.decode_steps == eager.decode_steps
@@ -621,53 +627,51 @@ def test_compiled_decode_gives_the_same_tokens(tiny_model, tiny_tokenizer):
 # Bad input: a ValueError naming the argument, before the model runs
 
 
-@pytest.mark.parametrize("prompts,G,cfg,match", [
-    ([], 4, {}, "prompts"),
-    ([[5, 6], []], 4, {}, r"prompts\[1\]"),
-    ([[5, 6]], 0, {}, "group_size"),
-    ([[5, 6]], 2.0, {}, "group_size"),
-    ([[5] * 40_900], 2, dict(max_new_tokens=100), "context"),
-    ([[5, 6]], 2, dict(max_new_tokens=40_959), "context"),
-    ([[5, 1000]], 2, {}, r"prompts\[0\]"),
-    ([[5, 6]], 2, dict(max_new_tokens=0), "max_new_tokens"),
-    ([[5, 6]], 2, dict(temperature=-0.1), "temperature"),
-    ([[5, 6]], 2, dict(temperature=float("nan")), "temperature"),
-    ([[5, 6]], 2, dict(top_p=0.0), "top_p"),
-    ([[5, 6]], 2, dict(top_p=1.5), "top_p"),
-    ([[5, 6]], 2, dict(top_k=-1), "top_k"),
-    ([[5, 6]], 2, dict(sampler="beam"), "sampler"),
-    ([[5, 6]], 2, dict(sampler="tree", tau=-1.0), "tau"),
-    ([[5, 6]], 2, dict(sampler="tree", tau=float("nan")), "tau"),
-    ([[5, 6]], 2, dict(sampler="tree", num_chains=3), "num_chains"),
-    ([[5, 6]], 2, dict(sampler="tree", num_chains=0), "num_chains"),
-    ([[5, 6]], 2, dict(sampler="tree", max_children=1), "max_children"),
-    ([[5, 6]], 2, dict(sampler="tree", max_forks=-1), "max_forks"),
-    ([[5, 6]], 2, dict(sampler="tree", temperature=0.0), "temperature"),
-    ([[5, 6], [7]], 2, dict(prompt_keys=[0]), "prompt_keys"),
-    ([[5, 6]], 2, dict(prompt_keys=[-1]), "prompt_keys"),
-    ([[5, 6, 7], [5]], 2, dict(max_new_tokens=10, kv_budget=39, page_size=4),
+@pytest.mark.parametrize("G,cfg,match", [
+    (0, {}, "group_size"),
+    (2.0, {}, "group_size"),
+    (2, dict(max_new_tokens=0), "max_new_tokens"),
+    (2, dict(temperature=-0.1), "temperature"),
+    (2, dict(temperature=float("nan")), "temperature"),
+    (2, dict(top_p=0.0), "top_p"),
+    (2, dict(top_p=1.5), "top_p"),
+    (2, dict(top_k=-1), "top_k"),
+    (2, dict(sampler="beam"), "sampler"),
+    (2, dict(sampler="tree", tau=-1.0), "tau"),
+    (2, dict(sampler="tree", tau=float("nan")), "tau"),
+    (2, dict(sampler="tree", num_chains=3), "num_chains"),
+    (2, dict(sampler="tree", num_chains=0), "num_chains"),
+    (2, dict(sampler="tree", max_children=1), "max_children"),
+    (2, dict(sampler="tree", max_forks=-1), "max_forks"),
+    (2, dict(sampler="tree", temperature=0.0), "temperature"),
+    (2, dict(max_new_tokens=10, kv_budget=39, page_size=4),
      r"kv_budget=39: .*prompt \(3\) \+ 2 rows x max_new_tokens \(10\), in pages of 4 .* = 40 positions"),
-    ([[5, 6]], 2, dict(page_size=0), "page_size"),
-    ([[5, 6]], 2, dict(page_size=4.0), "page_size"),
-    ([[5, 6]], 2, dict(kv_budget=0), "kv_budget"),
-    ([[5, 6]], 2, dict(kv_budget=1000.0), "kv_budget"),
-    ([[5, 6]], 2, dict(compile="yes"), "compile"),
+    (2, dict(page_size=0), "page_size"),
+    (2, dict(page_size=4.0), "page_size"),
+    (2, dict(kv_budget=0), "kv_budget"),
+    (2, dict(kv_budget=1000.0), "kv_budget"),
+    (2, dict(compile="yes"), "compile"),
 ])
-def test_bad_input_raises_before_decoding(tiny_model, tiny_tokenizer, prompts, G, cfg, match):
-    def refuse(*a, **k):
-        raise RuntimeError("the model ran before the input was checked")
-
-    h = tiny_model.register_forward_pre_hook(refuse)
+def test_bad_config_raises_before_decoding(tiny_model, G, cfg, match):
+    """check_config is the boundary (train.py calls it on its flags): one ValueError naming the field."""
+    h = tiny_model.register_forward_pre_hook(lambda *a: pytest.fail("the model ran before the config was checked"))
     try:
         with pytest.raises(ValueError, match=match):
-            keys = cfg.pop("prompt_keys", None)
-            sample(tiny_model, prompts, G, SamplingConfig(**cfg), eos_token_ids=EOS_ID, pad_token_id=0, prompt_keys=keys)
-        with pytest.raises(ValueError, match="eos_token_ids"):
-            sample(tiny_model, [[5]], 2, SamplingConfig(), eos_token_ids=[], pad_token_id=0)
-        with pytest.raises(ValueError, match="pad_token_id"):
-            sample(tiny_model, [[5]], 2, SamplingConfig(), eos_token_ids=EOS_ID, pad_token_id=-1)
+            sample(tiny_model, [[5, 6, 7], [5]], G, SamplingConfig(**cfg), eos_token_ids=EOS_ID, pad_token_id=0)
     finally:
         h.remove()
+
+
+@pytest.mark.parametrize("prompts,kwargs", [
+    ([], {}), ([[5, 6], []], {}), ([[5, 1000]], {}), ([[5] * 40_959], {}),
+    ([[5]], dict(eos_token_ids=[])), ([[5]], dict(pad_token_id=-1)), ([[5], [6]], dict(prompt_keys=[0])),
+])
+def test_bad_arguments_fail_an_assert(tiny_model, prompts, kwargs):
+    """Inside, callers are trusted: sample()'s own arguments are asserted (empty prompts, ids outside the vocab, a
+    prompt past the context, no EOS, one key per prompt)."""
+    kwargs = dict(dict(eos_token_ids=EOS_ID, pad_token_id=0), **kwargs)
+    with pytest.raises(AssertionError):
+        sample(tiny_model, prompts, 2, SamplingConfig(max_new_tokens=2), **kwargs)
 
 
 def test_bench_rollout_paged_steps_bound_by_hand():
