@@ -327,8 +327,7 @@ def summarize(rows: list[dict], n: int) -> dict:
 
 def evaluate(model, tokenizer, bench: str, examples: list[dict], *, n: int = 1, temperature: float = 0.0,
              max_new_tokens: int = 512, batch_size: int = 32, thinking: bool = False, seed: int = 0,
-             progress: bool = True, kv_budget: int | None = None, page_size: int = 128,
-             compile_decode: bool = False) -> tuple[dict, list[dict]]:
+             progress: bool = True, kv_budget: int | None = None) -> tuple[dict, list[dict]]:
     """n scored completions per example, greedy at temperature 0: (summary, a row per example, on rank 0). Samples are
     keyed by the example's index, so the batch size and the ranks (each takes examples rank::world) change none."""
     import torch.distributed as dist
@@ -339,9 +338,9 @@ def evaluate(model, tokenizer, bench: str, examples: list[dict], *, n: int = 1, 
     prompts = [prompt_ids(bench, ex, tokenizer, thinking) for ex in examples]
     golds = [BENCHES[bench].gold(ex) for ex in examples]
     if kv_budget is None and next(model.parameters()).device.type == "cuda":   # sized by the memory free now
-        kv_budget = rollout.default_kv_budget(model, rows=batch_size * n)
+        kv_budget = rollout.default_kv_budget(model, rows=batch_size * n, longest=max(map(len, prompts)) + max_new_tokens)
     cfg = rollout.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, top_k=0,
-                                 kv_budget=kv_budget, page_size=page_size, compile=compile_decode)
+                                 kv_budget=kv_budget)
     eos, mine = rollout.eos_token_ids(model, tokenizer), list(range(rank, len(examples), world))
     was_training, t0, rows = model.training, time.time(), []
     model.eval()

@@ -330,7 +330,8 @@ def rollout_step(run: Run, step: int) -> tuple[rollout.Rollout, list[int]]:
         cfg = run.cfg  # on CUDA the budget is what free memory holds, AdamW's states still to come kept aside
         if cfg.kv_budget is None and w.device.type == "cuda":
             cfg = dataclasses.replace(cfg, kv_budget=rollout.default_kv_budget(
-                policy, rows=len(idx) * args.group_size, optimizer=run.optimizer))
+                policy, rows=len(idx) * args.group_size, optimizer=run.optimizer,
+                longest=max(len(run.prompts[i]) for i in idx) + args.max_new_tokens))
         ro = rollout.sample(policy, [run.prompts[i] for i in idx], args.group_size, cfg, eos_token_ids=run.eos_ids,
                             pad_token_id=run.tokenizer.pad_token_id, seed=sample_seed(args.seed, step),
                             prompt_keys=places)
