@@ -1,7 +1,8 @@
-"""advantages.py: GRPO, Dr. GRPO, TEMPO (P2T), HEPO, TreeAdv and PPO's GAE as batched tensor functions.
+"""advantages.py: GRPO, TEMPO (P2T), HEPO, TreeAdv, TreeRL, TreePO, SPO and PPO's GAE as batched tensor functions.
 
 SPEC 1 (GRPO; scale "group" | "batch" | "none" = Dr. GRPO), 2 (the prefix tree, read without building
-a trie), 3 (TEMPO), 4 (HEPO), 5 (TreeAdv), 8 (the branch diagnostics) and 9 (GAE and whitening).
+a trie), 3 (TEMPO), 4 (HEPO), 5 (TreeAdv), README's table of the other tree estimators (TreeRL, TreePO,
+SPO, each as its authors' code computes it), 8 (the branch diagnostics) and 9 (GAE and whitening).
 trie.py computes the same numbers group by group with a dictionary trie that reads like the papers;
 tests/test_advantages.py checks the two against each other; benchmarks/bench_advantages.py times them.
 
@@ -21,6 +22,9 @@ Departures (all from SPEC): a response's END is a child (a truncated response th
 of a sibling leaves at its own end); a group of one has mu = 0, sigma = 1; a group of two or more with
 equal rewards gets exactly 0; TEMPO's TD term has a weight (1.0 = the paper) and an unscaled form;
 scale="batch" takes sigma over the batch, mu per group (as TRL); HEPO breaks entropy ties by position.
+On the trie, where the authors' trees keep sibling samples apart, identical prefixes are one node: TreePO
+averages over the distinct subgroups of a path (theirs counts a subgroup again at each depth it spans)
+and SPO counts each response that ends at a node as a child of its own.
 """
 from __future__ import annotations
 
@@ -33,7 +37,6 @@ SCALES = ("group", "batch", "none")  # sigma over the group (GRPO), over the bat
 
 
 # ---- SPEC 1: GRPO, Dr. GRPO, batch-std GRPO
-
 
 def _baseline(r: torch.Tensor, G: int, eps: float, scale: str) -> tuple[torch.Tensor, torch.Tensor]:
     """mu [B] and the divisor sigma + eps [B] (1 for scale "none") of float64 rewards r [B].
@@ -65,7 +68,6 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6,
 
 
 # ---- SPEC 2: the prefix tree, read from pairwise longest common prefixes
-
 
 def pairwise_lcp(responses: torch.Tensor, mask: torch.Tensor, group_size: int,
                  window: int = 64) -> torch.Tensor:
@@ -119,12 +121,38 @@ def prefix_tree(responses: torch.Tensor, mask: torch.Tensor, group_size: int) ->
     return PrefixTree(*pairwise_lcp(responses, mask, group_size).sort(1))
 
 
+def _sorted_like(tree: PrefixTree, x: torch.Tensor, G: int) -> torch.Tensor:
+    """[B, G]: x [B] of row i's group, in the order of row i's sorted lcp values."""
+    return x.view(-1, 1, G).expand(-1, G, G).reshape(-1, G).gather(1, tree.order)
+
+
+def _suffix_sums(tree: PrefixTree, x: torch.Tensor, G: int) -> torch.Tensor:
+    """[B, G+1]: the sum of x [B] over row i's sorted positions k .. G-1, i.e. over D(s_t) for k = k(t)."""
+    x_sorted = _sorted_like(tree, x, G)  # [B, G]
+    return torch.cat([x_sorted.flip(1).cumsum(1).flip(1), torch.zeros_like(x[:, None])], 1)
+
+
 def _prefix_sets(tree: PrefixTree, r: torch.Tensor, G: int) -> torch.Tensor:
     """V_from [B, G+1]: V(s_t) = V_from[i, k(t)], the mean of row i's sorted rewards from position k(t) on."""
-    r_sorted = r.view(-1, 1, G).expand(-1, G, G).reshape(-1, G).gather(1, tree.order)  # [B, G]
-    suffix = torch.cat([r_sorted.flip(1).cumsum(1).flip(1), torch.zeros_like(r[:, None])], 1)  # [B, G+1]
     n_from = torch.arange(G, -1, -1, device=r.device).clamp(min=1)  # [G+1] G - k; k = G only past a row's end
-    return suffix / n_from
+    return _suffix_sums(tree, r, G) / n_from
+
+
+def _branches(tree: PrefixTree):
+    """Row i's branch points: each distinct sorted lcp value L < len_i is a token t = L emitted at a branch
+    node s_L, D(s_L) = sorted positions k(L) .. G-1, D(s_{L+1}) = k(L+1) .. G-1. Returns k(L) [B, G] (the
+    first of L's ties), k(L+1) [B, G] and event [B, G] (true once per distinct L < len_i)."""
+    L = tree.lcp_sorted
+    k_at = torch.searchsorted(L, L)
+    event = (k_at == torch.arange(L.shape[1], device=L.device)) & (L < L[:, -1:])
+    return k_at, torch.searchsorted(L, L, right=True), event
+
+
+def _first_holder(tree: PrefixTree, G: int) -> torch.Tensor:
+    """h [B]: the longest prefix row i shares with an earlier row of its group (0 if none). Row i is the
+    first (lowest index) to hold its node s_{t+1} exactly when t >= h_i."""
+    earlier = tree.order < (torch.arange(tree.order.shape[0], device=tree.order.device) % G)[:, None]  # [B, G]
+    return torch.where(earlier, tree.lcp_sorted, 0).amax(1)
 
 
 def _k_next(tree: PrefixTree, T: int) -> torch.Tensor:
@@ -145,7 +173,6 @@ def prefix_counts(responses: torch.Tensor, mask: torch.Tensor, group_size: int, 
 
 # ---- SPEC 3: TEMPO
 
-
 def _tempo_events(tree: PrefixTree, r: torch.Tensor, G: int, eps: float, td_weight: float, scale: str,
                   scale_td: bool):
     """TEMPO where it differs from GRPO: the tokens emitted at branch nodes.
@@ -156,14 +183,12 @@ def _tempo_events(tree: PrefixTree, r: torch.Tensor, G: int, eps: float, td_weig
     advantage), event [B, G] bool, its token t = lcp_sorted [B, G], and A_event [B, G].
     """
     mu, denom = _baseline(r, G, eps, scale)
-    L, V_from = tree.lcp_sorted, _prefix_sets(tree, r, G)  # [B, G], [B, G+1]
-    k_at = torch.searchsorted(L, L)  # [B, G] k(L), the first of L's ties
-    delta = V_from.gather(1, torch.searchsorted(L, L, right=True)) - V_from.gather(1, k_at)  # [B, G]
-    event = (k_at == torch.arange(G, device=r.device)) & (L < L[:, -1:])  # [B, G] once per value, L < len_i
+    V_from, (k_at, k_after, event) = _prefix_sets(tree, r, G), _branches(tree)  # [B, G+1], [B, G] x 3
+    delta = V_from.gather(1, k_after) - V_from.gather(1, k_at)  # [B, G] V(s_{L+1}) - V(s_L)
     zero = _equal_groups(r, G)  # [B]
     A_i = ((r - mu) / denom).masked_fill(zero, 0.0)  # [B]
     td = td_weight * delta / (denom[:, None] if scale_td else 1.0)  # [B, G]
-    return A_i, event, L, (A_i[:, None] + td).masked_fill(zero[:, None], 0.0)
+    return A_i, event, tree.lcp_sorted, (A_i[:, None] + td).masked_fill(zero[:, None], 0.0)
 
 
 def tempo_advantages(responses: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
@@ -186,7 +211,6 @@ def tempo_advantages(responses: torch.Tensor, mask: torch.Tensor, rewards: torch
 
 # ---- SPEC 4: HEPO
 
-
 def hepo_advantages(entropy: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, group_size: int,
                     rho: float = 0.2, eps: float = 1e-6, scale: str = "group") -> torch.Tensor:
     """A_{i,t} = A_i * [(i, t) is among the k = floor(rho * #valid) highest-entropy valid tokens of the batch].
@@ -203,25 +227,105 @@ def hepo_advantages(entropy: torch.Tensor, mask: torch.Tensor, rewards: torch.Te
 
 # ---- SPEC 5: TreeAdv
 
-
 def treeadv_advantages(responses: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
-                       group_size: int, eps: float = 1e-6, scale: str = "group", *,
+                       group_size: int, eps: float = 1e-6, scale: str = "group", centred: bool = False, *,
                        tree: PrefixTree | None = None) -> torch.Tensor:
     """Ahat_{i,t} = (V(s_{t+1}) - mu) / (sigma + eps) [B, T]: the mean leaf advantage below token t's node.
 
     A token no other row shares has V(s_{t+1}) = r_i and keeps A_i. Summed over the rows that share a
-    token it is the sum of their GRPO advantages (SPEC 5a).
+    token it is the sum of their GRPO advantages (SPEC 5a). centred (the seed's reading, README):
+    (Ahat - m) / (s + 1e-6), m and s (Bessel) per group over its trie's token nodes, each shared token once.
     """
-    tree = prefix_tree(responses, mask, group_size) if tree is None else tree
+    (B, T), G = responses.shape, group_size
+    tree = prefix_tree(responses, mask, G) if tree is None else tree
     r = rewards.detach().double()
-    mu, denom = _baseline(r, group_size, eps, scale)
-    Ahat_from = (_prefix_sets(tree, r, group_size) - mu[:, None]) / denom[:, None]  # [B, G+1] per prefix set
-    Ahat_from.masked_fill_(_equal_groups(r, group_size)[:, None], 0.0)
-    return Ahat_from.float().gather(1, _k_next(tree, responses.shape[1])).masked_fill_(~mask, 0.0)
+    mu, denom = _baseline(r, G, eps, scale)
+    Ahat_from = (_prefix_sets(tree, r, G) - mu[:, None]) / denom[:, None]  # [B, G+1] per prefix set
+    Ahat_from.masked_fill_(_equal_groups(r, G)[:, None], 0.0)
+    if not centred:
+        return Ahat_from.float().gather(1, _k_next(tree, T)).masked_fill_(~mask, 0.0)
+    a = Ahat_from.gather(1, _k_next(tree, T)).view(B // G, G * T)  # [P, G*T]
+    # each node once: on the first row (lowest index) of the group that holds it
+    own = (mask & (torch.arange(T, device=mask.device) >= _first_holder(tree, G)[:, None])).view(B // G, G * T)
+    n = own.sum(1, keepdim=True)  # [P, 1] token nodes of the group's trie
+    m = torch.where(own, a, 0.0).sum(1, keepdim=True) / n.clamp(min=1)
+    s = (torch.where(own, a - m, 0.0) ** 2).sum(1, keepdim=True).div((n - 1).clamp(min=1)).sqrt()
+    return torch.where(mask, ((a - m) / (s + 1e-6)).view(B, T), 0.0).float()
+
+
+# ---- TreeRL, TreePO, SPO: the field's other estimators on the same prefix tree (README's table). Every one
+# values a prefix by the rewards below it; they differ in how that value becomes a token's advantage.
+
+def _segment_parents(tree: PrefixTree) -> torch.Tensor:
+    """A segment is a maximal run of tokens with one D: row i's segment k holds its tokens t with k(t+1) = k.
+    It hangs from the branch node s_L, L = lcp_sorted[k-1] (the root for k = 0), whose D starts at sorted
+    position parent [B, G] = k(L); that node's own segment (the one before, on row i's path) is parent too."""
+    L = tree.lcp_sorted
+    return torch.cat([torch.zeros_like(L[:, :1]), torch.searchsorted(L, L)[:, :-1]], 1)  # [B, G]
+
+
+def treerl_advantages(responses: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, group_size: int, *,
+                      tree: PrefixTree | None = None) -> torch.Tensor:
+    """TreeRL [B, T]: c(s) = N/(N-1) (V(s) - mu) / sqrt(n(s)), c(root) = 0 (leave-one-out leaf rewards,
+    "sqrt" weighting); every token of segment s gets (c(s) - c(parent)) + c(s), "local + global", no sigma.
+    A local value |c(s) - c(parent)| < 1e-8 takes the previous segment's (their fill_in_paths; they skip the
+    first segment, whose local value is c(s) itself and so under 1e-8 either way). A group of one gets 0.
+    """
+    G, T = group_size, responses.shape[1]
+    tree = prefix_tree(responses, mask, G) if tree is None else tree
+    r = rewards.detach().double()
+    mu = _baseline(r, G, 0.0, "none")[0]  # [B]
+    n = torch.arange(G, 0, -1, device=r.device)  # [G] n(s) = G - k of segment k
+    c = G / max(G - 1, 1) * (_prefix_sets(tree, r, G)[:, :G] - mu[:, None]) / n.sqrt()  # [B, G]
+    c[:, 0] = 0.0  # D = the whole group: V = mu, the root's c = 0 (exactly, not float noise)
+    parent = _segment_parents(tree)
+    local = c - c.gather(1, parent)  # [B, G]
+    for k in range(1, G):  # in position order: a segment's parent sits at a smaller position
+        fill = local[:, k].abs() < 1e-8
+        local[:, k] = torch.where(fill, local.gather(1, parent[:, k:k + 1])[:, 0], local[:, k])
+    A_from = (local + c).masked_fill(_equal_groups(r, G)[:, None], 0.0)  # [B, G] per segment
+    return A_from.float().gather(1, _k_next(tree, T).clamp(max=G - 1)).masked_fill_(~mask, 0.0)
+
+
+def treepo_advantages(responses: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, group_size: int, *,
+                      tree: PrefixTree | None = None) -> torch.Tensor:
+    """TreePO [B, T] (the "average" weighting of its released run): x_i = the mean over X of (r_i - mean_X r),
+    X = the whole group and each other distinct D(s) on row i's path with two or more members; every token
+    of row i gets x_i, whitened over the batch's valid tokens (verl's masked_whiten). A group of one: mean 0.
+    """
+    G = group_size
+    tree = prefix_tree(responses, mask, G) if tree is None else tree
+    r = rewards.detach().double()
+    _, k_after, event = _branches(tree)
+    X = event & (k_after < G - 1)  # [B, G] the D a branch point leads into, if it has two or more rows
+    V_X = (_prefix_sets(tree, r, G).gather(1, k_after) * X).sum(1)  # [B] their means, summed
+    x = r - (_baseline(r, G, 0.0, "none")[0] + V_X) / (1 + X.sum(1))  # [B]; mu: the whole group's mean
+    return whiten(torch.where(mask, x.masked_fill(_equal_groups(r, G), 0.0)[:, None], 0.0), mask)
+
+
+def spo_advantages(responses: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, group_size: int, *,
+                   tree: PrefixTree | None = None) -> torch.Tensor:
+    """SPO, tree form [B, T] (its "rloo"): W(s) = the mean of the children's W, each response that ends at s
+    a child with W = r_i; every token of segment s gets W(s) - W(parent).
+
+    Unrolled, W(s) = sum_j p_j r_j / sum_j p_j over j in D(s), p_j = the chance that a walk down the trie,
+    picking a child uniformly at every node, ends at row j: prod over j's nodes of 1 / #children. A node on
+    row i's path is s_L, L one of its lcp values; its children are the rows through it (lcp >= L) that
+    are the first of their child (h <= L, `_first_holder`), every response ending there among them.
+    """
+    G, T = group_size, responses.shape[1]
+    tree = prefix_tree(responses, mask, G) if tree is None else tree
+    r, L = rewards.detach().double(), tree.lcp_sorted  # [B], [B, G]
+    h = _sorted_like(tree, _first_holder(tree, G), G)  # [B, G]
+    kids = ((L[:, None, :] >= L[:, :, None]) & (h[:, None, :] <= L[:, :, None])).sum(2)  # [B, G] at s_{L_k}
+    once = torch.searchsorted(L, L) == torch.arange(G, device=L.device)  # [B, G] each distinct L (node) once
+    p = torch.where(once, 1.0 / kids.double(), 1.0).prod(1)  # [B]
+    W = _suffix_sums(tree, p * r, G)[:, :G] / _suffix_sums(tree, p, G)[:, :G]  # [B, G] W of segment k
+    A_from = (W - W.gather(1, _segment_parents(tree))).masked_fill(_equal_groups(r, G)[:, None], 0.0)
+    return A_from.float().gather(1, _k_next(tree, T).clamp(max=G - 1)).masked_fill_(~mask, 0.0)
 
 
 # ---- SPEC 8: how much tree there was
-
 
 def branch_diagnostics(responses: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, group_size: int,
                        eps: float = 1e-6, *, tree: PrefixTree | None = None) -> dict[str, float]:
@@ -247,7 +351,6 @@ def branch_diagnostics(responses: torch.Tensor, mask: torch.Tensor, rewards: tor
 
 
 # ---- SPEC 9: PPO's GAE from a critic's values, and the batch whitening
-
 
 def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
                    lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

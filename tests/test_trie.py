@@ -89,7 +89,7 @@ def test_strict_prefix_leaves_at_its_end():
     A = trie.tempo_group(group, rewards)
     assert A[0] == pytest.approx([-0.5 / s] * 2)  # "ab" is never alone: its deltas are 0
     assert A[1] == pytest.approx([0.5 / s, 0.5 / s, (0.5 + 0.5) / s])
-    assert trie.prefix_counts_group(group) == [[2, 2], [2, 2, 1]]
+    assert [s.n for s in trie.path(root, group[1])[1:]] == [2, 2, 1]  # n(s_{t+1}), SPEC 5b's weights
 
 
 def test_all_equal_and_group_of_one():
