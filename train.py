@@ -55,7 +55,7 @@ import advantages
 import evaluate
 import rollout
 
-METHODS = ("grpo", "tempo", "treeadv", "hepo", "ppo")
+METHODS = ("grpo", "tempo", "treeadv", "hepo", "ppo", "treeadv-centred", "treerl", "treepo", "spo")
 OBJECTIVES = ("grpo", "gspo")
 LOSS_AGGS = ("token-mean", "seq-mean", "max-len")
 RECOMPUTE = ("auto", "always", "never")
@@ -761,8 +761,13 @@ def compute_advantages(args: Args, responses, mask, rewards, entropy, tree=None)
     if args.method == "tempo":
         return advantages.tempo_advantages(responses, mask, rewards, G, td_weight=args.td_weight,
                                            scale=args.scale, scale_td=args.scale_td, tree=tree)
-    if args.method == "treeadv":
-        return advantages.treeadv_advantages(responses, mask, rewards, G, scale=args.scale, tree=tree)
+    if args.method in ("treeadv", "treeadv-centred"):
+        return advantages.treeadv_advantages(responses, mask, rewards, G, scale=args.scale, tree=tree,
+                                             centred=args.method == "treeadv-centred")
+    others = dict(treerl=advantages.treerl_advantages, treepo=advantages.treepo_advantages,
+                  spo=advantages.spo_advantages)  # the field's other tree estimators: their own scale, no --scale
+    if args.method in others:
+        return others[args.method](responses, mask, rewards, G, tree=tree)
     return advantages.hepo_advantages(entropy, mask, rewards, G, rho=args.hepo_rho, scale=args.scale)
 
 

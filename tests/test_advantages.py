@@ -172,6 +172,63 @@ def test_long_shared_prefixes_and_sampled_like_batches_equal_trie():
         assert torch.equal(adv.prefix_counts(responses, mask, G), trie_batch.prefix_counts_batch(responses, mask, G))
 
 
+# ---- TreeRL, TreePO, SPO and the centred TreeAdv: by hand on the worked example, then fast == trie
+
+
+def test_tree_estimators_on_the_worked_example_by_hand():
+    """Each estimator's formula written out on README's example (see trie.py's picture): a misread formula,
+    a segment hung from the wrong node or a whitening over the wrong tokens shows here."""
+    def rows(a, b, c, d):  # per-token values of the segments 'A', 'x..', 'y..', 'B...'
+        return torch.tensor([[a, b, b, b], [a, b, b, b], [a, c, c, c], [d, d, d, d]])
+    # TreeRL: c = N/(N-1) (V - mu) / sqrt(n); 2 c(s) - c(parent), c(root) = 0
+    cA, cx, cy, cB = 4 / 3 * (1 / 6) / math.sqrt(3), 4 / 3 * 0.5 / math.sqrt(2), 4 / 3 * -0.5, 4 / 3 * -0.5
+    torch.testing.assert_close(adv.treerl_advantages(EX, EX_MASK, EX_R, 4),
+                               rows(2 * cA, 2 * cx - cA, 2 * cy - cA, 2 * cB), **TOL)
+    # SPO: W(Ax..) = 1, W(Ay..) = W(B...) = 0, W(A) = 0.5, W(root) = (0.5 + 0) / 2; W(s) - W(parent)
+    torch.testing.assert_close(adv.spo_advantages(EX, EX_MASK, EX_R, 4), rows(0.25, 0.5, -0.5, -0.25), **TOL)
+    # TreePO: x = mean over X of (r - mean_X): rows 1-2 over {all, A, Ax..}, row 3 over {all, A}, row 4 {all}
+    x = [(0.5 + 1 / 3 + 0) / 3, (-0.5 - 2 / 3) / 2, -0.5]
+    tok = [x[0]] * 8 + [x[1]] * 4 + [x[2]] * 4  # 16 tokens, whitened: Bessel's var, eps 1e-8
+    m = sum(tok) / 16
+    sd = math.sqrt(sum((v - m) ** 2 for v in tok) / 15 + 1e-8)
+    want = torch.tensor([(v - m) / sd for v in (x[0], x[0], x[1], x[2])])[:, None].expand(4, 4)  # per response
+    torch.testing.assert_close(adv.treepo_advantages(EX, EX_MASK, EX_R, 4), want, **TOL)
+    # centred TreeAdv: Ahat over the 11 token nodes A, Ax, Ax., Ax.., Ay, Ay., Ay.., B, B., B.., B... is
+    # [1/6, 1/2 x 3, -1/2 x 7] / sigma, so m = -1/6 / sigma and s = sqrt(2/3) / sigma (Bessel, 10)
+    torch.testing.assert_close(adv.treeadv_advantages(EX, EX_MASK, EX_R, 4, centred=True),
+                               rows(1, 2, -1, -1) / math.sqrt(2), **TOL)
+
+
+def test_treerl_fill_takes_the_previous_segments_local_value():
+    """TreeRL's fill_in_paths: 'abcd' goes a (V 0.6) -> b (V 0.5 = mu) -> c (V 0.5) -> d; at 'c' the local
+    value c(c) - c(b) = 0, so it takes b's, c(b) - c(a) = -c(a). Without the fill 'c' would get 0."""
+    a, b, c, d, e, f, g, h, x, z = range(10)
+    responses = torch.tensor([[a, b, c, d], [a, b, c, e], [a, b, f, g], [a, b, f, h], [a, g, x, x], [z, z, z, z]])
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0])  # mu = 0.5
+    cA = 6 / 5 * (0.6 - 0.5) / math.sqrt(5)
+    A = adv.treerl_advantages(responses, torch.ones(6, 4, dtype=torch.bool), rewards, 6)
+    torch.testing.assert_close(A[0], torch.tensor([2 * cA, -cA, -cA, 2 * 6 / 5 * 0.5]), **TOL)
+    torch.testing.assert_close(A, trie_batch.treerl_batch(responses, torch.ones(6, 4, dtype=torch.bool), rewards, 6))
+
+
+@FAST
+@given(batches())
+def test_tree_estimators_fast_equal_trie(batch):
+    """Catches a segment hung from the wrong node (lcp ties, strict prefixes, empty and identical rows),
+    SPO's children miscounted (each response that ends at a node is its own child), a TreePO set counted
+    twice, and a centring over tokens instead of the trie's nodes."""
+    responses, mask, rewards, G = batch
+    tree = adv.prefix_tree(responses, mask, G)
+    pairs = [(adv.treerl_advantages, trie_batch.treerl_batch), (adv.treepo_advantages, trie_batch.treepo_batch),
+             (adv.spo_advantages, trie_batch.spo_batch),
+             (lambda *a, **k: adv.treeadv_advantages(*a, centred=True, **k),
+              lambda *a: trie_batch.treeadv_batch(*a, centred=True))]
+    for fast, slow in pairs:
+        got = fast(responses, mask, rewards, G, tree=tree)
+        assert got.dtype == torch.float32 and (got[~mask] == 0).all()
+        torch.testing.assert_close(got, slow(responses, mask, rewards, G), **TOL)
+
+
 # ---- edge cases, by hand
 
 
@@ -192,7 +249,8 @@ def test_edge_cases_by_hand():
     assert (A[6:] == 0).all() and (adv.treeadv_advantages(responses, mask, rewards, 2)[6:] == 0).all()
     tenth = torch.full((6,), 0.1, dtype=torch.float64)  # 0.1 + 0.1 + 0.1 != 0.3: mu != r in floats
     three, ones = torch.tensor([[1, 2], [1, 3], [1, 2], [4, 4], [4, 5], [6, 6]]), torch.ones(6, 2, dtype=torch.bool)
-    for fn in (adv.tempo_advantages, adv.treeadv_advantages):
+    for fn in (adv.tempo_advantages, adv.treeadv_advantages, adv.treerl_advantages, adv.treepo_advantages,
+               adv.spo_advantages, lambda *a: adv.treeadv_advantages(*a, centred=True)):
         assert (fn(three, ones, tenth, 3) == 0).all()
     assert (adv.grpo_advantages(tenth, 3) == 0).all()
     assert (adv.hepo_advantages(torch.rand(6, 2), ones, tenth, 3, rho=1.0) == 0).all()
@@ -242,7 +300,8 @@ def test_identities(batch):
             assert float(delta[i].sum()) == pytest.approx(float(r[last].mean() - r[group].mean()), abs=1e-5)
         for t in range(len(o)):
             sharing = [j for j in group if lcp(o, rows[j]) >= t + 1]
-            assert float(tree[sharing, t].double().sum()) == pytest.approx(float(grpo[sharing].double().sum()), abs=1e-4)
+            want = float(grpo[sharing].double().sum())
+            assert float(tree[sharing, t].double().sum()) == pytest.approx(want, abs=1e-4)
 
 
 # ---- HEPO
@@ -300,3 +359,30 @@ def test_cuda_matches_cpu():
         assert out.device.type == "cuda" and out.dtype == torch.float32
         torch.testing.assert_close(out.cpu(), fn(responses, mask, rewards, 8), **TOL)
     assert torch.equal(adv.prefix_counts(cuda[0], cuda[1], 8).cpu(), adv.prefix_counts(responses, mask, 8))
+
+
+# ---- each tree estimator trains end to end (train.py --method)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, fn", [("treerl", "treerl_advantages"), ("treepo", "treepo_advantages"),
+                                        ("spo", "spo_advantages"), ("treeadv-centred", "treeadv_advantages")])
+def test_each_tree_estimator_trains_end_to_end(method, fn, tiny_model_dir, tmp_path, monkeypatch):
+    """Catches a --method that train.py does not route to its estimator (or routes without centred=True),
+    and an estimator that breaks a step on real tree-sampled groups: one step, a finite loss, one call."""
+    import train
+
+    calls, real = [], getattr(adv, fn)
+
+    def spy(*a, **k):
+        calls.append(k.get("centred", False))
+        return real(*a, **k)
+    monkeypatch.setattr(train.advantages, fn, spy)
+    train.train(train.parse_args([
+        "--method", method, "--sampler", "tree", "--model", tiny_model_dir, "--task", "add", "--steps", "1",
+        "--group-size", "4", "--prompts-per-step", "2", "--mini-batch-prompts", "2", "--micro-batch-rows", "8",
+        "--max-new-tokens", "5", "--lr", "3e-4", "--val-every", "0", "--sample-every", "0", "--save-every", "0",
+        "--device", "cpu", "--no-progress", "--out", str(tmp_path)]))
+    rows = [r for r in train.read_metrics(tmp_path) if "loss" in r]
+    assert [r["step"] for r in rows] == [1] and math.isfinite(rows[0]["loss"])
+    assert calls == [method == "treeadv-centred"]
