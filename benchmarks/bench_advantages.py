@@ -32,7 +32,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import advantages  # noqa: E402
 import trie_batch  # noqa: E402  (trie.py run group by group over a padded batch)
 
-METHODS = ("tempo", "treeadv")
+METHODS = ("tempo", "treeadv", "treerl", "treepo", "spo")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
