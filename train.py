@@ -40,7 +40,7 @@ import advantages
 import evaluate
 import rollout
 
-METHODS = ("grpo", "tempo", "treeadv", "hepo", "ppo")
+METHODS = ("grpo", "tempo", "treeadv", "hepo", "ppo", "treeadv-centred", "treerl", "treepo", "spo")
 OBJECTIVES = ("grpo", "gspo", "gspo-paper")
 CLIP_LOW, CLIP_HIGH, DUAL_CLIP = 0.2, 0.28, 3.0  # SPEC 6: DAPO's clip-higher, dual clip c = 3
 GSPO_PAPER_CLIP = (3e-4, 4e-4)                    # GSPO as published (and as verl runs it), no dual clip
@@ -297,8 +297,11 @@ def compute_advantages(args: Args, responses, mask, rewards, entropy, tree) -> t
     if args.method == "tempo":
         return advantages.tempo_advantages(responses, mask, rewards, G, td_weight=args.td_weight, scale=scale,
                                            tree=tree)
-    if args.method == "treeadv":
-        return advantages.treeadv_advantages(responses, mask, rewards, G, scale=scale, tree=tree)
+    if args.method in ("treeadv", "treeadv-centred"):
+        return advantages.treeadv_advantages(responses, mask, rewards, G, scale=scale, tree=tree,
+                                             centred=args.method == "treeadv-centred")
+    if args.method in ("treerl", "treepo", "spo"):  # the field's other tree estimators: their own scales
+        return getattr(advantages, f"{args.method}_advantages")(responses, mask, rewards, G, tree=tree)
     return advantages.hepo_advantages(entropy, mask, rewards, G, scale=scale)
 
 
@@ -524,7 +527,7 @@ def train(args: Args, worker: Worker | None = None, model=None, tokenizer=None) 
 @dataclass
 class Args:
     # --- the algorithm
-    method: str = "grpo"  # grpo (SPEC 1) | tempo (SPEC 3) | treeadv (SPEC 5) | hepo (SPEC 4) | ppo (SPEC 9)
+    method: str = "grpo"  # grpo | tempo | treeadv | hepo | ppo | treeadv-centred | treerl | treepo | spo
     scale: str = "group"  # advantage std: group | batch | none (Dr. GRPO: no std, loss / rows x max tokens)
     td_weight: float = 1.0  # tempo: weight of the TD term (1.0 = the paper)
     objective: str = "grpo"  # ratio: grpo (per token) | gspo (GSPO-token) | gspo-paper (GSPO as published)
@@ -613,7 +616,8 @@ def check_args(args: Args, world: int = 1) -> None:
     need(args.lr > 0 and args.kl_coef >= 0 and args.dist_timeout > 0, "--lr and --dist-timeout must be > 0, --kl-coef >= 0")
     need(args.tiny_hidden % 8 == 0, f"--tiny-hidden {args.tiny_hidden}: must be a multiple of 8 (4 heads, even size)")
     need(args.method == "tempo" or args.td_weight == 1.0, "--td-weight applies to --method tempo only")
-    need(not args.unique_segments or args.method == "treeadv", "--unique-segments is TreeAdv's: use --method treeadv")
+    need(not args.unique_segments or args.method.startswith("treeadv"), "--unique-segments is TreeAdv's (--method treeadv)")
+    need(args.scale == "group" or args.method not in ("treerl", "treepo", "spo"), f"--scale: {args.method} scales its own")
     need(args.prompts_per_step % args.mini_batch_prompts == 0,
          f"--prompts-per-step {args.prompts_per_step} is not a multiple of --mini-batch-prompts {args.mini_batch_prompts}")
     need(args.mini_batch_prompts % world == 0,

@@ -1,27 +1,28 @@
 """bench_advantages.py: tokens/s of the dictionary trie (trie.py) against the tensor version (advantages.py).
 
-Prints one line per (device, G, T) with B = 512 rows: valid response tokens per second for trie.py's
-batch wrapper and for advantages.py, and their ratio (issue 2's target: >= 100x at B=512, T=4096,
-G=8 on CPU). The trie is timed on the first `trie_prompts` prompts only (median of 3; it is linear
-in tokens and groups are independent, so its rate on a subset stands for the batch; with Python's
-garbage collector on, as a user has it, a whole batch would if anything be slower). The fast version
-is timed on the whole batch (median of `repeats` runs after one warm-up). By default torch runs on
-one thread, as the trie does, so the ratio compares algorithms rather than cores.
+One line per (device, G, T) with B = 512 rows: valid response tokens per second of trie.py (group by group,
+through tests/trie_batch.py) and of advantages.py, and their ratio. The trie is timed on the first
+`--trie-prompts` prompts (median of 3; it is linear in tokens and groups are independent, so its rate on a
+subset stands for the batch); advantages.py on the whole batch (median of `--repeats` after a warm-up).
+torch runs on one thread by default, as the trie does, so the ratio compares algorithms, not cores.
+`--vs DIR` also times DIR/advantages.py (another checkout, e.g. a `git worktree` of an older commit) on the
+same batches, interleaved run by run with this one, so the two are compared on the same machine state.
 
-The batch looks like sampled groups: each response copies a prefix of an earlier response of its
-group (mostly a few tokens, sometimes most of it), then goes its own way; lengths vary from T/4 to
-T, and a tenth of the rows are truncated at T. Ids in the padding are random real ids.
+The batch looks like sampled groups: each response copies a prefix of an earlier response of its group
+(mostly a few tokens, sometimes most of it), then goes its own way; lengths vary from T/4 to T, a tenth of
+the rows are truncated at T, and the padding holds random real ids.
 
-Run from the repository root:  python benchmarks/bench_advantages.py  [--Ts 1024 4096 --Gs 4 8 16 ...]
+Run from the repository root:  python benchmarks/bench_advantages.py [--Ts 1024 4096 --Gs 4 8 16 --vs DIR]
 """
 from __future__ import annotations
 
+import argparse
 import gc
+import importlib.util
 import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,40 +30,26 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import advantages  # noqa: E402
-import evaluate  # noqa: E402  (the Args -> argparse helper)
 import trie_batch  # noqa: E402  (trie.py run group by group over a padded batch)
 
-
-@dataclass
-class Args:
-    B: int = 512
-    """rows per batch (P prompts x G responses)"""
-    Ts: list[int] = field(default_factory=lambda: [1024, 4096])
-    """response lengths T (padded width) to measure"""
-    Gs: list[int] = field(default_factory=lambda: [4, 8, 16])
-    """group sizes G to measure; P = B / G"""
-    method: str = "tempo"
-    """which advantage to time: tempo | treeadv"""
-    vocab: int = 32000
-    """token ids are drawn from 0..vocab-1"""
-    trie_prompts: int = 8
-    """prompts (groups) the trie is timed on (median of 3); its tokens/s is measured on that subset"""
-    repeats: int = 5
-    """timed runs of the fast version (median reported)"""
-    devices: list[str] = field(default_factory=lambda: ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-    """devices for advantages.py (the trie always runs in Python on the CPU)"""
-    seed: int = 0
-    """seed for the synthetic batch"""
-    threads: int = 1
-    """torch CPU threads for advantages.py (0 = torch's default)"""
+METHODS = ("tempo", "treeadv", "treerl", "treepo", "spo")
 
 
-def parse_args(argv=None) -> Args:
-    args = Args(**vars(evaluate.dataclass_parser(Args, __doc__.splitlines()[0]).parse_args(argv)))
-    for G in args.Gs:
-        assert args.B % G == 0, f"B={args.B} must be divisible by every G, not by {G}"
-    assert args.method in ("tempo", "treeadv"), args.method
-    assert all(T >= 4 for T in args.Ts) and args.trie_prompts >= 1 and args.repeats >= 1
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--B", type=int, default=512, help="rows per batch (P prompts x G responses)")
+    p.add_argument("--Ts", type=int, nargs="+", default=[1024, 4096], help="response lengths (padded width)")
+    p.add_argument("--Gs", type=int, nargs="+", default=[4, 8, 16], help="group sizes; P = B / G")
+    p.add_argument("--method", choices=METHODS, default="tempo", help="which advantage to time")
+    p.add_argument("--vocab", type=int, default=32000, help="token ids are drawn from 0..vocab-1")
+    p.add_argument("--trie-prompts", type=int, default=8, help="prompts the trie is timed on")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs of advantages.py (median reported)")
+    p.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic batch")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--vs", default=None, help="another checkout whose advantages.py is timed beside this one")
+    args = p.parse_args(argv)
+    assert all(args.B % G == 0 for G in args.Gs), "B must be divisible by every G"
     return args
 
 
@@ -85,29 +72,36 @@ def sampled_like_batch(B: int, G: int, T: int, vocab: int, seed: int):
     return torch.from_numpy(responses), torch.from_numpy(mask), torch.from_numpy(rewards)
 
 
-def time_fast(fn, args_, device: str, repeats: int) -> float:
-    args_ = [a.to(device) for a in args_]
+def time_side_by_side(fns: list, inputs, device: str, repeats: int) -> list[float]:
+    """Median seconds of each fn(*inputs) after one warm-up, the fns run in turn within each repeat."""
+    inputs = [x.to(device) for x in inputs]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    fn(*args_)
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(*args_)
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = [[] for _ in fns]
+    for rep in range(repeats + 1):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn(*inputs)
+            sync()
+            if rep:  # the first round warms up
+                ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
-def main(args: Args) -> None:
+def main(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    fast = {"tempo": advantages.tempo_advantages, "treeadv": advantages.treeadv_advantages}[args.method]
-    slow = {"tempo": trie_batch.tempo_batch, "treeadv": trie_batch.treeadv_batch}[args.method]
-    print(f"{args.method} advantages, B={args.B}; trie: median of 3 on the first {args.trie_prompts} prompts "
-          f"(tokens/s on that subset); fast: whole batch, median of {args.repeats}; "
-          f"torch threads={torch.get_num_threads()}")
-    print(f"{'device':>6} {'G':>3} {'T':>5} {'tokens':>9} {'trie tok/s':>12} {'fast tok/s':>12} {'fast ms':>8} {'ratio':>7}")
+    mods = [advantages]
+    if args.vs:
+        spec = importlib.util.spec_from_file_location("advantages_vs", os.path.join(args.vs, "advantages.py"))
+        mods.append(importlib.util.module_from_spec(spec))
+        spec.loader.exec_module(mods[1])
+    fast = [getattr(m, f"{args.method}_advantages") for m in mods]
+    slow = getattr(trie_batch, f"{args.method}_batch")
+    print(f"{args.method} advantages, B={args.B}; trie: median of 3 on the first {args.trie_prompts} prompts; "
+          f"fast: whole batch, median of {args.repeats}; torch threads={torch.get_num_threads()}"
+          + (f"; 'vs ms' = {args.vs}/advantages.py, interleaved" if args.vs else ""))
+    print(f"{'device':>6} {'G':>3} {'T':>5} {'tokens':>9} {'trie tok/s':>11} {'fast tok/s':>11} {'fast ms':>8} "
+          f"{'ratio':>6}" + (f" {'vs ms':>8}" if args.vs else ""))
     for T in args.Ts:
         for G in args.Gs:
             resp, mask, r = sampled_like_batch(args.B, G, T, args.vocab, args.seed)
@@ -121,10 +115,10 @@ def main(args: Args) -> None:
             trie_rate = int(mask[:rows].sum()) / statistics.median(trie_sec)
             tokens = int(mask.sum())
             for device in args.devices:
-                sec = time_fast(lambda *a: fast(*a, G), (resp, mask, r), device, args.repeats)
-                rate = tokens / sec
-                print(f"{device:>6} {G:>3} {T:>5} {tokens:>9} {trie_rate:>12.3g} {rate:>12.3g} "
-                      f"{1e3 * sec:>8.1f} {rate / trie_rate:>7.0f}x", flush=True)
+                secs = time_side_by_side([lambda *a, f=f: f(*a, G) for f in fast], (resp, mask, r), device, args.repeats)
+                rate = tokens / secs[0]
+                print(f"{device:>6} {G:>3} {T:>5} {tokens:>9} {trie_rate:>11.3g} {rate:>11.3g} {1e3 * secs[0]:>8.1f} "
+                      f"{rate / trie_rate:>5.0f}x" + (f" {1e3 * secs[1]:>8.1f}" if args.vs else ""), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""study.py: does tree credit assignment help? GRPO, TEMPO (flat and tree sampling), TreeAdv and HEPO side by side.
+"""study.py: does tree credit assignment help? GRPO, TEMPO, TreeAdv, HEPO and the field's tree estimators side by side.
 
-What (issue 6, SPEC 8): on the offline "chain" task (multi-step sums with every running sum written
+What (SPEC 8): on the offline "chain" task (multi-step sums with every running sum written
 out, "12+34+56+7=" -> "12+34=46;46+56=102;102+7=109", about 25 tokens a response, so a group's trie has
 branch points deep inside the response), each seed gets ONE supervised warm start of a tiny Qwen3
 (train.warm_start, cached in OUT/warm-sS), shared by every arm of that seed, so differences come from the
@@ -18,6 +18,9 @@ step, steps, max_new_tokens, lr: only --method and --sampler differ):
                                                    if the TD credit moves accuracy, more of it should move it more
     ppo         --method ppo     --sampler flat --critic-lr 1e-3   (not in the default list) SPEC 9, PPO with a
                                                    learned critic (TEMPO's first baseline); critic lr 10x the policy's
+    treeadv-centred, treerl, treepo, spo   --method the same --sampler tree   (not in the default list) the
+                                                   seed's centred TreeAdv and the field's other tree estimators
+                                                   (README's table), on the same forest as tempo-tree and treeadv
 
 How to run (from the repository root; 2 runs at a time by default, one torch thread each):
     python benchmarks/study.py                           # the default study (3 seeds x 6 arms): 3 warm starts
@@ -26,6 +29,7 @@ How to run (from the repository root; 2 runs at a time by default, one torch thr
     python benchmarks/study.py --seeds 0,1,2,3 --methods grpo,tempo,grpo-tree,tempo-tree
     python benchmarks/study.py --report-only             # aggregate what OUT holds, run nothing
     python benchmarks/study.py --methods grpo,ppo --out runs/study-ppo   # PPO with a critic against GRPO
+    python benchmarks/study.py --methods grpo,grpo-tree,treeadv,treeadv-centred,treerl,treepo,spo --out runs/study-tree
 It is resumable: a run (or warm start) whose directory holds the same command and complete output is
 skipped, so an interrupted study continues where it stopped; a changed setting reruns what it touches.
 
@@ -76,6 +80,10 @@ ARMS = {
     "grpo-tree": ("grpo", "tree"),
     "tempo-td4": ("tempo", "flat"),
     "ppo": ("ppo", "flat"),
+    "treeadv-centred": ("treeadv-centred", "tree"),
+    "treerl": ("treerl", "tree"),
+    "treepo": ("treepo", "tree"),
+    "spo": ("spo", "tree"),
 }
 # Arms that differ from another in one more train.py flag: a dose-response check of TEMPO's TD term.
 ARM_FLAGS = {"tempo-td4": ["--td-weight", "4"],
@@ -94,11 +102,12 @@ class Args:
     seeds: str = "0,1,2"
     """comma-separated seeds; each gets its own warm start, data order and sampling"""
     methods: str = "grpo,tempo,grpo-tree,tempo-tree,treeadv,hepo"
-    """comma-separated arms (grpo, tempo, grpo-tree, tempo-tree, treeadv, hepo, tempo-td4, ppo)"""
+    """comma-separated arms (grpo, tempo, grpo-tree, tempo-tree, treeadv, hepo, tempo-td4, ppo, treeadv-centred,
+    treerl, treepo, spo)"""
     quick: bool = False
     """toy size for the smoke test (QUICK below); flags given still win"""
     jobs: int = 2
-    """runs at a time (each gets cores // jobs torch threads)"""
+    """runs at a time (each gets usable cores // jobs torch threads)"""
     report_only: bool = False
     """aggregate the runs OUT holds and write the table and plots; run nothing"""
     # --- the model and its warm start (train.warm_start)
@@ -484,13 +493,18 @@ def plot(results: dict, out_dir: str) -> list[str]:
 # 5. Main: run the grid, aggregate, write and print
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (`taskset -c 0 python benchmarks/study.py` keeps the others free)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def rollout_tau() -> float:
     import rollout  # imports torch: the driver needs it only for this default
     return rollout.SamplingConfig.tau
 
 
 def setup_text(args: Args, threads: int, total_s: float | None) -> str:
-    cores = os.cpu_count()
+    cores = usable_cores()
     return (f"Task chain; tiny Qwen3 {args.tiny_hidden} x {args.tiny_layers}; warm start: train.warm_start to "
             f"{args.warm_target} greedy accuracy on 200 training prompts (at most {args.warm_steps} steps, batch "
             f"{args.warm_batch}, lr {args.warm_lr}), one per seed, shared by every arm. RL: {args.steps} steps x "
@@ -499,13 +513,13 @@ def setup_text(args: Args, threads: int, total_s: float | None) -> str:
             f"test questions every {args.val_every} steps; tree sampler tau "
             f"{f'rollout default ({rollout_tau()} nat)' if args.tree_tau is None else f'{args.tree_tau} nat'}. Seeds {args.seeds}. "
             f"Extra train.py flags: {args.extra or 'none'}.\n"
-            f"Machine: {platform.machine()} {cores} CPU cores, no GPU; {args.jobs} run(s) at a time, {threads} torch "
-            f"thread(s) each" + (f"; study wall time {total_s / 60:.1f} min." if total_s is not None else "."))
+            f"Machine: {platform.machine()}, {cores} of {os.cpu_count()} CPU cores, no GPU; {args.jobs} run(s) at a time, "
+            f"{threads} torch thread(s) each" + (f"; study wall time {total_s / 60:.1f} min." if total_s is not None else "."))
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = max(1, usable_cores() // args.jobs)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     timing_path = os.path.join(args.out, "study_time.json")  # one entry per invocation: a resumed study adds up
@@ -530,7 +544,7 @@ def main(argv: list[str] | None = None) -> dict:
     tab = table(results)
     pngs = plot(results, args.out)
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(f"# Study: GRPO vs TEMPO vs TreeAdv vs HEPO on `chain`\n\n{text}\n\n{tab}\n\n"
+        f.write(f"# Study: tree credit assignment on `chain` ({', '.join(results)})\n\n{text}\n\n{tab}\n\n"
                 f"Plots: {', '.join(os.path.basename(p) for p in pngs)}. Command: "
                 f"`python benchmarks/study.py {shlex.join(argv if argv is not None else sys.argv[1:])}`\n")
     with open(os.path.join(args.out, "results.json"), "w") as f:

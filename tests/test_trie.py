@@ -35,9 +35,7 @@ def test_worked_example_values():
     assert (a.children[3].n, a.children[3].V) == (1, 0.0)
     assert (root.children[1].n, root.children[1].V) == (1, 0.0)
     assert root.is_branch and a.is_branch and not a.children[2].is_branch
-    V_t, V_next = trie.token_values(root, EX_GROUP[2])
-    assert V_t == [0.5, pytest.approx(2 / 3), 0.0, 0.0]
-    assert V_next == [pytest.approx(2 / 3), 0.0, 0.0, 0.0]
+    assert [s.V for s in trie.path(root, EX_GROUP[2])] == [0.5, pytest.approx(2 / 3), 0.0, 0.0, 0.0]
 
 
 def test_worked_example_tempo_spec_numbers():
@@ -91,7 +89,7 @@ def test_strict_prefix_leaves_at_its_end():
     A = trie.tempo_group(group, rewards)
     assert A[0] == pytest.approx([-0.5 / s] * 2)  # "ab" is never alone: its deltas are 0
     assert A[1] == pytest.approx([0.5 / s, 0.5 / s, (0.5 + 0.5) / s])
-    assert trie.prefix_counts_group(group) == [[2, 2], [2, 2, 1]]
+    assert [s.n for s in trie.path(root, group[1])[1:]] == [2, 2, 1]  # n(s_{t+1}), SPEC 5b's weights
 
 
 def test_all_equal_and_group_of_one():
@@ -127,8 +125,8 @@ def test_tree_stats_by_hand():
 def test_show_prints_segments():
     root = trie.build_trie(EX_GROUP, EX_REWARDS)
     buf = io.StringIO()
-    mu, sigma = trie.group_baseline(EX_REWARDS)
-    trie.show(root, decode=lambda ids: "".join(NAMES[i] for i in ids), mu=mu, sigma=sigma, file=buf)
+    sigma = trie.group_baseline(EX_REWARDS)[1]
+    trie.show(root, decode=lambda ids: "".join(NAMES[i] for i in ids), sigma=sigma, file=buf)
     lines = buf.getvalue().splitlines()
     assert lines[0] == "root  n=4  V=0.500  *"
     assert any("'x..'  n=2  V=1.000" in line and "+0.577" in line for line in lines)

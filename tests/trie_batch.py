@@ -52,20 +52,42 @@ def tempo_batch(responses, mask, rewards, G: int, eps: float = 1e-6, td_weight: 
     return per_group(fn, responses, mask, rewards, G)
 
 
-def treeadv_batch(responses, mask, rewards, G: int, eps: float = 1e-6, scale: str = "group") -> torch.Tensor:
+def treeadv_batch(responses, mask, rewards, G: int, eps: float = 1e-6, scale: str = "group",
+                  centred: bool = False) -> torch.Tensor:
     """TreeAdv advantages [B, T] (float32, zeros at padding)."""
     all_r = [float(x) for x in rewards.tolist()]
 
     def fn(rows, r):
         sigma, e = sigma_and_eps(all_r, r, scale, eps)
-        return trie.treeadv_group(rows, r, e, sigma)
+        return trie.treeadv_group(rows, r, e, sigma, centred)
     return per_group(fn, responses, mask, rewards, G)
 
 
 def prefix_counts_batch(responses, mask, G: int) -> torch.Tensor:
-    """n(s_{t+1}) as [B, T] int64 (0 at padding)."""
-    return per_group(lambda rows, r: trie.prefix_counts_group(rows), responses, mask,
-                     torch.zeros(responses.shape[0]), G, dtype=torch.int64)
+    """n(s_{t+1}) as [B, T] int64 (0 at padding): the n of the node each token enters."""
+    def fn(rows, r):
+        root = trie.build_trie(rows, r)
+        return [[s.n for s in trie.path(root, o)[1:]] for o in rows]
+    return per_group(fn, responses, mask, torch.zeros(responses.shape[0]), G, dtype=torch.int64)
+
+
+def treerl_batch(responses, mask, rewards, G: int) -> torch.Tensor:
+    return per_group(trie.treerl_group, responses, mask, rewards, G)
+
+
+def spo_batch(responses, mask, rewards, G: int) -> torch.Tensor:
+    return per_group(trie.spo_group, responses, mask, rewards, G)
+
+
+def treepo_batch(responses, mask, rewards, G: int) -> torch.Tensor:
+    """trie.treepo_group's per-response values, whitened over the batch's valid tokens in plain Python:
+    (x - mean) / sqrt(var + 1e-8), Bessel's var, as verl's masked_whiten (TreePO's)."""
+    x = per_group(trie.treepo_group, responses, mask, rewards, G, dtype=torch.float64)
+    vals = x[mask].tolist()
+    n = len(vals)
+    mean = sum(vals) / max(n, 1)
+    var = sum((v - mean) ** 2 for v in vals) / max(n - 1, 1)
+    return torch.where(mask, (x - mean) / math.sqrt(var + 1e-8), 0.0).float()
 
 
 def diagnostics_batch(responses, mask, rewards, G: int, eps: float = 1e-6) -> dict:
