@@ -1073,10 +1073,10 @@ def supervised_warm_start(model, tokenizer, task: str, examples: list[dict], *, 
     return done, acc
 
 
-def warm_start(args: Args) -> str:
-    """The demo's warm-started model directory, OUT/warm-start, trained unless a model of the same recipe is cached
-    there (a rerun of the demo keeps it); written to a temporary directory and renamed."""
-    warm, w = os.path.join(args.out, "warm-start"), DEMO_WARM
+def warm_start(args: Args, w: dict = DEMO_WARM) -> str:
+    """The demo's warm-started model directory, OUT/warm-start, trained (by the recipe `w`: the study passes its own)
+    unless a model of the same recipe is cached there; written to a temporary directory and renamed."""
+    warm = os.path.join(args.out, "warm-start")
     recipe = dict(task=args.task, hidden=args.tiny_hidden, layers=args.tiny_layers, **w, seed=args.seed,
                   train_limit=None, check="longest-target")
     with contextlib.suppress(FileNotFoundError), open(os.path.join(warm, "warm_start.json")) as f:

@@ -16,7 +16,7 @@ step, steps, max_new_tokens, lr: only --method and --sampler differ):
                                                    and treeadv it separates the sampler from the credit
     tempo-td4   --method tempo   --sampler flat --td-weight 4   (not in the default list) TEMPO's TD term x4:
                                                    if the TD credit moves accuracy, more of it should move it more
-    ppo         --method ppo     --sampler flat --critic-lr 1e-3   (not in the default list) SPEC 9, PPO with a
+    ppo         --method ppo     --sampler flat   (not in the default list) SPEC 9, PPO with a
                                                    learned critic (TEMPO's first baseline); critic lr 10x the policy's
     treeadv-centred, treerl, treepo, spo   --method the same --sampler tree   (not in the default list) the
                                                    seed's centred TreeAdv and the field's other tree estimators
@@ -58,6 +58,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -86,9 +87,7 @@ ARMS = {
     "spo": ("spo", "tree"),
 }
 # Arms that differ from another in one more train.py flag: a dose-response check of TEMPO's TD term.
-ARM_FLAGS = {"tempo-td4": ["--td-weight", "4"],
-             # PPO's critic at 10x the policy's lr, the ratio of verl's defaults (critic 1e-5, actor 1e-6)
-             "ppo": ["--critic-lr", "1e-3"]}
+ARM_FLAGS = {"tempo-td4": ["--td-weight", "4"]}
 DIAGNOSTICS = ("branch_token_frac", "first_divergence_depth", "unique_depth", "td_share")
 
 
@@ -123,8 +122,6 @@ class Args:
     """warm-start learning rate"""
     warm_batch: int = 64
     """warm-start batch size"""
-    train_limit: int = 5000
-    """training questions (warm start and RL draw from the same ones)"""
     # --- the RL budget, the same for every arm
     steps: int = 80
     """RL steps"""
@@ -149,7 +146,7 @@ class Args:
 
 
 # --quick: the smoke test's size (two tiny runs per arm finish in seconds).
-QUICK = dict(tiny_hidden=32, tiny_layers=1, warm_steps=50, warm_target=1.0, train_limit=200, steps=2,
+QUICK = dict(tiny_hidden=32, tiny_layers=1, warm_steps=50, warm_target=1.0, steps=2,
              prompts_per_step=4, group_size=4, val_every=1, val_limit=16, seeds="0,1")
 
 
@@ -194,7 +191,7 @@ def check_args(args: Args) -> None:
 
 
 def warm_dir(args: Args, seed: int) -> str:
-    return os.path.join(args.warm_root or args.out, f"warm-s{seed}")
+    return os.path.join(args.warm_root or args.out, f"warm-s{seed}", "warm-start")
 
 
 def run_dir(args: Args, arm: str, seed: int) -> str:
@@ -202,18 +199,20 @@ def run_dir(args: Args, arm: str, seed: int) -> str:
 
 
 def warm_flags(args: Args, seed: int) -> list[str]:
-    """train.py flags of one seed's warm start (benchmarks/bench_rollout.py warms its model with them too)."""
-    d = os.path.abspath(warm_dir(args, seed))
-    return ["--task", "chain", "--model", "tiny", "--tiny-hidden", str(args.tiny_hidden),
-            "--tiny-layers", str(args.tiny_layers), "--warm-steps", str(args.warm_steps),
-            "--warm-target", str(args.warm_target), "--warm-lr", str(args.warm_lr), "--warm-batch", str(args.warm_batch),
-            "--train-limit", str(args.train_limit), "--seed", str(seed), "--warm-dir", d, "--out", d, "--device", "cpu"]
+    """train.py flags of one seed's warm start, made in warm_dir (benchmarks/bench_rollout.py warms its model so too)."""
+    return ["--task", "chain", "--model", "tiny", "--tiny-hidden", str(args.tiny_hidden), "--tiny-layers",
+            str(args.tiny_layers), "--seed", str(seed), "--out", os.path.dirname(os.path.abspath(warm_dir(args, seed))),
+            "--device", "cpu"]
+
+
+def warm_recipe(args: Args) -> dict:
+    return dict(steps=args.warm_steps, target=args.warm_target, batch=args.warm_batch, lr=args.warm_lr)
 
 
 def warm_command(args: Args, seed: int) -> list[str]:
-    """train.warm_start through train.py's own flags (it caches by recipe and writes atomically)."""
-    return [sys.executable, "-c", "import sys, train; train.warm_start(train.parse_args(sys.argv[1:]))",
-            *warm_flags(args, seed)]
+    """train.warm_start with the study's recipe (it caches by recipe and writes atomically)."""
+    return [sys.executable, "-c", "import json, sys, train; train.warm_start(train.parse_args(sys.argv[2:]), "
+            "json.loads(sys.argv[1]))", json.dumps(warm_recipe(args)), *warm_flags(args, seed)]
 
 
 def run_command(args: Args, arm: str, seed: int) -> list[str]:
@@ -222,14 +221,12 @@ def run_command(args: Args, arm: str, seed: int) -> list[str]:
     P = args.prompts_per_step
     return [sys.executable, "train.py", "--method", method, "--sampler", sampler, "--task", "chain",
             "--model", os.path.abspath(warm_dir(args, seed)), "--seed", str(seed),
-            "--out", os.path.abspath(run_dir(args, arm, seed)), "--overwrite",
+            "--out", os.path.abspath(run_dir(args, arm, seed)),
             "--group-size", str(args.group_size), "--prompts-per-step", str(P), "--mini-batch-prompts", str(P),
             "--micro-batch-rows", str(P * args.group_size), "--max-new-tokens", str(args.max_new_tokens),
             "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps), "--steps", str(args.steps),
-            "--train-limit", str(args.train_limit), "--val-limit", str(args.val_limit),
-            "--val-every", str(args.val_every), "--val-batch-size", str(args.val_limit),
-            "--save-every", "0", "--sample-every", str(args.val_every), "--max-prompt-tokens", "64",
-            "--device", "cpu", "--dtype", "fp32", "--no-grad-ckpt", "--no-progress",
+            "--val-limit", str(args.val_limit), "--val-every", str(args.val_every),
+            "--save-every", "0", "--sample-every", str(args.val_every), "--device", "cpu", "--no-progress",
             # tau always spelled out, so a run made under another rollout default is not taken as done
             *(["--tree-tau", str(rollout_tau() if args.tree_tau is None else args.tree_tau)] if sampler == "tree" else []),
             *ARM_FLAGS.get(arm, []), *shlex.split(args.extra)]
@@ -302,6 +299,7 @@ def run_jobs(jobs: list[Job], parallel: int, threads: int, on_job_end=lambda: No
                 continue
             if j.after and state[j.after] != "done":
                 continue
+            shutil.rmtree(j.dir, ignore_errors=True)  # an unfinished or changed run: train.py starts it afresh
             os.makedirs(j.dir, exist_ok=True)
             log = open(log_path(j), "w")
             print(f"[study] start {j.name}: {shlex.join(j.cmd)}", flush=True)
@@ -335,7 +333,7 @@ def plan(args: Args) -> list[Job]:
     jobs = []
     for s in seed_list(args):
         d = warm_dir(args, s)
-        jobs.append(Job(f"warm-s{s}", warm_command(args, s), d, lambda d=d: warm_complete(d)))
+        jobs.append(Job(f"warm-s{s}", warm_command(args, s), os.path.dirname(d), lambda d=d: warm_complete(d)))
     for s in seed_list(args):
         for arm in arm_list(args):
             d, cmd = run_dir(args, arm, s), run_command(args, arm, s)

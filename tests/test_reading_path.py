@@ -15,20 +15,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # otherwise a top-level function or class name.
 PATH = [
     ("trie.py", "*"),
-    ("advantages.py", "from \"\"\"advantages.py to # Input checks"),
+    ("advantages.py", "from \"\"\"advantages.py to # ---- TreeRL"),
     ("rollout.py", "sampling_logprobs"),
     ("rollout.py", "entropy_of"),
     ("rollout.py", "fork_rule"),
     ("rollout.py", "sample"),
-    ("train.py", "from # 2. The policy loss to # ====="),
+    ("train.py", "from # ALGO LOGIC 1 to # ALGO LOGIC 2"),
+    ("train.py", "update"),
     ("train.py", "train_step"),
     ("train.py", "rollout_step"),
     ("train.py", "reward_step"),
     ("train.py", "advantage_step"),
     ("train.py", "compute_advantages"),
     ("train.py", "update_step"),
-    ("train.py", "update_policy"),
-    ("train.py", "accumulate_gradients"),
 ]
 
 
