@@ -55,7 +55,7 @@ class UserError(ValueError):
     """A problem with the flags, the data files or the run directory: `train.py: error: ...`, one line, exit 2."""
 
 
-class StopRun(RuntimeError):
+class StopRun(Exception):
     """The run cannot go on (non-finite weights, a lost rank): one line, exit 1; the last checkpoint stands."""
 
 
@@ -492,23 +492,24 @@ def train(args: Args, worker: Worker | None = None, model=None, tokenizer=None) 
         for step in range(run.start, args.steps):
             try:
                 m = train_step(run, step)
+                if rank0:
+                    append_jsonl(metrics, m)
+                bar.update(1)
+                bar.set_postfix(reward=f"{m['reward_mean']:.3f}", **({"val": f"{m['val_acc']:.3f}"} if "val_acc" in m
+                                                                     else {}))
+                if run.nonfinite >= MAX_NONFINITE:
+                    raise StopRun(f"{run.nonfinite} steps in a row had a non-finite loss or gradient (try a lower --lr)")
+                finite = torch.stack([torch.isfinite(getattr(p, "_local_tensor", p)).all() for p in run.model.parameters()])
+                if not all_reduce(finite.all().float().reshape(1), dist.ReduceOp.MIN).item():  # a huge --lr overflows
+                    raise StopRun("an optimizer step made weights inf or NaN (is --lr too high?); stopping before they "
+                                  "reach a checkpoint: the last one stands")
+                if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == args.steps or run.stop):
+                    save_checkpoint(run, step + 1)
             except RuntimeError as e:  # a collective timed out or lost its peer (DistError is a RuntimeError)
                 if not dist.is_initialized() or not re.search(r"timed? ?out|connection|broken pipe|closed", str(e), re.I):
                     raise
                 raise StopRun(f"step {step + 1}: a collective failed: another rank is hung, slower than "
                               f"--dist-timeout {args.dist_timeout:g} min, or gone ({str(e).splitlines()[0][:160]})") from e
-            if rank0:
-                append_jsonl(metrics, m)
-            bar.update(1)
-            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", **({"val": f"{m['val_acc']:.3f}"} if "val_acc" in m else {}))
-            if run.nonfinite >= MAX_NONFINITE:
-                raise StopRun(f"{run.nonfinite} steps in a row had a non-finite loss or gradient (try a lower --lr)")
-            finite = torch.stack([torch.isfinite(getattr(p, "_local_tensor", p)).all() for p in run.model.parameters()])
-            if not all_reduce(finite.all().float().reshape(1), dist.ReduceOp.MIN).item():  # a huge --lr overflows
-                raise StopRun("an optimizer step made weights inf or NaN (is --lr too high?); stopping before they "
-                              "reach a checkpoint: the last one stands")
-            if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == args.steps or run.stop):
-                save_checkpoint(run, step + 1)
             if run.stop:
                 print0(f"stopped at step {step + 1}; continue with --resume --out {args.out}")
                 break
