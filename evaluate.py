@@ -338,7 +338,8 @@ def evaluate(model, tokenizer, bench: str, examples: list[dict], *, n: int = 1, 
     prompts = [prompt_ids(bench, ex, tokenizer, thinking) for ex in examples]
     golds = [BENCHES[bench].gold(ex) for ex in examples]
     if kv_budget is None and next(model.parameters()).device.type == "cuda":   # sized by the memory free now
-        kv_budget = rollout.default_kv_budget(model, rows=batch_size * n, longest=max(map(len, prompts)) + max_new_tokens)
+        kv_budget = rollout.default_kv_budget(model, rows=batch_size * n,
+                                              longest=max(map(len, prompts)) + max_new_tokens)
     cfg = rollout.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, top_k=0,
                                  kv_budget=kv_budget)
     eos, mine = rollout.eos_token_ids(model, tokenizer), list(range(rank, len(examples), world))

@@ -17,7 +17,8 @@ branches never fork again, so a tree is two levels deep. SamplingConfig's docstr
 Below the banner, the decode engine (nanochat's shape: prefill a prompt once, its rows share its cache): a paged KV
 cache written and read in place by an attention function registered with transformers (the model's code runs
 unchanged), continuous batching with swap preemption under a KV budget, one host read per decode step. Why not
-transformers' own continuous batching: README "The decode engine". Then model loading and the config check.
+transformers' own continuous batching: benchmarks/README.md "The decode engine". Then model loading, the config
+check.
 
 Benchmarks (the engine's syncs and dispatched ops, tree vs flat, the paper-shaped case): benchmarks/bench_rollout.py.
 """
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 class SamplingConfig:
     """How to sample. Flat fields first, then the tree's (used only when sampler == "tree"), then the engine's.
 
-    Tree defaults (TreeAdv did not publish its values; README "Benchmarks" has the tree-vs-flat measurements):
+    Tree defaults (TreeAdv did not publish its values; benchmarks/README.md measures tree against flat):
     - tau = 0.5 nat, the entropy of an 80/20 choice between two tokens: a branch forked there has at
       least about a 20% chance of a token other than its root's, so the two leaves differ from the fork
       on. Forks go to a root's highest-entropy positions anyway, so tau is a floor, not the selector: it
@@ -742,8 +743,8 @@ def setup_device(name: str = "auto", timeout_minutes: float = 60.0) -> torch.dev
     """This process's device, and under torchrun (RANK set) its process group: NCCL on CUDA, gloo otherwise.
 
     name: auto (this rank's GPU, LOCAL_RANK, if CUDA is there, else the CPU) | cuda (this rank's GPU) |
-    cuda:N | cpu. The timeout bounds how long a rank waits in a collective (README "How train.py runs at
-    scale" says why train.py's default is an hour). train.py and evaluate.py both start here.
+    cuda:N | cpu. The timeout bounds how long a rank waits in a collective: train.py's hour covers the slowest rank's
+    rollout (8,192 sequential decode steps of a 1.7-4B model are minutes). train.py and evaluate.py both start here.
     """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -756,7 +757,8 @@ def setup_device(name: str = "auto", timeout_minutes: float = 60.0) -> torch.dev
     if "RANK" in os.environ and not torch.distributed.is_initialized():
         import datetime
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                             timeout=datetime.timedelta(minutes=timeout_minutes))
+                                             timeout=datetime.timedelta(minutes=timeout_minutes),
+                                             device_id=device if device.type == "cuda" else None)
     return device
 
 

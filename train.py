@@ -410,7 +410,8 @@ def log_step(run: Run, step: int, ro: rollout.Rollout, r, counters: dict, A, dia
                 **{"reward_" + k: v for k, v in counters.items()},
                 **{k: v for k, v in stats.items() if not k.endswith("_max")})
     maxima = {k: v for k, v in stats.items() if k.endswith("_max")}
-    vector = lambda d: torch.stack([torch.as_tensor(v, dtype=torch.float64, device=mask.device) for v in d.values()])  # noqa
+    vector = lambda d: torch.stack([torch.as_tensor(v, dtype=torch.float64, device=mask.device)  # noqa: E731
+                                    for v in d.values()])
     t = dict(zip([*sums, *maxima], torch.cat([all_reduce(vector(sums)),
                                               all_reduce(vector(maxima), dist.ReduceOp.MAX)]).tolist()))
     run.stop, run.nonfinite = t["stop"] > 0, run.nonfinite + 1 if t["skipped"] else 0
@@ -422,12 +423,14 @@ def log_step(run: Run, step: int, ro: rollout.Rollout, r, counters: dict, A, dia
              entropy=t["entropy"] / tok, adv_abs_mean=t["adv_abs"] / tok, **diag, loss=t["loss"] / upd,
              clip_frac=t["clipped"] / tok, dual_clip_frac=t["dual_clipped"] / tok, approx_kl=t["approx_kl"] / tok,
              grad_norm=t["grad_norm"] / upd, skipped_updates=round(t["skipped"]), logp_gap_max=t["first_gap_max"],
-             logp_gap_mean=t["first_gap"] / t["first_tokens"], **({"kl_ref": t["kl_ref"] / tok} if "kl_ref" in t else {}),
+             logp_gap_mean=t["first_gap"] / t["first_tokens"],
+             **({"kl_ref": t["kl_ref"] / tok} if "kl_ref" in t else {}),
              **{k: int(v) for k, v in t.items() if k.startswith("reward_")}, **times,
              t_step=sum(times.values()), tokens_per_s=tok / sum(times.values()))
     if "critic_updates" in t:  # explained variance of R by V_old over the step's valid tokens, as verl's
         var = lambda s, s2: s2 / tok - (s / tok) ** 2  # noqa: E731
-        m.update(value_loss=t["critic_value_loss"] / t["critic_updates"], value_clip_frac=t["critic_value_clipped"] / tok,
+        m.update(value_loss=t["critic_value_loss"] / t["critic_updates"],
+                 value_clip_frac=t["critic_value_clipped"] / tok,
                  explained_variance=1 - var(t["critic_ev_d"], t["critic_ev_d2"]) / (var(t["critic_ev_r"], t[
                      "critic_ev_r2"]) + 1e-5), critic_grad_norm=t["critic_grad_norm"] / t["critic_updates"],
                  critic_skipped_updates=round(t["critic_skipped"]))
@@ -498,23 +501,27 @@ def train(args: Args, worker: Worker | None = None, model=None, tokenizer=None) 
                 bar.set_postfix(reward=f"{m['reward_mean']:.3f}", **({"val": f"{m['val_acc']:.3f}"} if "val_acc" in m
                                                                      else {}))
                 if run.nonfinite >= MAX_NONFINITE:
-                    raise StopRun(f"{run.nonfinite} steps in a row had a non-finite loss or gradient (try a lower --lr)")
-                finite = torch.stack([torch.isfinite(getattr(p, "_local_tensor", p)).all() for p in run.model.parameters()])
+                    raise StopRun(f"{run.nonfinite} steps in a row had a non-finite loss or gradient (a lower --lr?)")
+                finite = torch.stack([torch.isfinite(getattr(p, "_local_tensor", p)).all()
+                                      for p in run.model.parameters()])
                 if not all_reduce(finite.all().float().reshape(1), dist.ReduceOp.MIN).item():  # a huge --lr overflows
                     raise StopRun("an optimizer step made weights inf or NaN (is --lr too high?); stopping before they "
                                   "reach a checkpoint: the last one stands")
                 if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == args.steps or run.stop):
                     save_checkpoint(run, step + 1)
             except RuntimeError as e:  # a collective timed out or lost its peer (DistError is a RuntimeError)
-                if not dist.is_initialized() or not re.search(r"timed? ?out|connection|broken pipe|closed", str(e), re.I):
+                if not dist.is_initialized() or not re.search(r"timed? ?out|connection|broken pipe|closed", str(e),
+                                                                  re.I):
                     raise
                 raise StopRun(f"step {step + 1}: a collective failed: another rank is hung, slower than "
-                              f"--dist-timeout {args.dist_timeout:g} min, or gone ({str(e).splitlines()[0][:160]})") from e
+                              f"--dist-timeout {args.dist_timeout:g} min, or gone ({str(e).splitlines()[0][:160]})"
+                              ) from e
             if run.stop:
                 print0(f"stopped at step {step + 1}; continue with --resume --out {args.out}")
                 break
     if rank0:  # the run's last line: where it wrote
-        plot, ckpt = plot_runs([args.out], os.path.join(args.out, "plot.png"), [args.method]), latest_checkpoint(args.out)
+        plot = plot_runs([args.out], os.path.join(args.out, "plot.png"), [args.method])
+        ckpt = latest_checkpoint(args.out)
         print(f"wrote {metrics}, {plot}" + (f", checkpoint {ckpt}" if ckpt else ""), flush=True)
     return {"val_acc": run.val_acc, "steps": step + 1 if args.steps > run.start else run.start, "out": args.out,
             "stopped": run.stop}
@@ -577,14 +584,15 @@ class Args:
     shuffle_rewards: bool = False  # control: permute the step's rewards over its rows, leaving nothing to learn
 
 
-# The demo's settings (README "Running it" has the runs that chose them); flags given on the command line win.
+# The demo's settings (benchmarks/README.md "The demo" has the runs that chose them); flags given win.
 DEMO = dict(model="tiny", tiny_hidden=128, tiny_layers=4, task="add", val_limit=500, group_size=8, prompts_per_step=64,
             mini_batch_prompts=64, micro_batch_rows=512, max_new_tokens=8, lr=2e-4, warmup_steps=10, steps=200,
             val_every=50, save_every=200, sample_every=50, device="cpu")
 DEMO_WARM = dict(steps=2000, target=0.3, batch=64, lr=1e-3)  # the supervised warm start before the demo's RL
 CHOICES = dict(method=METHODS, scale=advantages.SCALES, objective=OBJECTIVES, sampler=("flat", "tree"),
                task=tuple(evaluate.BENCHES), val_bench=tuple(evaluate.BENCHES))
-AT_LEAST = dict(tiny_hidden=8, tiny_layers=1, group_size=2, prompts_per_step=1, mini_batch_prompts=1, micro_batch_rows=1,
+AT_LEAST = dict(tiny_hidden=8, tiny_layers=1, group_size=2, prompts_per_step=1, mini_batch_prompts=1,
+                micro_batch_rows=1,
                 micro_batch_tokens=1, max_new_tokens=1, kv_budget=1, val_limit=1, keep_last=1, steps=0,
                 warmup_steps=0, val_every=0, save_every=0, sample_every=0, seed=0)
 
@@ -614,27 +622,31 @@ def check_args(args: Args, world: int = 1) -> None:
         need(not isinstance(v, float) or math.isfinite(v), f"{flag(f.name)} {v}: must be a finite number")
         need(v is None or f.name not in AT_LEAST or v >= AT_LEAST[f.name],
              f"{flag(f.name)} {v}: must be at least {AT_LEAST.get(f.name)}")
-    need(args.lr > 0 and args.kl_coef >= 0 and args.dist_timeout > 0, "--lr and --dist-timeout must be > 0, --kl-coef >= 0")
+    need(args.lr > 0 and args.kl_coef >= 0 and args.dist_timeout > 0, "--lr, --dist-timeout > 0 and --kl-coef >= 0")
     need(args.tiny_hidden % 8 == 0, f"--tiny-hidden {args.tiny_hidden}: must be a multiple of 8 (4 heads, even size)")
     need(args.method == "tempo" or args.td_weight == 1.0, "--td-weight applies to --method tempo only")
-    need(not args.unique_segments or args.method.startswith("treeadv"), "--unique-segments is TreeAdv's (--method treeadv)")
-    need(args.scale == "group" or args.method not in ("treerl", "treepo", "spo"), f"--scale: {args.method} scales its own")
+    need(not args.unique_segments or args.method.startswith("treeadv"), "--unique-segments is TreeAdv's (treeadv)")
+    need(args.scale == "group" or args.method not in ("treerl", "treepo", "spo"), f"--scale: {args.method} has its own")
     need(args.prompts_per_step % args.mini_batch_prompts == 0,
-         f"--prompts-per-step {args.prompts_per_step} is not a multiple of --mini-batch-prompts {args.mini_batch_prompts}")
+         f"--prompts-per-step {args.prompts_per_step}: no multiple of --mini-batch-prompts {args.mini_batch_prompts}")
     need(args.mini_batch_prompts % world == 0,
          f"--mini-batch-prompts {args.mini_batch_prompts} does not divide over {world} ranks (each owns whole groups)")
     need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device), f"--device {args.device!r}: auto, cpu, cuda or cuda:N")
-    need(not args.device.startswith("cuda") or torch.cuda.is_available(), f"--device {args.device}: no CUDA device visible")
+    need(not args.device.startswith("cuda") or torch.cuda.is_available(),
+         f"--device {args.device}: no CUDA device visible")
     need(not args.demo or (world == 1 and evaluate.BENCHES[args.task].source == "synthetic"),
          "--demo runs in one process on a synthetic task (add or chain), whose rows carry the target `solution`")
     try:  # the sampler's own rules, named by our flags
         rollout.check_config(sampling_config(args), args.group_size, MAX_PROMPT_TOKENS)
         evaluate.check_hub_model(args.model)
     except ValueError as e:
-        raise UserError(re.sub(r"cfg\.(\w+)=", lambda m: flag({"tau": "tree_tau"}.get(m[1], m[1])) + " ", str(e))) from None
+        raise UserError(re.sub(r"cfg\.(\w+)=", lambda m: flag({"tau": "tree_tau"}.get(m[1], m[1])) + " ", str(e))
+                        ) from None
     for name in ("data", "val_data"):
-        need(getattr(args, name) in (None, "") or os.path.isfile(getattr(args, name)), f"{flag(name)} {getattr(args, name)!r}: no such file")
-    need(args.model == "tiny" or not os.path.isdir(args.model) or os.path.isfile(os.path.join(args.model, "config.json")),
+        path = getattr(args, name)
+        need(path is None or os.path.isfile(path), f"{flag(name)} {path!r}: no such file")
+    need(args.model == "tiny" or not os.path.isdir(args.model) or os.path.isfile(os.path.join(args.model,
+                                                                                         "config.json")),
          f"--model {args.model}: the directory has no config.json (not a saved model)")
     need(not os.path.isfile(args.out), f"--out {args.out}: a file, not a directory")
     need(args.resume or args.demo or not holds_run(args.out),
@@ -950,7 +962,8 @@ def load_checkpoint(run: Run, ckpt: str) -> None:
         dcp.load(state, checkpoint_id=os.path.join(ckpt, "state"), no_dist=not dist.is_initialized())
     except (Exception, dcp.api.CheckpointException) as e:  # a BaseException, or what a damaged file's reader raises
         older = checkpoint_dirs(run.args.out)[-2:-1]
-        raise UserError(f"--resume: {ckpt} does not load ({(str(e).strip() or type(e).__name__).splitlines()[-1][:160]}); "
+        why = (str(e).strip() or type(e).__name__).splitlines()[-1][:160]
+        raise UserError(f"--resume: {ckpt} does not load ({why}); "
                         "move it aside "
                         + (f"to resume from {older[0]}" if older else "(it is the only checkpoint)")) from None
     for name, model, opt in (("policy", run.model, run.optimizer), ("critic", run.critic, run.critic_optimizer)):
@@ -1086,9 +1099,9 @@ def warm_start(args: Args, w: dict = DEMO_WARM) -> str:
     t, tokenizer = time.time(), rollout.build_tiny_tokenizer()
     model = rollout.build_tiny_model(tokenizer, args.tiny_hidden, args.tiny_layers, seed=args.seed)
     print0(f"supervised warm start on {args.task} until greedy accuracy {w['target']} on 200 training prompts ...")
-    steps, acc = supervised_warm_start(model, tokenizer, args.task, evaluate.load_examples(args.task, "train", seed=args.seed),
-                                       steps=w["steps"], batch_size=w["batch"], lr=w["lr"], target=w["target"],
-                                       seed=args.seed)
+    examples = evaluate.load_examples(args.task, "train", seed=args.seed)
+    steps, acc = supervised_warm_start(model, tokenizer, args.task, examples, steps=w["steps"], batch_size=w["batch"],
+                                       lr=w["lr"], target=w["target"], seed=args.seed)
     tmp = warm.rstrip("/") + f".tmp{os.getpid()}"
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
