@@ -32,6 +32,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -59,7 +60,6 @@ class StopRun(Exception):
     """The run cannot go on (non-finite weights, a lost rank): one line, exit 1; the last checkpoint stands."""
 
 
-# ==============================================================================================
 # ALGO LOGIC 1. The policy loss (SPEC 6): small pure functions on [b, T] tensors. Padding may hold any number (a
 #    pad token's log-prob can be -1e4): every function masks before an exponential.
 
@@ -142,7 +142,6 @@ def value_loss(values, mb: dict, N: torch.Tensor) -> tuple[torch.Tensor, dict]:
     return loss, dict(tokens=mask.sum(), value_clipped=((clipped > plain) & mask).sum(), value_loss=loss.detach())
 
 
-# ==============================================================================================
 # ALGO LOGIC 2. Log-probs from the final hidden states: the LM head in token chunks, recomputed in the backward
 
 
@@ -233,7 +232,6 @@ def forward_rows(fn, batch: dict, args: Args) -> torch.Tensor:
     return out
 
 
-# ==============================================================================================
 # ALGO LOGIC 3. One update: mini-batches of whole groups, micro-batches by a token budget; one loop for the policy
 #    and the critic (the loss passed in)
 
@@ -285,7 +283,6 @@ def lr_at(step: int, args: Args) -> float:
     return args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
 
 
-# ==============================================================================================
 # ALGO LOGIC 4. One RL step: rollout -> reward -> advantages -> update -> log
 
 
@@ -527,8 +524,7 @@ def train(args: Args, worker: Worker | None = None, model=None, tokenizer=None) 
             "stopped": run.stop}
 
 
-# ==============================================================================================
-# ---- infrastructure ----
+# ---- infrastructure --------------------------------------------------------------------------------------------------
 # 5. The flags: one dataclass, every field one flag (checked once, in check_args)
 
 
@@ -591,10 +587,8 @@ DEMO = dict(model="tiny", tiny_hidden=128, tiny_layers=4, task="add", val_limit=
 DEMO_WARM = dict(steps=2000, target=0.3, batch=64, lr=1e-3)  # the supervised warm start before the demo's RL
 CHOICES = dict(method=METHODS, scale=advantages.SCALES, objective=OBJECTIVES, sampler=("flat", "tree"),
                task=tuple(evaluate.BENCHES), val_bench=tuple(evaluate.BENCHES))
-AT_LEAST = dict(tiny_hidden=8, tiny_layers=1, group_size=2, prompts_per_step=1, mini_batch_prompts=1,
-                micro_batch_rows=1,
-                micro_batch_tokens=1, max_new_tokens=1, kv_budget=1, val_limit=1, keep_last=1, steps=0,
-                warmup_steps=0, val_every=0, save_every=0, sample_every=0, seed=0)
+AT_LEAST = dict(tiny_hidden=8, tiny_layers=1, group_size=2, prompts_per_step=1, mini_batch_prompts=1,  # others >= 0
+                micro_batch_rows=1, micro_batch_tokens=1, max_new_tokens=1, kv_budget=1, val_limit=1, keep_last=1)
 
 
 def parse_args(argv: list[str] | None = None, preset: dict | None = None) -> Args:
@@ -620,8 +614,8 @@ def check_args(args: Args, world: int = 1) -> None:
     for f in dataclasses.fields(Args):
         v = getattr(args, f.name)
         need(not isinstance(v, float) or math.isfinite(v), f"{flag(f.name)} {v}: must be a finite number")
-        need(v is None or f.name not in AT_LEAST or v >= AT_LEAST[f.name],
-             f"{flag(f.name)} {v}: must be at least {AT_LEAST.get(f.name)}")
+        least = AT_LEAST.get(f.name, 0)
+        need(not isinstance(v, int) or v >= least, f"{flag(f.name)} {v}: must be at least {least}")
     need(args.lr > 0 and args.kl_coef >= 0 and args.dist_timeout > 0, "--lr, --dist-timeout > 0 and --kl-coef >= 0")
     need(args.tiny_hidden % 8 == 0, f"--tiny-hidden {args.tiny_hidden}: must be a multiple of 8 (4 heads, even size)")
     need(args.method == "tempo" or args.td_weight == 1.0, "--td-weight applies to --method tempo only")
@@ -658,12 +652,10 @@ def sampling_config(args: Args) -> rollout.SamplingConfig:
                                   kv_budget=args.kv_budget)
 
 
-# ==============================================================================================
 # 6. Ranks: the process group, precision, wrapping, sampling mode
 
 
-@dataclass
-class Worker:
+class Worker(NamedTuple):
     """This process in the torchrun group: its rank, the number of ranks, and its device."""
     rank: int = 0
     world_size: int = 1
@@ -767,7 +759,6 @@ def grad_sync(model, enabled: bool):
     return contextlib.nullcontext()
 
 
-# ==============================================================================================
 # 7. Micro-batches by a token budget, and the (prompt, response) rows of one forward
 
 
@@ -808,7 +799,6 @@ def pack_rows(batch: dict, rows: list[int]) -> dict:
                 attention_mask=attn.long(), position_ids=j.expand(len(rows), L), head_index=flat[out["response_mask"]])
 
 
-# ==============================================================================================
 # 8. Models: one loading path for the policy, the reference and the critic
 
 
@@ -896,7 +886,6 @@ def place_model(model, worker: Worker, args: Args, trainable: bool):
     return model.train() if trainable else model
 
 
-# ==============================================================================================
 # 9. Checkpoints: one torch.distributed.checkpoint save a step (any world size reads it back), renamed when done
 
 
@@ -1001,7 +990,6 @@ def stop_on_signals(run: Run):
         if run.stop and signum == signal.SIGINT:
             raise KeyboardInterrupt
         run.stop = True
-        print(f"[rank {run.worker.rank}] {signal.Signals(signum).name}: finishing this step", file=sys.stderr)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -1011,7 +999,6 @@ def stop_on_signals(run: Run):
             signal.signal(s, h)
 
 
-# ==============================================================================================
 # 10. Logs and the plot
 
 
@@ -1051,7 +1038,6 @@ def plot_runs(run_dirs: list[str], out_png: str, labels: list[str] | None = None
     return out_png
 
 
-# ==============================================================================================
 # 11. The offline demo: a supervised warm start, then RL
 
 
