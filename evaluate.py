@@ -430,7 +430,7 @@ def load_examples(bench: str, split: str = "test", data: str | None = None, limi
                     raise ValueError(f"{source}: line {number or bad.lineno} is not JSON: {bad.msg}") from None
             raise ValueError(f"{source}: not a readable {kind} file ({_why(e.__cause__ or e)})") from None
     else:
-        check_hub_model(b.source, flag)
+        check_hub_model(b.source, flag, f"{bench}'s {split} split ({b.source})")
         try:
             parts = [datasets.load_dataset(b.source, c, split=b.splits[split]) for c in b.configs]
         except Exception as e:   # ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
@@ -482,7 +482,7 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
-def check_hub_model(name: str, flag: str = "--model") -> None:
+def check_hub_model(name: str, flag: str = "--model", what: str | None = None) -> None:
     """A hub id fails now, in a second, if the hub is out of reach (not after the libraries' minute of retries);
     unchecked offline (HF_HUB_OFFLINE=1: the hub's cache is read) and behind a proxy."""
     unchecked = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v, "").upper() in
@@ -493,7 +493,8 @@ def check_hub_model(name: str, flag: str = "--model") -> None:
     try:
         socket.create_connection((host.partition(":")[0], int(host.partition(":")[2] or 443)), timeout=3).close()
     except OSError:
-        raise ValueError(f"{flag} {name}: the Hugging Face hub is unreachable; pass {flag} PATH to a local copy, or "
+        raise ValueError(f"{what or flag + ' ' + name}: the Hugging Face hub is unreachable; pass {flag} PATH to a "
+                         "local copy, or "
                          "set HF_HUB_OFFLINE=1 to use a copy in the hub's cache") from None
 
 
@@ -558,6 +559,9 @@ def main(argv: list[str] | None = None) -> dict:
         del model, tokenizer   # before --compare's model loads
     if rank0 and len(outs) * len(examples) > 1:
         _write_suite(args.out, results)
+    if rank0:
+        print(f"wrote {args.out}: " + ("suite.md, suite.json, suite.png, " if len(outs) * len(examples) > 1 else "")
+              + ", ".join(f"{b}.json, {b}.jsonl" for b in examples), flush=True)
     if dist.is_initialized():
         dist.barrier()   # tear down together: a rank leaving early can abort its peer in gloo
         dist.destroy_process_group()

@@ -566,8 +566,9 @@ def test_hub_offline_fails_fast_with_advice(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")                # nothing listens there
-    with pytest.raises(ValueError, match="--data Neelectric/MedQA-USMLE: the Hugging Face hub is unreachable"):
-        E.load_examples("medqa")
+    with pytest.raises(ValueError, match=r"medqa's test split \(Neelectric/MedQA-USMLE\): the Hugging Face hub is "
+                                         "unreachable; pass --val-data PATH"):
+        E.load_examples("medqa", flag="--val-data")                         # named by the flag that gives the file
     with pytest.raises(ValueError, match="--model Qwen/Qwen3-1.7B: the Hugging Face hub is unreachable"):
         E.check_hub_model("Qwen/Qwen3-1.7B")
     assert time.time() - t0 < 20
