@@ -59,6 +59,14 @@ def test_every_piece_exists_and_readme_names_it_and_its_length():
     assert f"({total:,} lines;" in section[:400], f"README's reading path should say ({total:,} lines; ...)"
 
 
+def test_the_readmes_hold_no_unfilled_placeholder():
+    """A measured number is written in by hand after its run; a `{NAME}` left behind means it never was."""
+    import re
+    for file in ("README.md", "benchmarks/README.md"):
+        left = re.findall(r"\{[A-Z][A-Z_]+\}", open(os.path.join(ROOT, file)).read())
+        assert not left, f"{file} still holds {left}"
+
+
 if __name__ == "__main__":
     total = 0
     for file, what in PATH:
