@@ -134,12 +134,13 @@ def policy_loss(logp, mb: dict, N: torch.Tensor, args: Args) -> tuple[torch.Tens
 
 def value_loss(values, mb: dict, N: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """SPEC 9's clipped value loss of one micro-batch, its share of the mini-batch's token mean:
-    0.5 max((V - R)^2, (clip(V, V_old - 0.5, V_old + 0.5) - R)^2); statistics: tokens, value_clipped, value_loss."""
+    0.5 max((V - R)^2, (clip(V, V_old - 0.5, V_old + 0.5) - R)^2); statistics: tokens, value_clipped (`update`
+    sums the loss itself)."""
     mask, R, old = mb["response_mask"], mb["returns"], mb["old_values"]
     # clamp with tensor bounds leaves V bit-exact inside the band, so `clipped` does not depend on the split
     plain, clipped = (values - R) ** 2, (values.clamp(min=old - VALUE_CLIP, max=old + VALUE_CLIP) - R) ** 2
     loss = aggregate(0.5 * torch.maximum(plain, clipped), mask, torch.ones_like(values), "token-mean", N)
-    return loss, dict(tokens=mask.sum(), value_clipped=((clipped > plain) & mask).sum(), value_loss=loss.detach())
+    return loss, dict(tokens=mask.sum(), value_clipped=((clipped > plain) & mask).sum())
 
 
 # ALGO LOGIC 2. Log-probs from the final hidden states: the LM head in token chunks, recomputed in the backward
@@ -325,7 +326,8 @@ def rollout_step(run: Run, step: int) -> tuple[rollout.Rollout, list[int]]:
     """This rank's share of the step's prompts, G responses each, keyed by their place in the step."""
     args, w = run.args, run.worker
     places = rank_places(w.rank, w.world_size, args.prompts_per_step, args.mini_batch_prompts)
-    idx = [step_prompts(step, len(run.prompts), args.prompts_per_step, args.seed)[p] for p in places]
+    order = step_prompts(step, len(run.prompts), args.prompts_per_step, args.seed)  # once: a randperm of n
+    idx = [order[p] for p in places]
     with sampling_mode(run.model) as policy, run.ctx():
         cfg = run.cfg  # on CUDA the budget is what free memory holds, AdamW's states still to come kept aside
         if cfg.kv_budget is None and w.device.type == "cuda":
@@ -364,7 +366,8 @@ def advantage_step(run: Run, ro: rollout.Rollout, r: torch.Tensor, step: int, va
         A_all, R_all = advantages.gae_advantages(r_all, gather_rows(values), mask)
         A, returns = advantages.whiten(A_all, mask)[mine, :T], R_all[mine, :T]
     else:
-        A = compute_advantages(args, responses, mask, r_all, gather_rows(ro.entropy), tree)[mine, :T]
+        entropy = gather_rows(ro.entropy) if args.method == "hepo" else None  # only HEPO reads it: no collective
+        A = compute_advantages(args, responses, mask, r_all, entropy, tree)[mine, :T]
     weight = torch.ones_like(A)
     if args.unique_segments:  # SPEC 5b: the n copies of a shared token weigh 1/n each, so it trains once
         n = advantages.prefix_counts(ro.response_ids, ro.response_mask, G, tree=tree.rows(mine))
@@ -426,7 +429,7 @@ def log_step(run: Run, step: int, ro: rollout.Rollout, r, counters: dict, A, dia
              t_step=sum(times.values()), tokens_per_s=tok / sum(times.values()))
     if "critic_updates" in t:  # explained variance of R by V_old over the step's valid tokens, as verl's
         var = lambda s, s2: s2 / tok - (s / tok) ** 2  # noqa: E731
-        m.update(value_loss=t["critic_value_loss"] / t["critic_updates"],
+        m.update(value_loss=t["critic_loss"] / t["critic_updates"],
                  value_clip_frac=t["critic_value_clipped"] / tok,
                  explained_variance=1 - var(t["critic_ev_d"], t["critic_ev_d2"]) / (var(t["critic_ev_r"], t[
                      "critic_ev_r2"]) + 1e-5), critic_grad_norm=t["critic_grad_norm"] / t["critic_updates"],
