@@ -545,7 +545,7 @@ def main(argv: list[str] | None = None) -> dict:
                disable=not (args.progress and rank0 and len(outs) * len(examples) > 1))   # across the suite
     for name, out in outs.items():
         model, tokenizer = rollout.load_model_and_tokenizer(name, device=device, seed=args.seed,
-                                                            dtype=rollout.compute_dtype("auto", device))
+                                                            dtype=rollout.compute_dtype(device))
         for bench, rows_in in examples.items():
             summary, rows = evaluate(model, tokenizer, bench, rows_in, n=args.n, temperature=args.temperature,
                                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,

@@ -762,13 +762,14 @@ def setup_device(name: str = "auto", timeout_minutes: float = 60.0) -> torch.dev
     return device
 
 
-def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """--dtype: auto (bf16 on CUDA, fp32 elsewhere) or one of DTYPES."""
-    return DTYPES[name] if name != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 compute on CUDA (train.py keeps fp32 weights: at lr 1e-6 an update is far below bf16's resolution), fp32
+    on the CPU, where bf16 pays only from hidden 512 up. train.py and evaluate.py both use it."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # every entry point's --dtype names
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # bench_rollout's --dtype names
 # ChatML, as Qwen3's template renders it without a system prompt or thinking switch.
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -814,6 +815,18 @@ def build_tiny_model(tokenizer, hidden: int = 64, layers: int = 2, seed: int = 0
     return model
 
 
+def check_model_name(name: str) -> None:
+    """A ValueError unless `name` is `tiny`, a saved model's directory or a hub id (owner/name); the entry points
+    call it with their flags, before anything loads."""
+    if name != "tiny" and not os.path.isdir(name) and ("/" not in name or name.startswith((".", "/"))):
+        raise ValueError(f"--model {name!r}: no such directory, and not a hub id of the form owner/name")
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if os.path.isdir(name) and not (os.path.isfile(os.path.join(name, "config.json"))
+                                    and any(os.path.isfile(os.path.join(name, f)) for f in tokenizer_files)):
+        raise ValueError(f"--model {name!r}: not a saved model: a model directory holds config.json, the weights "
+                         "and the tokenizer's files (tokenizer.json or tokenizer_config.json)")
+
+
 def load_model_and_tokenizer(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                              tiny_hidden: int = 64, tiny_layers: int = 2, seed: int = 0):
     """`name` is `tiny`, a local directory (a train.py checkpoint included) or a hub id.
@@ -827,13 +840,7 @@ def load_model_and_tokenizer(name: str, device: str | torch.device = "cpu", dtyp
         tokenizer = build_tiny_tokenizer()
         model = build_tiny_model(tokenizer, tiny_hidden, tiny_layers, seed)
         return model.to(device=device, dtype=dtype), tokenizer
-    if not os.path.isdir(name) and ("/" not in name or name.startswith((".", "/"))):
-        raise ValueError(f"--model {name!r}: no such directory, and not a hub id of the form owner/name")
-    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-    if os.path.isdir(name) and not (os.path.isfile(os.path.join(name, "config.json"))
-                                    and any(os.path.isfile(os.path.join(name, f)) for f in tokenizer_files)):
-        raise ValueError(f"--model {name!r}: not a saved model: a model directory holds config.json, the weights "
-                         "and the tokenizer's files (tokenizer.json or tokenizer_config.json)")
+    check_model_name(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)

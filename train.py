@@ -633,8 +633,9 @@ def check_args(args: Args, world: int = 1) -> None:
          f"--device {args.device}: no CUDA device visible")
     need(not args.demo or (world == 1 and evaluate.BENCHES[args.task].source == "synthetic"),
          "--demo runs in one process on a synthetic task (add or chain), whose rows carry the target `solution`")
-    try:  # the sampler's own rules, named by our flags
+    try:  # the sampler's and the model loader's own rules, named by our flags
         rollout.check_config(sampling_config(args), args.group_size, MAX_PROMPT_TOKENS)
+        rollout.check_model_name(args.model)
         evaluate.check_hub_model(args.model)
     except ValueError as e:
         raise UserError(re.sub(r"cfg\.(\w+)=", lambda m: flag({"tau": "tree_tau"}.get(m[1], m[1])) + " ", str(e))
@@ -642,9 +643,6 @@ def check_args(args: Args, world: int = 1) -> None:
     for name in ("data", "val_data"):
         path = getattr(args, name)
         need(path is None or os.path.isfile(path), f"{flag(name)} {path!r}: no such file")
-    need(args.model == "tiny" or not os.path.isdir(args.model) or os.path.isfile(os.path.join(args.model,
-                                                                                         "config.json")),
-         f"--model {args.model}: the directory has no config.json (not a saved model)")
     need(not os.path.isfile(args.out), f"--out {args.out}: a file, not a directory")
     need(args.resume or args.demo or not holds_run(args.out),
          f"--out {args.out} already holds a run: pass --resume to continue it, or another --out (or delete it)")
@@ -691,12 +689,6 @@ class Run:
     def ctx(self):
         """A fresh autocast context: one precision policy for DDP, FSDP2 and one process (README)."""
         return torch.autocast(self.worker.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
-
-
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """bf16 compute on CUDA (the weights stay fp32: at lr 1e-6 an update is far below bf16's resolution), fp32 on
-    the CPU, where bf16 pays only from hidden 512 up."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def setup_worker(args: Args) -> Worker:
@@ -828,7 +820,7 @@ def start_run(args: Args, worker: Worker | None = None, model=None, tokenizer=No
                         f"most {MAX_PROMPT_TOKENS} tokens")
     run = Run(args, worker, policy, ref, critic, adamw(policy, args.lr), adamw(critic, CRITIC_LR_FACTOR * args.lr),
               tokenizer, [train_ex[i] for i in keep], [prompts[i] for i in keep], val_ex, sampling_config(args),
-              rollout.eos_token_ids(unwrap(policy), tokenizer), compute_dtype(worker.device))
+              rollout.eos_token_ids(unwrap(policy), tokenizer), rollout.compute_dtype(worker.device))
     if ckpt:
         load_checkpoint(run, ckpt)
     elif worker.rank == 0:

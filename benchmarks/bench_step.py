@@ -9,7 +9,7 @@ peak resident set. The model:
   tasks), 16 prompts x G = 8, at most 64 new tokens, on the CPU;
 - --shape 0.6b | 1.7b: Qwen3-0.6B's or -1.7B's shape with random weights and the real vocabulary (151,936), with
   the character tokenizer. A random model almost never samples EOS, so every response runs to --max-new-tokens:
-  a worst-case step. Meant for GPUs (bf16 compute, `train.compute_dtype`).
+  a worst-case step. Meant for GPUs (bf16 compute, `rollout.compute_dtype`).
 Every other flag is train.py's and overrides these defaults. The run writes to a temporary OUT, removed at the end
 (train.py's closing "wrote ..." line names it), unless --out names a directory that holds no run.
 
@@ -83,7 +83,7 @@ def bench_step(shape: str, args: train.Args) -> dict:
     name = f"tiny {args.tiny_hidden}x{args.tiny_layers}" if shape == "tiny" else f"Qwen3-{shape} shape, random"
     wrap = "FSDP2" if args.fsdp else "DDP" if worker.world_size > 1 else "one process"
     print(f"\nbench_step: {name}, {args.method}, {worker.device}, world {worker.world_size}, {wrap}, compute "
-          f"{str(train.compute_dtype(worker.device)).removeprefix('torch.')}, grad ckpt {args.grad_ckpt}; "
+          f"{str(rollout.compute_dtype(worker.device)).removeprefix('torch.')}, grad ckpt {args.grad_ckpt}; "
           f"{args.prompts_per_step} prompts x G={args.group_size}, at most {args.max_new_tokens} new tokens; "
           f"median of {len(timed)} step(s) after the first ({time.time() - t:.0f} s in all)")
     for k, v in res.items():

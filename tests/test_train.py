@@ -292,6 +292,7 @@ def test_update_skips_a_nonfinite_step_and_counts_it(tiny_model):
     (["--objective", "sum"], "--objective"), (["--lr", "nan"], "--lr"), (["--lr", "0"], "--lr"),
     (["--tree-tau", "-1"], "--tree-tau"), (["--kv-budget", "8", "--max-new-tokens", "64"], "--kv-budget"),
     (["--data", "/nonexistent.jsonl"], "--data"), (["--tiny-hidden", "12"], "--tiny-hidden"),
+    (["--model", "./nope"], "--model"), (["--model", "/"], "--model"),  # no such directory; a directory, no model
 ])
 def test_bad_flags_are_one_line_naming_the_flag(argv, flag, tmp_path, capsys):
     assert train.cli(["--model", "tiny", *argv, "--out", str(tmp_path / "o")]) == 2
@@ -413,7 +414,7 @@ def test_bf16_keeps_fp32_weights_and_a_frozen_reference_at_the_policys_precision
     """Under bf16 compute (as on a GPU): the weights stay fp32, the old log-probs are recomputed by the update's own
     forward (a no-grad pass of the policy), and the reference (frozen, eval mode, never changed) computes as the
     policy does, so its KL is 0 before the first update; a bf16-weights reference fails this."""
-    monkeypatch.setattr(train, "compute_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(rollout, "compute_dtype", lambda device: torch.bfloat16)
     seen, real = [], train.response_logprobs
 
     def spy(model, mb, ctx):
