@@ -287,6 +287,14 @@ def score_batch(bench: str, completions: list[str], examples: list[dict]) -> tup
     return [r for r, _, _ in results], _counters(s for _, _, s in results)
 
 
+def decode_responses(tokenizer, ro) -> tuple[list[str], list[int]]:
+    """The text `score` reads, for training and evaluation alike: each rollout row's response up to its length,
+    special tokens dropped; and the lengths in tokens."""
+    lengths = ro.response_mask.sum(1).tolist()   # [B]
+    texts = [tokenizer.decode(r[:n], skip_special_tokens=True) for r, n in zip(ro.response_ids.tolist(), lengths)]
+    return texts, lengths
+
+
 # ---- metrics ----
 
 def _counters(statuses) -> dict:
@@ -351,15 +359,16 @@ def evaluate(model, tokenizer, bench: str, examples: list[dict], *, n: int = 1, 
             idx = mine[start:start + batch_size]
             ro = rollout.sample(model, [prompts[i] for i in idx], n, cfg, eos_token_ids=eos,
                                 pad_token_id=tokenizer.pad_token_id, seed=seed, prompt_keys=idx)
-            lengths, ids = ro.response_mask.sum(1).tolist(), ro.response_ids.tolist()   # [B], [B, T]; B = |idx| n
+            decoded, lengths = decode_responses(tokenizer, ro)   # B = |idx| n rows
+            finished = ro.finished.tolist()
             for p, i in enumerate(idx):
                 own = range(p * n, p * n + n)
-                texts = [tokenizer.decode(ids[r][:lengths[r]], skip_special_tokens=True) for r in own]
+                texts = [decoded[r] for r in own]
                 reward, extracted, status = zip(*(score_one(bench, t, examples[i]) for t in texts))
                 rows.append({"index": i, "prompt": tokenizer.decode(prompts[i]), "gold": golds[i],
                              "completions": texts, "extracted": list(extracted), "status": list(status),
                              "correct": [r == 1 for r in reward], "response_tokens": [lengths[r] for r in own],
-                             "truncated": [not ro.finished[r].item() for r in own]})
+                             "truncated": [not finished[r] for r in own]})
             bar.update(len(idx) * world)
     finally:
         bar.close()
@@ -418,7 +427,7 @@ def load_examples(bench: str, split: str = "test", data: str | None = None, limi
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)   # it logs a bad file before raising
     if data:
-        text = "" if kind == "parquet" else Path(data).read_text(encoding="utf-8", errors="replace")
+        text = Path(data).read_text(encoding="utf-8", errors="replace") if kind == "json" else ""   # for line numbers
         try:
             rows = datasets.load_dataset(kind, data_files=data, split="train").to_list()
         except Exception as e:   # datasets wraps the reader's error, and names no line of a JSON file
@@ -540,9 +549,9 @@ def main(argv: list[str] | None = None) -> dict:
     from tqdm.auto import tqdm
 
     device, results = rollout.setup_device(args.device), {}   # under torchrun: the process group too
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    rank0, suite = not dist.is_initialized() or dist.get_rank() == 0, len(outs) * len(examples) > 1
     bar = tqdm(total=len(outs) * sum(map(len, examples.values())), desc="suite", dynamic_ncols=True,
-               disable=not (args.progress and rank0 and len(outs) * len(examples) > 1))   # across the suite
+               disable=not (args.progress and rank0 and suite))   # across the suite
     for name, out in outs.items():
         model, tokenizer = rollout.load_model_and_tokenizer(name, device=device, seed=args.seed,
                                                             dtype=rollout.compute_dtype(device))
@@ -557,10 +566,10 @@ def main(argv: list[str] | None = None) -> dict:
                 Path(out, bench + ".json").write_text(json.dumps(summary, indent=2))
                 Path(out, bench + ".jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
         del model, tokenizer   # before --compare's model loads
-    if rank0 and len(outs) * len(examples) > 1:
+    if rank0 and suite:
         _write_suite(args.out, results)
     if rank0:
-        print(f"wrote {args.out}: " + ("suite.md, suite.json, suite.png, " if len(outs) * len(examples) > 1 else "")
+        print(f"wrote {args.out}: " + ("suite.md, suite.json, suite.png, " if suite else "")
               + ", ".join(f"{b}.json, {b}.jsonl" for b in examples), flush=True)
     if dist.is_initialized():
         dist.barrier()   # tear down together: a rank leaving early can abort its peer in gloo
@@ -595,7 +604,6 @@ def _write_suite(out: str, results: dict) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(out, "suite.png"), dpi=120)
     plt.close(fig)
-    print(f"wrote {os.path.join(out, 'suite')}.md, .json and .png", flush=True)
 
 
 def dataclass_parser(cls, description: str) -> argparse.ArgumentParser:

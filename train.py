@@ -342,8 +342,7 @@ def rollout_step(run: Run, step: int) -> tuple[rollout.Rollout, list[int]]:
 
 def reward_step(run: Run, ro: rollout.Rollout, idx: list[int]) -> tuple[torch.Tensor, dict, list[str]]:
     """evaluate.py's verifier: one reward per response, (rewards [B], counters, completions)."""
-    texts = [run.tokenizer.decode(r[:n], skip_special_tokens=True)
-             for r, n in zip(ro.response_ids.tolist(), ro.response_mask.sum(1).tolist())]
+    texts, _ = evaluate.decode_responses(run.tokenizer, ro)
     rewards, counters = evaluate.score_batch(run.args.task, texts, [run.train_ex[i] for i in idx
                                                                     for _ in range(run.args.group_size)])
     return torch.tensor(rewards, device=ro.response_mask.device), counters, texts
