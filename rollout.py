@@ -373,7 +373,7 @@ class _Engine:
         self.pages, self.ref, self.free = {}, [0] * N, list(range(N))  # free: a heap, the lowest first
         self.waiting, self.swapped = collections.deque(range(P)), {}
         self.length, self.finished, self.parent, self.branch_pos = [0] * B, [False] * B, [-1] * B, [0] * B
-        self.forks, self.steps, self.decoded, self.peak = [0] * P, 0, 0, 0
+        self.forks, self.steps, self.peak = [0] * P, 0, 0
         self.hist = torch.zeros(B, T, C + 1, dtype=torch.float64) if self.tree else None  # what each step read back
         self.traffic = dict(prefill=0, decode=0, swap=0)
         self.step = _compiled_decode() if cfg.compile else _decode
@@ -434,7 +434,7 @@ class _Engine:
         L = int((live[:, 1] + live[:, 3]).max())  # the most positions a row reads
         flags = _read(self.step(self.model, self.slots, self.out, self.table, _to_device(meta, self.dev), L, self.page,
                                 len(self.ref) + 1, self.cfg, self.G, self.seed_word, self.keys, self.eos))[: len(live)]
-        self.steps, self.decoded = self.steps + 1, self.decoded + len(live)
+        self.steps += 1
         self.traffic["decode"] += len(live)
         if self.tree:
             self.hist[live[:, 0], live[:, 1]] = flags
@@ -524,7 +524,7 @@ class _Engine:
             response_ids=o["tokens"][at].masked_fill(~mask, pad), response_mask=mask,
             logprobs=o["logprobs"][at] * mask, entropy=o["entropy"][at] * mask,
             group_index=torch.arange(B, device=dev) // G, finished=rows[1].bool(),
-            decoded_tokens=self.decoded, prefilled_tokens=sum(map(len, self.prompts)), decode_steps=self.steps,
+            decoded_tokens=self.traffic["decode"], prefilled_tokens=sum(map(len, self.prompts)), decode_steps=self.steps,
             parent=rows[2], branch_pos=rows[3], forks_made=_to_device(torch.tensor(self.forks), dev),
             peak_kv_tokens=self.peak * self.page, kv_capacity=self.pool.shape[3] * self.page,
             kv_traffic=dict(self.traffic))
