@@ -524,7 +524,8 @@ class _Engine:
             response_ids=o["tokens"][at].masked_fill(~mask, pad), response_mask=mask,
             logprobs=o["logprobs"][at] * mask, entropy=o["entropy"][at] * mask,
             group_index=torch.arange(B, device=dev) // G, finished=rows[1].bool(),
-            decoded_tokens=self.traffic["decode"], prefilled_tokens=sum(map(len, self.prompts)), decode_steps=self.steps,
+            decoded_tokens=self.traffic["decode"], prefilled_tokens=sum(map(len, self.prompts)),
+            decode_steps=self.steps,
             parent=rows[2], branch_pos=rows[3], forks_made=_to_device(torch.tensor(self.forks), dev),
             peak_kv_tokens=self.peak * self.page, kv_capacity=self.pool.shape[3] * self.page,
             kv_traffic=dict(self.traffic))
@@ -717,8 +718,8 @@ def default_kv_budget(model, rows: int, optimizer=None, fraction: float = 0.9, *
     weights = {id(m.weight): local(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     copies = sum(w.numel() * dtype.itemsize for w in weights.values() if w.dtype.itemsize > dtype.itemsize)
     t = model.config.get_text_config()
-    return kv_budget_for(free - pending_adamw - copies, rows, t.vocab_size, kv_bytes_per_position(model), longest,
-                         t.num_hidden_layers, fraction)
+    return kv_budget_for(free - pending_adamw - copies, rows, t.vocab_size, kv_bytes_per_position(model, dtype),
+                         longest, t.num_hidden_layers, fraction)
 
 
 DECODE_BYTES_PER_LOGIT = 24  # the decode step's [rows, V] tensors: logits, fp32 log-probs and probs, fp64 CDF

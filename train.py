@@ -355,7 +355,7 @@ def advantage_step(run: Run, ro: rollout.Rollout, r: torch.Tensor, step: int, va
     args, G, (B, T) = run.args, run.args.group_size, ro.response_mask.shape
     mine = slice(run.worker.rank * B, (run.worker.rank + 1) * B)  # this rank's rows: whole groups
     responses, r_all = gather_rows(ro.response_ids), gather_rows(r[:, None])[:, 0]
-    mask = gather_rows(ro.response_mask.long()).bool()  # as integers: not every backend gathers bool
+    mask = gather_rows(ro.response_mask)
     if args.shuffle_rewards:  # the control: rewards no longer belong to their responses
         r_all = r_all[torch.randperm(len(r_all), generator=torch.Generator().manual_seed(sample_seed(args.seed, step)))
                       .to(r_all.device)]
@@ -712,6 +712,8 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     """Every rank's rows (rank order) of a [b, T, ...] tensor, T right-padded with zeros to the longest."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
+    if x.dtype == torch.bool:  # as integers: not every backend gathers bool
+        return gather_rows(x.long()).bool()
     T = int(all_reduce(torch.tensor([x.shape[1]], device=x.device), dist.ReduceOp.MAX))
     x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, T - x.shape[1]))
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
